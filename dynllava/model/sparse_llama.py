@@ -1,0 +1,345 @@
+"""The reference Dynamic-LLaVA model: LLaVA-1.5 plus the two predictors, in the three inference modes.
+
+Building blocks come from transformers (CLIPVisionModel, LlavaMultiModalProjector, LlamaModel's decoder layers,
+RMSNorm and rotary embedding); what is ours is the sparse control flow around them:
+
+* prefill: layers < l on every token; at layer l the image predictor keeps floor(r * N) image tokens per image (top
+  by log_softmax[..., 0], original order, original RoPE positions); layers >= l run on the reduced sequence.
+* decode with KV cache: layers < l always append; at layer l the output-text predictor decides whether the token's
+  K/V enter the caches of layers >= l; the token always attends to itself.
+* decode without KV cache (paper Eq. 12): the whole sequence is re-run each step; among the generated tokens the
+  top num_keep by logit 0 are kept, num_keep = batch max of #(logit0 > logit1); the newest token is always kept.
+
+Batching is exact (unlike the official code): every sequence has its own image offset, prompt length, kept set and
+cache lengths, right-padded with masks, so a batch gives what each sequence gives alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionModel, LlamaModel, LlavaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb, repeat_kv
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from dynllava.config import SparseConfig
+from dynllava.errors import ConfigError, InputError
+from dynllava.model.kv_cache import KVCache, LayerGroupCache
+from dynllava.model.predictors import TextPredictor, VisionPredictor
+
+# Stands for the image in a prompt's token ids (as in the original LLaVA code); expanded to N image embeddings.
+IMAGE_PLACEHOLDER = -200
+
+
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor  # [B, V] logits of each sequence's last prompt token
+    cache: KVCache
+    kept_image_indices: list[torch.Tensor | None]  # per sequence: kept image-token indices (0..N-1), ascending
+    num_image_tokens: list[int]  # per sequence: N, or 0 without an image
+
+
+@dataclass
+class NoCacheOutput:
+    logits: torch.Tensor  # [B, V]
+    kept_image_indices: list[torch.Tensor | None]
+    kept_generated: list[torch.Tensor]  # per sequence: indices (0-based among generated tokens) that took part
+    computed_lengths: list[int]  # tokens that went through layers >= l
+
+
+def _layer_forward(layer: LlamaDecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   past_k: torch.Tensor | None, past_v: torch.Tensor | None, mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LLaMA decoder layer over explicit past K/V and an explicit mask.
+
+    h: [B, S, D]; cos/sin: [B, S, Dh]; past_k/v: [B, Hkv, T, Dh] or None; mask: bool [B, 1, S, T + S] (True =
+    attend). Returns the new h [B, S, D] and this chunk's K/V [B, Hkv, S, Dh] (after RoPE), for the cache.
+    """
+    attn = layer.self_attn
+    b, s, _ = h.shape
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
+    k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+    v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # [B, Hkv, T + S, Dh]
+    values = v if past_v is None else torch.cat([past_v, v], dim=2)
+    groups = attn.num_key_value_groups
+    out = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups),
+                                         attn_mask=mask, scale=attn.scaling)  # [B, Hq, S, Dh]
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, k, v
+
+
+def _self_attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Causal mask over a right-padded chunk. valid: bool [B, S] -> bool [B, 1, S, S].
+
+    Every query row may attend to itself, so padding rows never see an all-masked row (NaN in SDPA).
+    """
+    s = valid.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(s, dtype=torch.bool, device=valid.device)
+    return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
+
+
+def _pad_rows(rows: list[torch.Tensor], length: int, value: float | int = 0) -> torch.Tensor:
+    """Right-pad a list of [S_b, ...] tensors into [B, length, ...]."""
+    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
+    for b, row in enumerate(rows):
+        out[b, : row.shape[0]] = row
+    return out
+
+
+class DynamicLlava(nn.Module):
+    """LLaVA-1.5 (CLIP tower, mlp2x_gelu projector, LLaMA) with Dynamic-LLaVA's image and output-text predictors."""
+
+    def __init__(self, config: LlavaConfig, sparse: SparseConfig):
+        super().__init__()
+        text = config.text_config
+        if not 0 <= sparse.sparse_layer < text.num_hidden_layers:
+            raise ConfigError(f"sparse_config.sparse_layer must be in [0, {text.num_hidden_layers - 1}] for a "
+                              f"{text.num_hidden_layers}-layer model, got {sparse.sparse_layer}")
+        if sparse.use_instruct_predictor:
+            raise ConfigError("sparse_config.use_instruct_predictor=true is not supported (the released "
+                              "Dynamic-LLaVA recipe keeps it off)", hint="set it to false")
+        self.config = config
+        self.sparse = sparse
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.mm_projector = LlavaMultiModalProjector(config)
+        self.language_model = LlamaModel(text)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.image_score_predictor = VisionPredictor(text.hidden_size, sparse.d_model, sparse.nhead,
+                                                     sparse.dim_feedforward, sparse.num_layers)
+        self.output_text_score_predictor = TextPredictor(text.hidden_size, sparse.d_model)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def num_layers(self) -> int:
+        return self.config.text_config.num_hidden_layers
+
+    @property
+    def sparse_layer(self) -> int:
+        return self.sparse.sparse_layer
+
+    @property
+    def num_image_tokens(self) -> int:
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    @property
+    def kv_heads(self) -> int:
+        return self.config.text_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.language_model.layers[0].self_attn.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # ------------------------------------------------------------------ vision
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [Bi, 3, H, W] -> image embeddings [Bi, N, D]
+        layer = self.config.vision_feature_layer
+        out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True)
+        feats = out.hidden_states[layer]
+        if self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS
+        return self.mm_projector(feats)
+
+    def embed_prompt(self, input_ids: list[int], image_features: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, int | None]:
+        """Token embeddings with the image's N embeddings spliced in at the placeholder.
+
+        Returns embeds [L, D] and the image offset (index of the first image token) or None.
+        """
+        slots = [i for i, t in enumerate(input_ids) if t == IMAGE_PLACEHOLDER]
+        if len(slots) > 1:
+            raise InputError(f"a prompt may hold at most one image, found {len(slots)} image placeholders")
+        if slots and image_features is None:
+            raise InputError("the prompt has an image placeholder but no image was given")
+        if not slots and image_features is not None:
+            raise InputError("an image was given but the prompt has no image placeholder")
+        embed = self.language_model.embed_tokens
+        if not slots:
+            return embed(torch.tensor(input_ids, device=self.device)), None
+        at = slots[0]
+        before = embed(torch.tensor(input_ids[:at], dtype=torch.long, device=self.device))
+        after = embed(torch.tensor(input_ids[at + 1:], dtype=torch.long, device=self.device))
+        return torch.cat([before, image_features.to(before.dtype), after]), at
+
+    # ------------------------------------------------------------------ selection at layer l
+    def _image_keep_index(self, h: torch.Tensor, offsets: list[int | None], lengths: list[int]
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Indices (into each full sequence) that survive image pruning, and the kept image-token indices.
+
+        h: [B, S, D] hidden states entering layer l; offsets/lengths per sequence.
+        """
+        n = self.num_image_tokens
+        k = self.sparse.vision_keep_count(n)
+        with_image = [b for b, off in enumerate(offsets) if off is not None]
+        kept_image: list[torch.Tensor | None] = [None] * len(offsets)
+        if with_image:
+            if self.sparse.use_vision_predictor:
+                image_h = torch.stack([h[b, offsets[b]: offsets[b] + n] for b in with_image])  # [Bi, N, D]
+                scores = self.image_score_predictor.keep_scores(image_h)  # [Bi, N]
+                top = scores.topk(k, dim=1).indices.sort(dim=1).values  # [Bi, k] original order
+            else:
+                top = torch.arange(n, device=h.device).expand(len(with_image), n)
+            for row, b in enumerate(with_image):
+                kept_image[b] = top[row]
+        keep_index = []
+        for b, off in enumerate(offsets):
+            full = torch.arange(lengths[b], device=h.device)
+            if off is not None:
+                full = torch.cat([full[:off], off + kept_image[b], full[off + n:]])
+            keep_index.append(full)
+        return keep_index, kept_image
+
+    # ------------------------------------------------------------------ full-sequence pass
+    def _run_layers(self, layers: range, h: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                    cache: LayerGroupCache | None) -> torch.Tensor:
+        # h: [B, S, D]; positions: [B, S]; valid: bool [B, S]
+        cos, sin = self.language_model.rotary_emb(h, positions)
+        mask = _self_attention_mask(valid)
+        for i, layer_idx in enumerate(layers):
+            h, k, v = _layer_forward(self.language_model.layers[layer_idx], h, cos, sin, None, None, mask)
+            if cache is not None:
+                cache.write_prefix(i, k, v)
+        return h
+
+    def _forward_full(self, embeds: list[torch.Tensor], offsets: list[int | None],
+                      generated_from: list[int] | None, cache: KVCache | None):
+        """Run whole sequences. generated_from: per sequence, index in the full sequence where generated tokens
+        start (no-cache decoding, Eq. 12), or None for a prefill. Fills `cache` if given."""
+        lengths = [e.shape[0] for e in embeds]
+        s = max(lengths)
+        device = self.device
+        h = _pad_rows(embeds, s)  # [B, S, D]
+        valid = torch.arange(s, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+        positions = torch.arange(s, device=device)[None].expand(len(embeds), s)
+        l = self.sparse_layer
+        h = self._run_layers(range(l), h, positions, valid, cache.dense if cache else None)
+
+        keep_index, kept_image = self._image_keep_index(h, offsets, lengths)
+        kept_generated: list[torch.Tensor] = []
+        if generated_from is not None:
+            keep_index, kept_generated = self._select_generated(h, keep_index, generated_from, lengths)
+
+        reduced = [len(ix) for ix in keep_index]
+        s2 = max(reduced)
+        index = _pad_rows(keep_index, s2)  # [B, S'] (padding points at row 0, masked below)
+        h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))  # [B, S', D]
+        positions = index  # original positions: prompt position == index in the full sequence
+        valid = torch.arange(s2, device=device)[None] < torch.tensor(reduced, device=device)[:, None]
+        h = self._run_layers(range(l, self.num_layers), h, positions, valid, cache.sparse if cache else None)
+
+        last = torch.tensor(reduced, device=device) - 1
+        logits = self.lm_head(self.language_model.norm(h[torch.arange(len(embeds)), last]))  # [B, V]
+        if cache is not None:
+            cache.dense.lengths[:] = torch.tensor(lengths)
+            cache.sparse.lengths[:] = torch.tensor(reduced)
+            cache.positions[:] = torch.tensor(lengths)
+        return logits, kept_image, kept_generated, reduced
+
+    def _select_generated(self, h: torch.Tensor, keep_index: list[torch.Tensor], generated_from: list[int],
+                          lengths: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Paper Eq. 12: among generated tokens (all but the newest), keep the top num_keep by logit 0, where
+        num_keep is the batch max of #(logit0 > logit1); the newest generated token is always kept."""
+        scored = [list(range(g, n - 1)) if n - g >= 2 else [] for g, n in zip(generated_from, lengths)]
+        kept: list[torch.Tensor] = []
+        if self.sparse.use_output_text_predictor and any(scored):
+            logits = [self.output_text_score_predictor(h[b, idx]) if idx else None for b, idx in enumerate(scored)]
+            num_keep = max(int((lg[:, 0] > lg[:, 1]).sum()) for lg in logits if lg is not None)
+            for b, lg in enumerate(logits):
+                if lg is None:
+                    kept.append(torch.zeros(0, dtype=torch.long, device=h.device))
+                else:
+                    top = lg[:, 0].topk(min(num_keep, lg.shape[0])).indices.sort().values
+                    kept.append(top)
+        else:
+            kept = [torch.arange(len(idx), device=h.device) for idx in scored]
+        out_index, out_kept = [], []
+        for b, ix in enumerate(keep_index):
+            g, n = generated_from[b], lengths[b]
+            if n - g < 1:  # nothing generated yet: a plain prefill
+                out_index.append(ix)
+                out_kept.append(torch.zeros(0, dtype=torch.long, device=h.device))
+                continue
+            newest = torch.tensor([n - 1 - g], device=h.device)
+            chosen = torch.cat([kept[b], newest])  # among generated, 0-based
+            prefix = ix[ix < g]
+            out_index.append(torch.cat([prefix, g + chosen]))
+            out_kept.append(chosen)
+        return out_index, out_kept
+
+    # ------------------------------------------------------------------ public modes
+    @torch.no_grad()
+    def prefill(self, input_ids: list[list[int]], image_features: list[torch.Tensor | None],
+                capacity: int) -> PrefillOutput:
+        """Prefill a batch. image_features: per sequence [N, D] (from encode_images) or None.
+        capacity: KV rows to allocate per sequence (prompt + room for decoding)."""
+        embeds, offsets = zip(*(self.embed_prompt(ids, f) for ids, f in zip(input_ids, image_features)))
+        lengths = [e.shape[0] for e in embeds]
+        if max(lengths) > capacity:
+            raise InputError(f"prompt of {max(lengths)} tokens does not fit the KV capacity {capacity}")
+        cache = self.new_cache(len(embeds), capacity)
+        logits, kept_image, _, _ = self._forward_full(list(embeds), list(offsets), None, cache)
+        n_img = [self.num_image_tokens if off is not None else 0 for off in offsets]
+        return PrefillOutput(logits, cache, kept_image, n_img)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        l, dtype, device = self.sparse_layer, self.dtype, self.device
+        args = (batch, self.kv_heads, capacity, self.head_dim, dtype, device)
+        return KVCache(LayerGroupCache.empty(l, *args), LayerGroupCache.empty(self.num_layers - l, *args),
+                       torch.zeros(batch, dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step with the KV cache. token_ids: [B] -> (logits [B, V], keep [B] bool).
+
+        Layers < l always append the token's K/V; layers >= l append them only if the output-text predictor
+        keeps the token. The token attends to the cache and itself in every layer either way.
+        """
+        h = self.language_model.embed_tokens(token_ids.to(self.device))[:, None]  # [B, 1, D]
+        positions = cache.positions[:, None]  # [B, 1]
+        cos, sin = self.language_model.rotary_emb(h, positions)
+        l = self.sparse_layer
+        keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        for layer_idx, layer in enumerate(self.language_model.layers):
+            if layer_idx == l and self.sparse.use_output_text_predictor:
+                keep = self.output_text_score_predictor.keep(h[:, 0])  # [B]
+            group, i = cache.group(layer_idx, l)
+            past_k, past_v, past_valid = group.past(i)
+            mask = torch.cat([past_valid, torch.ones_like(past_valid[:, :1])], dim=1)[:, None, None]  # [B,1,1,T+1]
+            h, k, v = _layer_forward(layer, h, cos, sin, past_k, past_v, mask)
+            group.write_at_lengths(i, k, v)
+        cache.dense.commit(torch.ones_like(keep))
+        cache.sparse.commit(keep)
+        cache.positions += 1
+        logits = self.lm_head(self.language_model.norm(h[:, 0]))
+        return logits, keep
+
+    @torch.no_grad()
+    def forward_no_cache(self, input_ids: list[list[int]], image_features: list[torch.Tensor | None],
+                         generated_from: list[int]) -> NoCacheOutput:
+        """Decode without a KV cache (stateless): each call re-runs whole sequences.
+
+        input_ids: prompt + generated tokens per sequence; generated_from: per sequence, how many of its ids are
+        prompt ids (the rest were generated).
+        """
+        embeds, offsets = zip(*(self.embed_prompt(ids, f) for ids, f in zip(input_ids, image_features)))
+        # the image expands one placeholder into N tokens: shift the generated boundary accordingly
+        starts = [g + (self.num_image_tokens - 1 if off is not None else 0)
+                  for g, off in zip(generated_from, offsets)]
+        logits, kept_image, kept_generated, reduced = self._forward_full(list(embeds), list(offsets), starts, None)
+        return NoCacheOutput(logits, kept_image, kept_generated, reduced)
