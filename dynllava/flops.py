@@ -112,10 +112,12 @@ def shape_from_model_dir(path: str | Path) -> ModelShape:
     text = cfg.get("text_config", cfg)
     sparse = SparseConfig.from_dict(cfg.get("sparse_config", {}))
     vision = cfg.get("vision_config")
-    if vision is not None:
-        n = (vision["image_size"] // vision["patch_size"]) ** 2
-    else:  # official layout: the tower lives elsewhere; LLaVA-1.5's CLIP-L/336 gives 576 tokens
-        n = int(cfg.get("num_image_tokens", 576))
+    tower_cfg = path / str(cfg.get("mm_vision_tower", "")) / "config.json"
+    if vision is None and cfg.get("mm_vision_tower") and tower_cfg.is_file():  # official layout, local tower
+        vision = json.loads(tower_cfg.read_text())
+        vision = vision.get("vision_config", vision)  # a whole CLIPModel config nests it
+    # without a readable tower, assume LLaVA-1.5's CLIP ViT-L/14-336: 576 image tokens
+    n = (vision["image_size"] // vision["patch_size"]) ** 2 if vision else 576
     heads = text["num_attention_heads"]
     return ModelShape(
         name=path.name, hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],

@@ -3,7 +3,7 @@
 A tiny model has a CLIP tower, the mlp2x_gelu projector, a LLaMA with grouped-query attention, both predictors, a
 byte-level BPE tokenizer trained with `tokenizers`, and a CLIP processor config; it is written in the official
 layout or the llava-hf layout (+ predictors.safetensors) so that the real loaders are what tests exercise.
-Weights use a wide init (std 0.15) so greedy output varies; the text predictor's last bias is shifted so that
+Weights use a wide init (std 0.1) so greedy output varies; the text predictor's last bias is shifted so that
 about half of the generated tokens are kept, like a trained one (r_OT = 0.5).
 """
 
@@ -52,7 +52,7 @@ class TinySpec:
     predictor_heads: int = 4
     predictor_ff: int = 128
     storage_dtype: str = "float32"
-    init_std: float = 0.15
+    init_std: float = 0.1
 
     def validate(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -225,3 +225,17 @@ def init_tiny(out: str | Path, fmt: str = "official", seed: int = 0, preset: str
     (out / "dynllava_tiny.json").write_text(json.dumps({"preset": preset, "seed": seed, "format": fmt,
                                                         "spec": asdict(spec)}, indent=2))
     return out
+
+
+def write_example_image(path: str | Path, width: int = 96, height: int = 64) -> Path:
+    """A small deterministic picture (gradient, a square and a disc), not square so that padding is exercised."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height))
+    img.putdata([(int(255 * x / width), int(255 * y / height), 128) for y in range(height) for x in range(width)])
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([width // 8, height // 4, width // 2, 3 * height // 4], fill=(220, 40, 40))
+    draw.ellipse([width // 2, height // 8, 7 * width // 8, height // 2], fill=(40, 200, 60))
+    path = Path(path)
+    img.save(path)
+    return path

@@ -1,0 +1,261 @@
+"""The `dynllava` command line: thin wrappers that parse, call the library and print with rich."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dynllava.errors import DynLlavaError, InputError
+
+app = typer.Typer(
+    help="Dynamic-LLaVA deployment toolchain: tiny checkpoints, sparse generation, cost accounting.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+    if not debug:  # library chatter (progress bars, config notices) is noise on the command line
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """One clear line and a non-zero exit for errors; the traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except DynLlavaError as exc:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
+        except Exception as exc:  # a bug or an environment problem: still no raw traceback by default
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                              "  run again with --debug for the traceback", highlight=False)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------- init-tiny
+@app.command("init-tiny")
+@handle_errors
+def init_tiny_cmd(
+    out: Path = typer.Argument(..., help="Directory to write the checkpoint to."),
+    fmt: str = typer.Option("official", "--format", help="official (Dynamic-LLaVA layout) or hf (llava-hf + "
+                            "predictors.safetensors)."),
+    seed: int = typer.Option(0, help="Random seed; the same seed writes the same weights."),
+    preset: str = typer.Option("tiny", help="tiny (a few MB) or llava-1.5-7b-shape (32 layers, 576 image tokens)."),
+    image_size: Optional[int] = typer.Option(None, help="Override: image side in pixels."),
+    patch_size: Optional[int] = typer.Option(None, help="Override: CLIP patch size."),
+    hidden_size: Optional[int] = typer.Option(None, help="Override: LLM width."),
+    num_layers: Optional[int] = typer.Option(None, help="Override: LLM decoder layers."),
+    num_heads: Optional[int] = typer.Option(None, help="Override: LLM attention heads."),
+    num_kv_heads: Optional[int] = typer.Option(None, help="Override: LLM key/value heads (GQA)."),
+    sparse_layer: Optional[int] = typer.Option(None, help="Override: layer l where the predictors act."),
+    force: bool = typer.Option(False, help="Write into OUT even if it is not empty."),
+) -> None:
+    """Write a small deterministic Dynamic-LLaVA checkpoint (real structure, random weights) and an example image."""
+    from dynllava.model.tiny import init_tiny, write_example_image
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    with console.status(f"building the {preset} model"):
+        path = init_tiny(out, fmt=fmt, seed=seed, preset=preset, image_size=image_size, patch_size=patch_size,
+                         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                         num_kv_heads=num_kv_heads, sparse_layer=sparse_layer)
+        write_example_image(path / "example.png")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    console.print(f"wrote {fmt} checkpoint to [bold]{path}[/] ({size / 2**20:.1f} MiB) and {path / 'example.png'}")
+
+
+# ---------------------------------------------------------------------- generate
+def _read_requests(prompt: Optional[str], image: Optional[Path], batch: Optional[Path]) -> list[dict]:
+    if batch is None:
+        if prompt is None:
+            raise InputError("nothing to generate", hint="pass --prompt TEXT (and --image PATH) or --batch FILE.jsonl")
+        return [{"prompt": prompt, "image": str(image) if image else None}]
+    if prompt is not None or image is not None:
+        raise InputError("--batch cannot be combined with --prompt/--image")
+    if not batch.is_file():
+        raise InputError(f"batch file {batch} not found")
+    requests = []
+    for n, line in enumerate(batch.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{batch}:{n}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(req, dict) or not isinstance(req.get("prompt"), str):
+            raise InputError(f"{batch}:{n}: expected an object with a string \"prompt\" (and \"image\": path or null)")
+        img = req.get("image")
+        if img is not None and not isinstance(img, str):
+            raise InputError(f"{batch}:{n}: \"image\" must be a path or null")
+        if img is not None and not Path(img).is_absolute() and (batch.parent / img).exists():
+            img = str(batch.parent / img)  # relative to the batch file, like most tools
+        requests.append({"prompt": req["prompt"], "image": img})
+    if not requests:
+        raise InputError(f"batch file {batch} holds no requests")
+    return requests
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def printable(text: str) -> str:
+    """Control characters (a random tiny model emits any byte) shown as U+FFFD instead of moving the cursor."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
+
+
+def summary_line(stats: dict) -> str:
+    """The one-line savings summary printed after each answer."""
+    parts = []
+    if stats["image_tokens"]:
+        parts.append(f"image tokens kept {stats['image_tokens_kept']}/{stats['image_tokens']}")
+    if stats["kv_bytes"] is not None:
+        parts.append(f"generated tokens kept in KV {stats['kept_tokens']}/{stats['decided_tokens']}")
+        ratio = stats["kv_bytes"] / stats["kv_bytes_dense"] if stats["kv_bytes_dense"] else 1.0
+        parts.append(f"KV {_fmt_bytes(stats['kv_bytes'])} held vs {_fmt_bytes(stats['kv_bytes_dense'])} dense "
+                     f"({ratio:.2f}x)")
+    else:
+        parts.append(f"generated tokens computed on {stats['kept_tokens']}/{stats['decided_tokens']} (no KV cache)")
+    return " · ".join(parts)
+
+
+@app.command()
+@handle_errors
+def generate(
+    model: Path = typer.Argument(..., help="Checkpoint directory (official Dynamic-LLaVA or llava-hf layout)."),
+    prompt: Optional[str] = typer.Option(None, help="The user message."),
+    image: Optional[Path] = typer.Option(None, help="Image file for the prompt."),
+    batch: Optional[Path] = typer.Option(None, help="JSONL file, one {\"prompt\": ..., \"image\": path|null} "
+                                         "per line; generated as one batch."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate per request."),
+    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Decode without a KV cache (paper Eq. 12)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per request."),
+    backend: str = typer.Option("torch", help="Execution backend. Available: torch."),
+    predictors: Optional[Path] = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
+    vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    vision_keep_rate: Optional[float] = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
+    sparse_layer: Optional[int] = typer.Option(None, help="Override sparse_config.sparse_layer."),
+    dense: bool = typer.Option(False, help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
+) -> None:
+    """Generate answers (greedy) and print each with a one-line summary of what sparsification saved."""
+    from dynllava.model.checkpoint import load_model
+    from dynllava.model.generate import greedy_generate
+    from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
+
+    if backend != "torch":
+        raise InputError(f"backend {backend!r} is not available", hint="use --backend torch")
+    requests = _read_requests(prompt, image, batch)
+    overrides = {"vision_keep_rate": vision_keep_rate, "sparse_layer": sparse_layer}
+    if dense:
+        overrides.update(use_vision_predictor=False, use_output_text_predictor=False)
+    with console.status("loading the model"):
+        loaded = load_model(model, predictors=predictors, vision_tower=vision_tower, sparse_overrides=overrides)
+    tok = loaded.tokenizer
+    prompts, pixels = [], []
+    for req in requests:
+        has_image = req["image"] is not None
+        prompts.append(tokenize_prompt(tok, chat_prompt([("user", req["prompt"])], has_image)))
+        pixels.append(preprocess_image(loaded.image_processor, load_image(req["image"]), loaded.image_aspect_ratio)
+                      if has_image else None)
+    limit = loaded.model.config.text_config.max_position_embeddings
+    for req, ids, px in zip(requests, prompts, pixels):
+        total = len(ids) + (loaded.model.num_image_tokens - 1 if px is not None else 0) + max_new_tokens
+        if total > limit:
+            raise InputError(f"prompt plus --max-new-tokens needs {total} positions; the model has {limit}",
+                             hint="shorten the prompt or lower --max-new-tokens")
+    stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    with console.status(f"generating {len(requests)} request(s)") as status:
+        gens = greedy_generate(loaded.model, prompts, pixels, max_new_tokens, stop, use_kv_cache=not no_kv_cache,
+                               on_step=lambda s: status.update(f"generating: {s + 1}/{max_new_tokens} tokens"))
+    for i, (req, g) in enumerate(zip(requests, gens)):
+        text = tok.decode(g.token_ids, skip_special_tokens=True).strip()
+        stats = g.stats.to_dict()
+        if as_json:
+            print(json.dumps({"index": i, "prompt": req["prompt"], "image": req["image"],
+                              "prompt_token_ids": g.prompt_token_ids, "token_ids": g.token_ids, "text": text,
+                              "finish_reason": g.finish_reason, "stats": stats}))
+        else:
+            if len(requests) > 1:
+                console.rule(f"request {i}", style="dim")
+            console.print(printable(text), highlight=False, markup=False)
+            console.print(f"[dim]{summary_line(stats)}[/]", highlight=False)
+
+
+# ---------------------------------------------------------------------- flops
+@app.command()
+@handle_errors
+def flops(
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint directory (reads its config.json only)."),
+    preset: Optional[str] = typer.Option(None, help="llava-1.5-7b or llava-1.5-13b instead of a directory."),
+    prompt_tokens: int = typer.Option(64, min=0, help="Text tokens in the prompt (besides the image)."),
+    answer_tokens: int = typer.Option(512, min=0, help="Generated tokens."),
+    batch_size: int = typer.Option(1, "--batch", min=1, help="Batch size B of the formula."),
+    bytes_per_element: int = typer.Option(2, min=1, help="KV element size (2 = fp16/bf16)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Prefill image-token FLOPs (paper Appendix A.4.5) and KV-cache bytes, dense vs sparse."""
+    from dynllava.flops import PRESETS, cost_report, shape_from_model_dir
+
+    if (model is None) == (preset is None):
+        raise InputError("give a model directory or --preset (not both)",
+                         hint=f"presets: {', '.join(PRESETS)}")
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}", hint=f"presets: {', '.join(PRESETS)}")
+    shape = PRESETS[preset] if preset else shape_from_model_dir(model)
+    report = cost_report(shape, prompt_tokens, answer_tokens, batch_size, bytes_per_element)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    table = Table(title=f"{shape.name}: {shape.num_layers} layers, hidden {shape.hidden_size}, sparse_layer "
+                        f"{shape.sparse_layer}, batch {batch_size}")
+    for col in ("", "dense", "sparse", "sparse/dense"):
+        table.add_column(col, justify="right")
+    table.add_row("image tokens (layers >= l)", str(report.image_tokens), str(report.image_tokens_kept),
+                  f"{report.image_tokens_kept / report.image_tokens:.2f}")
+    table.add_row("prefill image TFLOPs", f"{report.prefill_tflops_dense:.3g}", f"{report.prefill_tflops_sparse:.3g}",
+                  f"{report.prefill_tflops_sparse / report.prefill_tflops_dense:.2f}")
+    table.add_row(f"KV bytes ({prompt_tokens}+{answer_tokens} tokens)", _fmt_bytes(report.kv_bytes_dense),
+                  _fmt_bytes(report.kv_bytes_sparse), f"{report.kv_bytes_sparse / report.kv_bytes_dense:.2f}")
+    console.print(table)
+    console.print(f"[dim]generated tokens assumed kept at output_text_keep_rate={shape.output_text_keep_rate}; "
+                  f"KV at {bytes_per_element} bytes/element[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

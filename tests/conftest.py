@@ -1,0 +1,51 @@
+"""Session-scoped tiny checkpoints (generated, seeded) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def official_dir(tmp_path_factory):
+    from dynllava.model.tiny import init_tiny, write_example_image
+
+    path = init_tiny(tmp_path_factory.mktemp("tiny") / "official", fmt="official", seed=0)
+    write_example_image(path / "example.png")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    from dynllava.model.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny") / "hf", fmt="hf", seed=1)
+
+
+@pytest.fixture(scope="session")
+def loaded(official_dir):
+    from dynllava.model.checkpoint import load_model
+
+    return load_model(official_dir)
+
+
+def random_pixels(seed: int, size: int = 64) -> torch.Tensor:
+    """Pixel values [3, H, W] as the CLIP processor would give (roughly unit scale)."""
+    return torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_ids(tokenizer, text: str, image: bool) -> list[int]:
+    from dynllava.runtime.processor import chat_prompt, tokenize_prompt
+
+    return tokenize_prompt(tokenizer, chat_prompt([("user", text)], image))
