@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dynllava.errors import DynLlavaError, InputError
@@ -46,15 +47,15 @@ def handle_errors(fn: Callable) -> Callable:
         except DynLlavaError as exc:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             raise typer.Exit(130)
         except Exception as exc:  # a bug or an environment problem: still no raw traceback by default
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
-                              "  run again with --debug for the traceback", highlight=False)
+            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
+                              "  run again with --debug for the traceback", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
     return wrapper
@@ -210,7 +211,7 @@ def generate(
             if len(requests) > 1:
                 console.rule(f"request {i}", style="dim")
             console.print(printable(text), highlight=False, markup=False)
-            console.print(f"[dim]{summary_line(stats)}[/]", highlight=False)
+            console.print(f"[dim]{summary_line(stats)}[/]", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------- flops

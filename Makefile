@@ -1,0 +1,39 @@
+# `make demo` and `make test` set up .venv themselves. torch is pinned explicitly: an unpinned torch may pull a
+# multi-GB CUDA build. Pass extra pip arguments for torch (e.g. a CPU wheel index) with PIP_TORCH_ARGS=...
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	rm -rf demo-out
+	$(BIN)/dynllava init-tiny demo-out/tiny
+	$(BIN)/dynllava generate demo-out/tiny --image demo-out/tiny/example.png \
+		--prompt "What is in this picture?" --max-new-tokens 32
+	$(BIN)/dynllava flops --preset llava-1.5-7b
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
