@@ -25,8 +25,19 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dynllava import __version__
+        console.print(f"dynllava {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     _state["debug"] = debug
     if not debug:  # library chatter (progress bars, config notices) is noise on the command line
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -77,7 +88,7 @@ def init_tiny_cmd(
     num_heads: Optional[int] = typer.Option(None, help="Override: LLM attention heads."),
     num_kv_heads: Optional[int] = typer.Option(None, help="Override: LLM key/value heads (GQA)."),
     sparse_layer: Optional[int] = typer.Option(None, help="Override: layer l where the predictors act."),
-    force: bool = typer.Option(False, help="Write into OUT even if it is not empty."),
+    force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Write a small deterministic Dynamic-LLaVA checkpoint (real structure, random weights) and an example image."""
     from dynllava.model.tiny import init_tiny, write_example_image
@@ -168,7 +179,7 @@ def generate(
     vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
     vision_keep_rate: Optional[float] = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
     sparse_layer: Optional[int] = typer.Option(None, help="Override sparse_config.sparse_layer."),
-    dense: bool = typer.Option(False, help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
+    dense: bool = typer.Option(False, "--dense", help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
 ) -> None:
     """Generate answers (greedy) and print each with a one-line summary of what sparsification saved."""
     from dynllava.model.checkpoint import load_model

@@ -7,12 +7,11 @@ head_dim * bytes per element * tokens held, summed over layers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dynllava.config import SparseConfig, keep_count
-from dynllava.errors import CheckpointError
+from dynllava.jsonfile import read_json
 
 
 @dataclass(frozen=True)
@@ -102,19 +101,13 @@ def cost_report(shape: ModelShape, prompt_text_tokens: int = 64, answer_tokens: 
 def shape_from_model_dir(path: str | Path) -> ModelShape:
     """Read a checkpoint directory's config.json (official or llava-hf layout) without loading weights."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path} has no config.json", hint="pass a model directory or --preset")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    cfg = read_json(path / "config.json")
     text = cfg.get("text_config", cfg)
     sparse = SparseConfig.from_dict(cfg.get("sparse_config", {}))
     vision = cfg.get("vision_config")
     tower_cfg = path / str(cfg.get("mm_vision_tower", "")) / "config.json"
     if vision is None and cfg.get("mm_vision_tower") and tower_cfg.is_file():  # official layout, local tower
-        vision = json.loads(tower_cfg.read_text())
+        vision = read_json(tower_cfg)
         vision = vision.get("vision_config", vision)  # a whole CLIPModel config nests it
     # without a readable tower, assume LLaVA-1.5's CLIP ViT-L/14-336: 576 image tokens
     n = (vision["image_size"] // vision["patch_size"]) ** 2 if vision else 576

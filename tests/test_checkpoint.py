@@ -161,3 +161,49 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CheckpointError, match="model_type 'bert'"):
         load_model(tmp_path)
+
+
+def test_sentencepiece_llama_tokenizer_as_released_checkpoints_ship_it(official_dir, tmp_path):
+    """Released LLaVA-1.5 / Dynamic-LLaVA checkpoints carry a sentencepiece tokenizer.model + LlamaTokenizer."""
+    import sentencepiece as spm
+
+    path = _copy(official_dir, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    corpus = ["A chat between a curious human and an artificial intelligence assistant.",
+              "USER: What is in the image? ASSISTANT: a small red square."] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(path / "tokenizer"),
+                                   vocab_size=300, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   byte_fallback=True, minloglevel=2)
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False}))
+    loaded = load_model(path)
+    ids = prompt_ids(loaded.tokenizer, "What is in the image?", True)
+    assert ids[0] == 1 and ids.count(-200) == 1 and max(ids) < 300
+    assert len(_generate(loaded, 4)) == 4
+
+
+def test_vision_only_checkpoint_has_no_output_predictor(official_dir, tmp_path):
+    """Dynamic-LLaVA_I (vision sparsification only) is trained with use_text_predictor off and carries no
+    output-text predictor weights; it must load and keep every generated token."""
+    path = _copy(official_dir, tmp_path)
+    _edit_config(path, lambda c: c["sparse_config"].update(use_text_predictor=False))
+    with pytest.raises(CheckpointError, match="unexpected 10 key"):  # the predictor's weights are now extra
+        load_model(path)
+    state = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if "output_text_score_predictor" not in k},
+              str(path / "model.safetensors"))
+    loaded = load_model(path)
+    assert loaded.model.output_text_score_predictor is None
+    ids = prompt_ids(loaded.tokenizer, "What is shown here?", True)
+    g = greedy_generate(loaded.model, [ids], [random_pixels(3)], 8)[0]
+    assert g.stats.kept_tokens == g.stats.decided_tokens == len(g.token_ids) - 1
+    assert g.stats.image_tokens_kept == 12
+
+
+def test_bad_override_is_a_clear_error(official_dir):
+    with pytest.raises(CheckpointError, match="vision_keep_rate"):
+        load_model(official_dir, sparse_overrides={"vision_keep_rate": 1.5})
+    with pytest.raises(CheckpointError, match="sparse_layer"):
+        load_model(official_dir, sparse_overrides={"sparse_layer": 9})

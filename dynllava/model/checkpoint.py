@@ -25,6 +25,7 @@ from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig
 
 from dynllava.config import SparseConfig
 from dynllava.errors import CheckpointError, ConfigError
+from dynllava.jsonfile import read_json
 from dynllava.model.sparse_llama import DynamicLlava
 from dynllava.model.weights import read_state_dict
 
@@ -123,18 +124,6 @@ def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], sour
 
 
 # ---------------------------------------------------------------------- files
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing", hint="pass a checkpoint directory that holds config.json")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
 def detect_layout(directory: Path) -> str:
     cfg = read_json(directory / "config.json")
     model_type = cfg.get("model_type")
@@ -189,7 +178,7 @@ class LoadedModel:
     path: Path
 
 
-def _sparse_config(raw: Any, where: str, overrides: dict[str, Any]) -> SparseConfig:
+def _sparse_config(raw: Any, where: str) -> SparseConfig:
     if raw is None:
         raise CheckpointError(f"no sparse_config found ({where})",
                               hint="official checkpoints carry it in config.json; for llava-hf put it in the "
@@ -200,7 +189,7 @@ def _sparse_config(raw: Any, where: str, overrides: dict[str, Any]) -> SparseCon
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"sparse_config in {where} is not valid JSON: {exc}") from exc
     try:
-        return SparseConfig.from_dict(raw).replace(**overrides)
+        return SparseConfig.from_dict(raw)
     except ConfigError as exc:
         raise CheckpointError(f"invalid sparse_config in {where}: {exc.message}") from exc
 
@@ -210,9 +199,8 @@ def _build(config: LlavaConfig, sparse: SparseConfig) -> DynamicLlava:
         return DynamicLlava(config, sparse)
 
 
-def _load_official(directory: Path, cfg: dict, vision_tower: str | Path | None, overrides: dict
-                   ) -> tuple[DynamicLlava, Any]:
-    sparse = _sparse_config(cfg.get("sparse_config"), f"{directory / 'config.json'}", overrides)
+def _load_official(directory: Path, cfg: dict, vision_tower: str | Path | None) -> tuple[DynamicLlava, Any]:
+    sparse = _sparse_config(cfg.get("sparse_config"), f"{directory / 'config.json'}")
     if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise CheckpointError(f"mm_projector_type {cfg['mm_projector_type']!r} is not supported (LLaVA-1.5 uses "
                               "mlp2x_gelu)")
@@ -235,15 +223,14 @@ def _load_official(directory: Path, cfg: dict, vision_tower: str | Path | None, 
     return model, CLIPImageProcessorPil.from_pretrained(tower_dir)
 
 
-def _load_hf(directory: Path, cfg: dict, predictors: str | Path | None, overrides: dict
-             ) -> tuple[DynamicLlava, Any]:
+def _load_hf(directory: Path, cfg: dict, predictors: str | Path | None) -> tuple[DynamicLlava, Any]:
     pred_path = Path(predictors) if predictors is not None else directory / PREDICTORS_FILE
     if predictors is None and not pred_path.is_file():
         raise CheckpointError(f"{directory} is a llava-hf checkpoint without Dynamic-LLaVA predictors",
                               hint="pass --predictors FILE (safetensors with the official predictor key names)")
     pred_state, metadata = read_predictor_file(pred_path)
     raw = metadata.get("sparse_config", cfg.get("sparse_config"))
-    sparse = _sparse_config(raw, f"{pred_path} metadata or {directory / 'config.json'}", overrides)
+    sparse = _sparse_config(raw, f"{pred_path} metadata or {directory / 'config.json'}")
     config = LlavaConfig.from_pretrained(directory)
     model = _build(config, sparse)
     state = {hf_to_internal(k): v for k, v in read_state_dict(directory).items() if not _IGNORED.search(k)}
@@ -262,9 +249,14 @@ def load_model(path: str | Path, *, predictors: str | Path | None = None, vision
     cfg = read_json(directory / "config.json")
     overrides = {k: v for k, v in (sparse_overrides or {}).items() if v is not None}
     if layout == "official":
-        model, image_processor = _load_official(directory, cfg, vision_tower, overrides)
+        model, image_processor = _load_official(directory, cfg, vision_tower)
     else:
-        model, image_processor = _load_hf(directory, cfg, predictors, overrides)
+        model, image_processor = _load_hf(directory, cfg, predictors)
+    if overrides:  # built with the checkpoint's own sparse_config (its predictors), run with the overridden one
+        try:
+            model.configure_sparsity(model.sparse.replace(**overrides))
+        except ConfigError as exc:
+            raise CheckpointError(f"cannot apply {', '.join(overrides)}: {exc.message}") from exc
     model = model.to(dtype).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from dynllava.flops import kv_bytes
 from dynllava.model.sparse_llama import DynamicLlava
 
 
@@ -39,9 +40,7 @@ class Generation:
 
 
 def kv_bytes_held(model: DynamicLlava, dense_tokens: int, sparse_tokens: int) -> int:
-    per_token_layer = 2 * model.kv_heads * model.head_dim * model.dtype.itemsize
-    l = model.sparse_layer
-    return per_token_layer * (l * dense_tokens + (model.num_layers - l) * sparse_tokens)
+    return kv_bytes(model.cost_shape, dense_tokens, sparse_tokens, model.dtype.itemsize)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from dynllava.config import SparseConfig
 from dynllava.errors import ConfigError, InputError
+from dynllava.flops import ModelShape
 from dynllava.model.kv_cache import KVCache, LayerGroupCache
 from dynllava.model.predictors import TextPredictor, VisionPredictor
 
@@ -86,6 +87,10 @@ def _self_attention_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
 
 
+def _output_predictor_on(sparse: SparseConfig) -> bool:
+    return sparse.use_text_predictor and sparse.use_output_text_predictor
+
+
 def _pad_rows(rows: list[torch.Tensor], length: int, value: float | int = 0) -> torch.Tensor:
     """Right-pad a list of [S_b, ...] tensors into [B, length, ...]."""
     out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
@@ -98,23 +103,41 @@ class DynamicLlava(nn.Module):
     """LLaVA-1.5 (CLIP tower, mlp2x_gelu projector, LLaMA) with Dynamic-LLaVA's image and output-text predictors."""
 
     def __init__(self, config: LlavaConfig, sparse: SparseConfig):
+        """Predictors are built as the official code builds them: the image predictor iff use_vision_predictor,
+        the output-text predictor iff use_text_predictor and use_output_text_predictor (a checkpoint trained
+        without one has no weights for it)."""
         super().__init__()
         text = config.text_config
-        if not 0 <= sparse.sparse_layer < text.num_hidden_layers:
-            raise ConfigError(f"sparse_config.sparse_layer must be in [0, {text.num_hidden_layers - 1}] for a "
-                              f"{text.num_hidden_layers}-layer model, got {sparse.sparse_layer}")
-        if sparse.use_instruct_predictor:
-            raise ConfigError("sparse_config.use_instruct_predictor=true is not supported (the released "
-                              "Dynamic-LLaVA recipe keeps it off)", hint="set it to false")
         self.config = config
-        self.sparse = sparse
         self.vision_tower = CLIPVisionModel(config.vision_config)
         self.mm_projector = LlavaMultiModalProjector(config)
         self.language_model = LlamaModel(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.image_score_predictor = VisionPredictor(text.hidden_size, sparse.d_model, sparse.nhead,
-                                                     sparse.dim_feedforward, sparse.num_layers)
-        self.output_text_score_predictor = TextPredictor(text.hidden_size, sparse.d_model)
+        self.image_score_predictor = (VisionPredictor(text.hidden_size, sparse.d_model, sparse.nhead,
+                                                      sparse.dim_feedforward, sparse.num_layers)
+                                      if sparse.use_vision_predictor else None)
+        self.output_text_score_predictor = (TextPredictor(text.hidden_size, sparse.d_model)
+                                            if _output_predictor_on(sparse) else None)
+        self.configure_sparsity(sparse)
+
+    def configure_sparsity(self, sparse: SparseConfig) -> None:
+        """Switch to another sparse_config (e.g. a --vision-keep-rate override) over the same weights."""
+        layers = self.config.text_config.num_hidden_layers
+        if not 0 <= sparse.sparse_layer < layers:
+            raise ConfigError(f"sparse_config.sparse_layer must be in [0, {layers - 1}] for a {layers}-layer "
+                              f"model, got {sparse.sparse_layer}")
+        if sparse.use_instruct_predictor:
+            raise ConfigError("sparse_config.use_instruct_predictor=true is not supported (the released "
+                              "Dynamic-LLaVA recipe keeps it off)", hint="set it to false")
+        if sparse.use_vision_predictor and self.image_score_predictor is None:
+            raise ConfigError("use_vision_predictor is on but this checkpoint has no image predictor")
+        if _output_predictor_on(sparse) and self.output_text_score_predictor is None:
+            raise ConfigError("use_output_text_predictor is on but this checkpoint has no output-text predictor")
+        self.sparse = sparse
+
+    @property
+    def output_predictor_on(self) -> bool:
+        return _output_predictor_on(self.sparse)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -137,6 +160,14 @@ class DynamicLlava(nn.Module):
     @property
     def head_dim(self) -> int:
         return self.language_model.layers[0].self_attn.head_dim
+
+    @property
+    def cost_shape(self) -> ModelShape:
+        """What the paper's accounting (dynllava.flops) needs to know about this model."""
+        text = self.config.text_config
+        return ModelShape("model", text.hidden_size, self.num_layers, self.kv_heads, self.head_dim,
+                          self.num_image_tokens, self.sparse_layer, self.sparse.vision_keep_rate,
+                          self.sparse.output_text_keep_rate)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -257,7 +288,7 @@ class DynamicLlava(nn.Module):
         num_keep is the batch max of #(logit0 > logit1); the newest generated token is always kept."""
         scored = [list(range(g, n - 1)) if n - g >= 2 else [] for g, n in zip(generated_from, lengths)]
         kept: list[torch.Tensor] = []
-        if self.sparse.use_output_text_predictor and any(scored):
+        if self.output_predictor_on and any(scored):
             logits = [self.output_text_score_predictor(h[b, idx]) if idx else None for b, idx in enumerate(scored)]
             num_keep = max(int((lg[:, 0] > lg[:, 1]).sum()) for lg in logits if lg is not None)
             for b, lg in enumerate(logits):
@@ -316,7 +347,7 @@ class DynamicLlava(nn.Module):
         l = self.sparse_layer
         keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         for layer_idx, layer in enumerate(self.language_model.layers):
-            if layer_idx == l and self.sparse.use_output_text_predictor:
+            if layer_idx == l and self.output_predictor_on:
                 keep = self.output_text_score_predictor.keep(h[:, 0])  # [B]
             group, i = cache.group(layer_idx, l)
             past_k, past_v, past_valid = group.past(i)
