@@ -163,10 +163,18 @@ def summary_line(stats: dict) -> str:
     return " · ".join(parts)
 
 
+def _sparse_overrides(vision_keep_rate: float | None, sparse_layer: int | None, dense: bool) -> dict:
+    overrides = {"vision_keep_rate": vision_keep_rate, "sparse_layer": sparse_layer}
+    if dense:
+        overrides.update(use_vision_predictor=False, use_output_text_predictor=False)
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
 @app.command()
 @handle_errors
 def generate(
-    model: Path = typer.Argument(..., help="Checkpoint directory (official Dynamic-LLaVA or llava-hf layout)."),
+    model: Path = typer.Argument(..., help="Checkpoint directory (official Dynamic-LLaVA or llava-hf layout) or "
+                                 "export directory (from `dynllava export`)."),
     prompt: Optional[str] = typer.Option(None, help="The user message."),
     image: Optional[Path] = typer.Option(None, help="Image file for the prompt."),
     batch: Optional[Path] = typer.Option(None, help="JSONL file, one {\"prompt\": ..., \"image\": path|null} "
@@ -174,7 +182,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate per request."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Decode without a KV cache (paper Eq. 12)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per request."),
-    backend: str = typer.Option("torch", help="Execution backend. Available: torch."),
+    backend: str = typer.Option("auto", help="torch (checkpoints), onnxruntime (export directories) or auto."),
     predictors: Optional[Path] = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
     vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
     vision_keep_rate: Optional[float] = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
@@ -182,40 +190,36 @@ def generate(
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
 ) -> None:
     """Generate answers (greedy) and print each with a one-line summary of what sparsification saved."""
-    from dynllava.model.checkpoint import load_model
     from dynllava.model.generate import greedy_generate
+    from dynllava.runtime.loading import open_model
     from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
 
-    if backend != "torch":
-        raise InputError(f"backend {backend!r} is not available", hint="use --backend torch")
     requests = _read_requests(prompt, image, batch)
-    overrides = {"vision_keep_rate": vision_keep_rate, "sparse_layer": sparse_layer}
-    if dense:
-        overrides.update(use_vision_predictor=False, use_output_text_predictor=False)
     with console.status("loading the model"):
-        loaded = load_model(model, predictors=predictors, vision_tower=vision_tower, sparse_overrides=overrides)
-    tok = loaded.tokenizer
+        opened = open_model(model, backend, predictors=predictors, vision_tower=vision_tower,
+                            sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense))
+    tok = opened.tokenizer
     prompts, pixels = [], []
     for req in requests:
         has_image = req["image"] is not None
         prompts.append(tokenize_prompt(tok, chat_prompt([("user", req["prompt"])], has_image)))
-        pixels.append(preprocess_image(loaded.image_processor, load_image(req["image"]), loaded.image_aspect_ratio)
+        pixels.append(preprocess_image(opened.image_processor, load_image(req["image"]), opened.image_aspect_ratio)
                       if has_image else None)
-    limit = loaded.model.config.text_config.max_position_embeddings
-    for req, ids, px in zip(requests, prompts, pixels):
-        total = len(ids) + (loaded.model.num_image_tokens - 1 if px is not None else 0) + max_new_tokens
-        if total > limit:
-            raise InputError(f"prompt plus --max-new-tokens needs {total} positions; the model has {limit}",
-                             hint="shorten the prompt or lower --max-new-tokens")
+    for ids, px in zip(prompts, pixels):
+        total = len(ids) + (opened.model.num_image_tokens - 1 if px is not None else 0) + max_new_tokens
+        if total > opened.max_positions:
+            raise InputError(f"prompt plus --max-new-tokens needs {total} positions; the model has "
+                             f"{opened.max_positions}", hint="shorten the prompt or lower --max-new-tokens")
     stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    with console.status(f"generating {len(requests)} request(s)") as status:
-        gens = greedy_generate(loaded.model, prompts, pixels, max_new_tokens, stop, use_kv_cache=not no_kv_cache,
-                               on_step=lambda s: status.update(f"generating: {s + 1}/{max_new_tokens} tokens"))
+    with console.status(f"generating {len(requests)} request(s) on {opened.backend}") as status:
+        gens = greedy_generate(opened.model, prompts, pixels, max_new_tokens, stop, use_kv_cache=not no_kv_cache,
+                               on_step=lambda s: status.update(f"generating on {opened.backend}: "
+                                                               f"{s + 1}/{max_new_tokens} tokens"))
     for i, (req, g) in enumerate(zip(requests, gens)):
         text = tok.decode(g.token_ids, skip_special_tokens=True).strip()
         stats = g.stats.to_dict()
         if as_json:
-            print(json.dumps({"index": i, "prompt": req["prompt"], "image": req["image"],
+            print(json.dumps({"index": i, "prompt": req["prompt"], "image": req["image"], "backend": opened.backend,
                               "prompt_token_ids": g.prompt_token_ids, "token_ids": g.token_ids, "text": text,
                               "finish_reason": g.finish_reason, "stats": stats}))
         else:
@@ -223,6 +227,73 @@ def generate(
                 console.rule(f"request {i}", style="dim")
             console.print(printable(text), highlight=False, markup=False)
             console.print(f"[dim]{summary_line(stats)}[/]", highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------- export
+@app.command()
+@handle_errors
+def export(
+    model: Path = typer.Argument(..., help="Checkpoint directory (official Dynamic-LLaVA or llava-hf layout)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Export directory to write."),
+    dtype: str = typer.Option("fp32", help="fp32 or fp16 weights and activations."),
+    opset: int = typer.Option(18, help="ONNX opset (17-21)."),
+    max_batch: int = typer.Option(8, min=1, help="Largest batch the runtime will send (written to the manifest)."),
+    max_seq_len: int = typer.Option(4096, min=2, help="Longest sequence (prompt + generated) the runtime allows."),
+    atol: Optional[float] = typer.Option(None, help="Validation tolerance (default 1e-4 fp32, 5e-2 fp16)."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the comparison with the reference model."),
+    predictors: Optional[Path] = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
+    vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    vision_keep_rate: Optional[float] = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
+    sparse_layer: Optional[int] = typer.Option(None, help="Override sparse_config.sparse_layer."),
+    dense: bool = typer.Option(False, "--dense", help="Disable both predictors (a dense LLaVA-1.5 export)."),
+    force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
+) -> None:
+    """Export vision / prefill / nocache / decode ONNX graphs, tokenizer, processor and dynllava.json, then check
+    them against the reference model with ONNX Runtime."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from dynllava.config import ExportConfig
+    from dynllava.export.exporter import export_model
+    from dynllava.export.manifest import GRAPHS
+    from dynllava.export.validate import validate_export
+    from dynllava.model.checkpoint import load_model
+
+    cfg = ExportConfig(dtype=dtype, opset=opset, max_batch=max_batch, max_seq_len=max_seq_len, atol=atol,
+                       validate=not no_validate)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    with console.status("loading the model"):
+        loaded = load_model(model, predictors=predictors, vision_tower=vision_tower,
+                            sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense))
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in GRAPHS}
+        progress.start_task(tasks[GRAPHS[0]])
+
+        def done(name: str, seconds: float) -> None:
+            progress.update(tasks[name], description=f"{name}.onnx [green]written[/] ({seconds:.1f}s)")
+            progress.stop_task(tasks[name])
+            nxt = GRAPHS.index(name) + 1
+            if nxt < len(GRAPHS):
+                progress.start_task(tasks[GRAPHS[nxt]])
+
+        export_model(loaded, out, cfg, on_graph=done)
+    console.print(f"wrote [bold]{out}[/] ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 2**20:.1f} MiB)")
+    if not cfg.validate:
+        return
+    with console.status("validating with ONNX Runtime against the reference model"):
+        checks = validate_export(loaded, out, cfg.tolerance)
+    table = Table(title=f"validation (ONNX Runtime vs reference, atol {cfg.tolerance:g})")
+    for col in ("graph", "inputs", "max |diff|", "same kept/keep", "result"):
+        table.add_column(col)
+    for c in checks:
+        same = "-" if c.same_decisions is None else ("yes" if c.same_decisions else "[red]no[/]")
+        table.add_row(c.graph, c.what, f"{c.max_abs_diff:.2e}", same, "[green]ok[/]" if c.ok else "[red]FAIL[/]")
+    console.print(table)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise DynLlavaError(f"{len(failed)} validation check(s) failed: {', '.join(c.graph for c in failed)}",
+                            hint="re-run with --debug, or raise --atol if the differences are expected (fp16)")
 
 
 # ---------------------------------------------------------------------- flops

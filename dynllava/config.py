@@ -92,3 +92,37 @@ class SparseConfig:
         if not self.use_vision_predictor:
             return num_image_tokens
         return keep_count(self.vision_keep_rate, num_image_tokens)
+
+
+_EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of `dynllava export`."""
+
+    dtype: str = "fp32"
+    opset: int = 18
+    max_batch: int = 8
+    max_seq_len: int = 4096
+    atol: float | None = None  # validation tolerance; None = the dtype's default
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _EXPORT_DTYPES:
+            raise ConfigError(f"export dtype must be one of {', '.join(_EXPORT_DTYPES)}, got {self.dtype!r}")
+        if not 17 <= self.opset <= 21:
+            raise ConfigError(f"opset must be in [17, 21], got {self.opset}")
+        if self.max_batch < 1 or self.max_seq_len < 2:
+            raise ConfigError("max_batch must be >= 1 and max_seq_len >= 2")
+        if self.atol is not None and not self.atol > 0:
+            raise ConfigError(f"atol must be > 0, got {self.atol}")
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, _EXPORT_DTYPES[self.dtype])
+
+    @property
+    def tolerance(self) -> float:
+        return self.atol if self.atol is not None else {"fp32": 1e-4, "fp16": 5e-2}[self.dtype]

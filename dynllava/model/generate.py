@@ -96,7 +96,7 @@ def greedy_generate(model: DynamicLlava, prompts: list[list[int]], pixel_values:
             keep_now = None
             for b in range(len(gens)):
                 if active[b]:
-                    kept[b] = len(out.kept_generated[b])
+                    kept[b] = out.generated_kept[b]
         for b in range(len(gens)):
             if active[b]:
                 decided[b] += 1

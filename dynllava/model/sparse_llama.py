@@ -48,10 +48,14 @@ class NoCacheOutput:
     logits: torch.Tensor  # [B, V]
     kept_image_indices: list[torch.Tensor | None]
     kept_generated: list[torch.Tensor]  # per sequence: indices (0-based among generated tokens) that took part
-    computed_lengths: list[int]  # tokens that went through layers >= l
+
+    @property
+    def generated_kept(self) -> list[int]:
+        """Per sequence: generated tokens that took part (kept ones and the newest)."""
+        return [len(k) for k in self.kept_generated]
 
 
-def _layer_forward(layer: LlamaDecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def layer_forward(layer: LlamaDecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    past_k: torch.Tensor | None, past_v: torch.Tensor | None, mask: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LLaMA decoder layer over explicit past K/V and an explicit mask.
@@ -76,15 +80,17 @@ def _layer_forward(layer: LlamaDecoderLayer, h: torch.Tensor, cos: torch.Tensor,
     return h, k, v
 
 
-def _self_attention_mask(valid: torch.Tensor) -> torch.Tensor:
-    """Causal mask over a right-padded chunk. valid: bool [B, S] -> bool [B, 1, S, S].
+def self_attention_mask(valid: torch.Tensor, key_kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal mask over a right-padded chunk. valid: bool [B, S]; key_kept: optional bool [B, S], tokens others may
+    attend to (Eq. 12 masks dropped generated tokens this way) -> bool [B, 1, S, S].
 
     Every query row may attend to itself, so padding rows never see an all-masked row (NaN in SDPA).
     """
-    s = valid.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
-    eye = torch.eye(s, dtype=torch.bool, device=valid.device)
-    return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
+    idx = torch.arange(valid.shape[1], device=valid.device)  # comparisons, not tril/eye: they export everywhere
+    causal = idx[None, :] <= idx[:, None]
+    eye = idx[None, :] == idx[:, None]
+    keys = valid if key_kept is None else valid & key_kept
+    return ((causal[None] & keys[:, None, :]) | eye[None])[:, None]
 
 
 def _output_predictor_on(sparse: SparseConfig) -> bool:
@@ -241,9 +247,9 @@ class DynamicLlava(nn.Module):
                     cache: LayerGroupCache | None) -> torch.Tensor:
         # h: [B, S, D]; positions: [B, S]; valid: bool [B, S]
         cos, sin = self.language_model.rotary_emb(h, positions)
-        mask = _self_attention_mask(valid)
+        mask = self_attention_mask(valid)
         for i, layer_idx in enumerate(layers):
-            h, k, v = _layer_forward(self.language_model.layers[layer_idx], h, cos, sin, None, None, mask)
+            h, k, v = layer_forward(self.language_model.layers[layer_idx], h, cos, sin, None, None, mask)
             if cache is not None:
                 cache.write_prefix(i, k, v)
         return h
@@ -352,7 +358,7 @@ class DynamicLlava(nn.Module):
             group, i = cache.group(layer_idx, l)
             past_k, past_v, past_valid = group.past(i)
             mask = torch.cat([past_valid, torch.ones_like(past_valid[:, :1])], dim=1)[:, None, None]  # [B,1,1,T+1]
-            h, k, v = _layer_forward(layer, h, cos, sin, past_k, past_v, mask)
+            h, k, v = layer_forward(layer, h, cos, sin, past_k, past_v, mask)
             group.write_at_lengths(i, k, v)
         cache.dense.commit(torch.ones_like(keep))
         cache.sparse.commit(keep)
@@ -372,5 +378,5 @@ class DynamicLlava(nn.Module):
         # the image expands one placeholder into N tokens: shift the generated boundary accordingly
         starts = [g + (self.num_image_tokens - 1 if off is not None else 0)
                   for g, off in zip(generated_from, offsets)]
-        logits, kept_image, kept_generated, reduced = self._forward_full(list(embeds), list(offsets), starts, None)
-        return NoCacheOutput(logits, kept_image, kept_generated, reduced)
+        logits, kept_image, kept_generated, _ = self._forward_full(list(embeds), list(offsets), starts, None)
+        return NoCacheOutput(logits, kept_image, kept_generated)

@@ -1,0 +1,84 @@
+"""`dynllava.json`: what an export directory holds, read by every runtime. Schema-versioned; every graph's input
+and output names, dtypes and axes are written here so nothing is hard-coded twice (like ORT GenAI's
+genai_config.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynllava.errors import CheckpointError
+
+SCHEMA_VERSION = 1
+MANIFEST = "dynllava.json"
+GRAPHS = ("vision", "prefill", "nocache", "decode")
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64, bool
+    shape: list[int | str]  # ints are static, strings name dynamic axes
+
+
+@dataclass
+class GraphSpec:
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass
+class Manifest:
+    model: dict[str, Any]  # shape facts: hidden_size, num_layers, kv_heads, head_dim, vocab_size, num_image_tokens...
+    sparse_config: dict[str, Any]
+    dtype: str
+    opset: int
+    kv_cache: dict[str, Any]  # layout description, groups and their layers
+    limits: dict[str, int]  # max_batch, max_seq_len
+    graphs: dict[str, GraphSpec]
+    tokenizer: dict[str, Any]  # eos/bos/pad ids, chat template, image aspect ratio
+    schema_version: int = SCHEMA_VERSION
+    producer: dict[str, str] = field(default_factory=dict)
+
+    def write(self, directory: Path) -> Path:
+        path = directory / MANIFEST
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "Manifest":
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise CheckpointError(f"{directory} is not a dynllava export directory (no {MANIFEST})",
+                                  hint="create one with `dynllava export MODEL -o OUT`")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if version != SCHEMA_VERSION:
+            raise CheckpointError(f"{path} has schema_version {version!r}; this dynllava reads version "
+                                  f"{SCHEMA_VERSION}", hint="re-export the model with this version of dynllava")
+        try:
+            graphs = {name: GraphSpec(g["file"], [TensorSpec(**t) for t in g["inputs"]],
+                                      [TensorSpec(**t) for t in g["outputs"]]) for name, g in raw["graphs"].items()}
+            manifest = cls(**{**raw, "graphs": graphs})
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path} is malformed: {exc}") from exc
+        for name in GRAPHS:
+            if name not in manifest.graphs:
+                raise CheckpointError(f"{path} lists no {name} graph")
+            file = directory / manifest.graphs[name].file
+            if not file.is_file():
+                raise CheckpointError(f"graph file {file} is missing", hint="re-export the model")
+        return manifest
