@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+DEMO_PROMPT := --image demo-out/tiny/example.png --prompt "What is in this picture?" --max-new-tokens 32
+
 demo: setup
 	rm -rf demo-out
 	$(BIN)/dynllava init-tiny demo-out/tiny
-	$(BIN)/dynllava generate demo-out/tiny --image demo-out/tiny/example.png \
-		--prompt "What is in this picture?" --max-new-tokens 32
+	$(BIN)/dynllava generate demo-out/tiny $(DEMO_PROMPT)
+	$(BIN)/dynllava export demo-out/tiny -o demo-out/tiny-onnx
+	$(BIN)/dynllava generate demo-out/tiny-onnx --backend onnxruntime $(DEMO_PROMPT)
 	$(BIN)/dynllava flops --preset llava-1.5-7b
 
 test: setup

@@ -125,4 +125,9 @@ class ExportConfig:
 
     @property
     def tolerance(self) -> float:
-        return self.atol if self.atol is not None else {"fp32": 1e-4, "fp16": 5e-2}[self.dtype]
+        return self.atol if self.atol is not None else {"fp32": 1e-4, "fp16": 1e-1}[self.dtype]
+
+    @property
+    def min_agreement(self) -> float:
+        """Share of predictor decisions that must match the fp32 reference (fp16 may flip near-ties)."""
+        return {"fp32": 1.0, "fp16": 0.9}[self.dtype]

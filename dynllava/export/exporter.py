@@ -129,6 +129,9 @@ def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
     model = loaded.model  # the reference stays as loaded (fp32) for validation; fp16 graphs trace a copy
     if cfg.torch_dtype != model.dtype:
         model = copy.deepcopy(model).to(cfg.torch_dtype)
+        for predictor in (model.image_score_predictor, model.output_text_score_predictor):
+            if predictor is not None:  # keep decisions are made in fp32: near-ties must not flip
+                predictor.float()
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     specs = {}

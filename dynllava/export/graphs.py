@@ -76,7 +76,7 @@ class PrefillGraph(nn.Module):
         image_h = h.gather(1, index[..., None].expand(-1, -1, h.shape[2]))
         if self.model.image_score_predictor is None:
             return torch.zeros_like(image_h[..., 0])
-        return self.model.image_score_predictor.keep_scores(image_h)
+        return self.model.image_score_predictor.keep_scores(image_h.float())  # predictors run in fp32
 
     def _run(self, layers, h, positions, mask, presents):
         cos, sin = self.model.language_model.rotary_emb(h, positions)
@@ -123,7 +123,7 @@ class PrefillGraph(nn.Module):
         predictor = self.model.output_text_score_predictor
         if predictor is None or not self.model.output_predictor_on:
             return torch.ones_like(scored), scored.sum(1) + has_generated
-        logits = predictor(h)  # [B, S', 2]
+        logits = predictor(h.float())  # [B, S', 2]
         votes = (logits[..., 0] > logits[..., 1]) & scored
         num_keep = votes.sum(1).max()
         score = torch.where(scored, logits[..., 0], torch.full_like(logits[..., 0], float("-inf")))
@@ -156,7 +156,7 @@ class DecodeGraph(nn.Module):
         presents = []
         for i, layer in enumerate(m.language_model.layers):
             if i == l and m.output_predictor_on:
-                keep = m.output_text_score_predictor.keep(h[:, 0])
+                keep = m.output_text_score_predictor.keep(h[:, 0].float())
             tables, lengths = (dense_block_tables, dense_lengths) if i < l else (sparse_block_tables, sparse_lengths)
             k_pool, v_pool = pools[2 * i], pools[2 * i + 1]
             past_k, past_v = _gather_blocks(k_pool, tables), _gather_blocks(v_pool, tables)  # [B, Hkv, T, Dh]

@@ -47,7 +47,7 @@ def topk_gather(scores: torch.Tensor, hidden: torch.Tensor, image_offsets: torch
     before = j < off_eff
     rel = j - off_eff
     in_img = (~before) & (rel < k)
-    kept_pad = torch.cat([kept, torch.zeros_like(kept[:, :1])], dim=1)  # a spare column keeps k = 0 legal
+    kept_pad = torch.cat([kept, kept.new_zeros(b, 1)], dim=1)  # a spare column keeps k = 0 legal
     img_src = off_eff + kept_pad.gather(1, rel.clamp(0, k))
     src = torch.where(before, j.expand(b, -1), torch.where(in_img, img_src, j + n_drop))
     src = src.clamp(max=s - 1)  # padding rows point at a real row; they are masked by new_lengths

@@ -1,6 +1,11 @@
 """Post-export check (like optimum's): run every exported graph with ONNX Runtime and compare with the reference
-model on random inputs and a real image: max abs difference of the float outputs, and identical kept indices
-and keep decisions."""
+model on random inputs and a real image: max abs difference of the outputs, and agreement of the discrete
+decisions (kept image tokens, keep/drop of generated tokens).
+
+Logits are compared only for sequences whose decisions agree so far: a flipped decision legitimately changes the
+numbers after it. In fp32 every decision must agree; in fp16 a near-tied predictor score may flip, so at least
+`min_agreement` of them must.
+"""
 
 from __future__ import annotations
 
@@ -19,61 +24,81 @@ class Check:
     graph: str
     what: str
     max_abs_diff: float
-    same_decisions: bool | None  # kept indices / keep decisions identical (None: not applicable)
+    agreed: int  # decisions that agree
+    decisions: int  # decisions compared (0: none in this check)
     tolerance: float
+    min_agreement: float
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.same_decisions is not False
+        return self.max_abs_diff <= self.tolerance and (
+            self.decisions == 0 or self.agreed >= self.min_agreement * self.decisions)
 
 
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def _diff(a: torch.Tensor, b: torch.Tensor, rows: list[bool] | None = None) -> float:
+    if rows is not None:
+        if not any(rows):
+            return 0.0
+        a, b = a[torch.tensor(rows)], b[torch.tensor(rows)]
     return float((a.float() - b.float()).abs().max())
 
 
 @torch.no_grad()
-def validate_export(loaded: LoadedModel, export_dir: Path, tolerance: float, steps: int = 8) -> list[Check]:
+def validate_export(loaded: LoadedModel, export_dir: Path, tolerance: float, min_agreement: float = 1.0,
+                    steps: int = 8) -> list[Check]:
     from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
 
     ref, ort = loaded.model, OnnxRuntimeModel(export_dir)
+    check = lambda graph, what, diff, agreed=0, decisions=0: Check(  # noqa: E731
+        graph, what, diff, agreed, decisions, tolerance, min_agreement)
     size = ref.config.vision_config.image_size
     image_path = write_example_image(export_dir / ".validation.png")
     real = preprocess_image(loaded.image_processor, load_image(image_path), loaded.image_aspect_ratio)
     image_path.unlink()
-    pixels = torch.stack([real, torch.randn(3, size, size, generator=torch.Generator().manual_seed(0))])
-    checks = [Check("vision", "real + random image", _diff(ref.encode_images(pixels), ort.encode_images(pixels)),
-                    None, tolerance)]
+    noise = torch.randn(3, size, size, generator=torch.Generator().manual_seed(0))
+    pixels = torch.stack([real, noise])
+    checks = [check("vision", "real + random image", _diff(ref.encode_images(pixels), ort.encode_images(pixels)))]
 
     tok = loaded.tokenizer
     prompts = [tokenize_prompt(tok, chat_prompt([("user", "What is in this picture?")], True)),
-               tokenize_prompt(tok, chat_prompt([("user", "Tell me a story about a boat.")], False))]
-    features = list(ref.encode_images(real[None])) + [None]
+               tokenize_prompt(tok, chat_prompt([("user", "Tell me a story about a boat.")], False)),
+               tokenize_prompt(tok, chat_prompt([("user", "Describe it.")], True))]
+    features = [*ref.encode_images(torch.stack([real, noise]))]
+    features = [features[0], None, features[1]]
     capacity = max(map(len, prompts)) + ref.num_image_tokens + steps
     ref_pre, ort_pre = ref.prefill(prompts, features, capacity), ort.prefill(prompts, features, capacity)
-    same_kept = all(torch.equal(a, b) for a, b in zip(ref_pre.kept_image_indices[:1], ort_pre.kept_image_indices[:1]))
-    checks.append(Check("prefill", "image + text-only batch", _diff(ref_pre.logits, ort_pre.logits), same_kept,
-                        tolerance))
+    agree = [a is None or torch.equal(a, b) for a, b in zip(ref_pre.kept_image_indices, ort_pre.kept_image_indices)]
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in
+                  zip(ref_pre.kept_image_indices, ort_pre.kept_image_indices) if a is not None)
+    total = sum(len(a) for a in ref_pre.kept_image_indices if a is not None)
+    checks.append(check("prefill", "2 images + text-only", _diff(ref_pre.logits, ort_pre.logits, agree),
+                        overlap, total))
 
-    worst, same_keep, tokens = 0.0, True, []
+    worst, agreed, compared, tokens = 0.0, 0, 0, []
     ref_logits = ref_pre.logits
     for _ in range(steps):
         token = ref_logits.argmax(-1)
         tokens.append(token)
         ref_logits, ref_keep = ref.decode_step(token, ref_pre.cache)
         ort_logits, ort_keep = ort.decode_step(token, ort_pre.cache)
-        worst = max(worst, _diff(ref_logits, ort_logits))
-        same_keep &= torch.equal(ref_keep, ort_keep)
-    checks.append(Check("decode", f"{steps} steps, paged KV", worst, same_keep, tolerance))
+        worst = max(worst, _diff(ref_logits, ort_logits, agree))
+        for b in range(len(prompts)):
+            if agree[b]:
+                compared += 1
+                same = bool(ref_keep[b] == ort_keep[b])
+                agreed += same
+                agree[b] = same
+    checks.append(check("decode", f"{steps} steps, paged KV", worst, agreed, compared))
 
     generated = [[int(t[b]) for t in tokens] for b in range(len(prompts))]
     seqs = [p + g for p, g in zip(prompts, generated)]
-    ref_nc = ref.forward_no_cache(seqs, features, [len(p) for p in prompts])
-    ort_nc = ort.forward_no_cache(seqs, features, [len(p) for p in prompts])
-    checks.append(Check("nocache", f"Eq. 12 after {steps} tokens", _diff(ref_nc.logits, ort_nc.logits),
-                        ref_nc.generated_kept == ort_nc.generated_kept, tolerance))
+    starts = [len(p) for p in prompts]
+    ref_nc, ort_nc = ref.forward_no_cache(seqs, features, starts), ort.forward_no_cache(seqs, features, starts)
+    same_nc = [a == b for a, b in zip(ref_nc.generated_kept, ort_nc.generated_kept)]
+    checks.append(check("nocache", f"Eq. 12 after {steps} tokens", _diff(ref_nc.logits, ort_nc.logits, agree),
+                        sum(same_nc), len(same_nc)))
 
     text_only = [prompts[1]]
-    checks.append(Check("prefill", "text-only batch", _diff(ref.prefill(text_only, [None], capacity).logits,
-                                                             ort.prefill(text_only, [None], capacity).logits),
-                        None, tolerance))
+    checks.append(check("prefill", "text-only batch", _diff(ref.prefill(text_only, [None], capacity).logits,
+                                                             ort.prefill(text_only, [None], capacity).logits)))
     return checks
