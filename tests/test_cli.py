@@ -76,7 +76,7 @@ def test_generate_without_kv_cache(official_dir):
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "hi", "--image", "missing.png"], "image not found"),
     (["--prompt", "hi", "--image", "{readme}"], "not a readable image"),
-    (["--prompt", "hi", "--backend", "tensorrt"], "backend 'tensorrt' is not available"),
+    (["--prompt", "hi", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
     ([], "nothing to generate"),
     (["--prompt", "hi", "--max-new-tokens", "5000"], "needs"),
 ])
