@@ -297,6 +297,65 @@ def export(
                             hint="re-run with --debug, or raise --atol if the differences are expected (fp16)")
 
 
+# ---------------------------------------------------------------------- bench
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise InputError(f"{what} must be comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise InputError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: Path = typer.Option(..., help="Checkpoint directory (the torch eager side)."),
+    export_dir: Optional[Path] = typer.Option(None, "--export", help="Its export directory (default: export to "
+                                              "OUT/export first)."),
+    out: Path = typer.Option(Path("bench-out"), help="Where results.json and results.md go."),
+    batch_sizes: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
+    live: int = typer.Option(256, min=2, help="Live tokens per sequence when timing starts."),
+    capacities: str = typer.Option("512,4096", help="KV capacities (rows per sequence) to compare."),
+    rounds: int = typer.Option(7, min=1, help="Alternating repetitions; the median is reported."),
+) -> None:
+    """Decode speed: torch eager vs ONNX Runtime, and the same live length under different KV capacities (a step
+    must cost the same whatever the capacity). Absolute numbers are for this machine only; compare ratios."""
+    import platform
+
+    from dynllava.bench.decode import decode_suite
+    from dynllava.config import ExportConfig
+    from dynllava.export.exporter import export_model
+    from dynllava.model.checkpoint import load_model
+
+    batches, caps = _int_list(batch_sizes, "--batch"), _int_list(capacities, "--capacities")
+    if live + 40 > min(caps):
+        raise InputError(f"--live {live} plus the timed steps must fit the smallest capacity {min(caps)}")
+    out.mkdir(parents=True, exist_ok=True)
+    if export_dir is None:
+        export_dir = out / "export"
+        with console.status(f"exporting {model} to {export_dir}"):
+            export_model(load_model(model), export_dir, ExportConfig())
+    with console.status("timing decode steps"):
+        rows = decode_suite(model, export_dir, batches, live, caps, rounds)
+    table = Table(title=f"decode ms/step, live {live} tokens (median of {rounds}; this machine only)")
+    for col in ("backend", "batch", *[f"capacity {c}" for c in caps], f"max/min"):
+        table.add_column(col, justify="right")
+    for name in ("torch", "onnxruntime"):
+        for b in batches:
+            ms = [r["ms_per_step"] for r in rows if r["backend"] == name and r["batch"] == b]
+            table.add_row(name, str(b), *[f"{m:.2f}" for m in ms], f"{max(ms) / min(ms):.3f}")
+    console.print(table)
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
+    (out / "results.json").write_text(json.dumps({"suite": "decode", "machine": machine, "rows": rows}, indent=2))
+    md = ["| backend | batch | capacity | ms/step | ms/token |", "|---|---|---|---|---|"]
+    md += [f"| {r['backend']} | {r['batch']} | {r['capacity']} | {r['ms_per_step']:.2f} | {r['ms_per_token']:.2f} |"
+           for r in rows]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    console.print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
 # ---------------------------------------------------------------------- flops
 @app.command()
 @handle_errors

@@ -40,6 +40,23 @@ def loaded(official_dir):
     return load_model(official_dir)
 
 
+@pytest.fixture(scope="session")
+def export_dir(loaded, tmp_path_factory):
+    from dynllava.config import ExportConfig
+    from dynllava.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_model(loaded, out, ExportConfig())
+    return out
+
+
+@pytest.fixture(scope="session")
+def ort_model(export_dir):
+    from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
+
+    return OnnxRuntimeModel(export_dir)
+
+
 def random_pixels(seed: int, size: int = 64) -> torch.Tensor:
     """Pixel values [3, H, W] as the CLIP processor would give (roughly unit scale)."""
     return torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed))

@@ -16,9 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from dynllava.cli import app
-from dynllava.config import ExportConfig
 from dynllava.errors import CheckpointError
-from dynllava.export.exporter import export_model
 from dynllava.export.ops import (DOMAIN, KV_CACHE_APPEND, PLUGIN_NAMESPACE, PLUGIN_VERSION, TOPK_GATHER,
                                  kv_cache_append, kv_cache_append_function, topk_gather, topk_gather_function)
 from dynllava.model.generate import greedy_generate
@@ -26,18 +24,6 @@ from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
 from tests.conftest import prompt_ids, random_pixels
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def export_dir(loaded, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "tiny"
-    export_model(loaded, out, ExportConfig())
-    return out
-
-
-@pytest.fixture(scope="session")
-def ort_model(export_dir):
-    return OnnxRuntimeModel(export_dir)
 
 
 def _batch(tok):

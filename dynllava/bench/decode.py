@@ -55,3 +55,21 @@ def compare_capacities(model, backend: str, prompt: list[int], batch: int, capac
         for cap in capacities:
             samples[cap].append(time_decode(model, backend, prompt, batch, cap, steps=steps, repeats=1).ms_per_step)
     return {cap: statistics.median(v) for cap, v in samples.items()}
+
+
+def decode_suite(checkpoint, export_dir, batches: list[int], live: int, capacities: list[int], rounds: int = 7,
+                 steps: int = 32) -> list[dict]:
+    """Decode ms/step on torch eager and ONNX Runtime, each at every capacity, same prompt and live length."""
+    from dynllava.model.checkpoint import load_model
+    from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
+
+    backends = {"torch": load_model(checkpoint).model, "onnxruntime": OnnxRuntimeModel(export_dir)}
+    gen = torch.Generator().manual_seed(0)
+    prompt = [1] + torch.randint(5, 256, (live - 1,), generator=gen).tolist()
+    rows = []
+    for batch in batches:
+        for name, model in backends.items():
+            for cap, ms in compare_capacities(model, name, prompt, batch, capacities, rounds, steps).items():
+                rows.append({"backend": name, "batch": batch, "live_tokens": live, "capacity": cap,
+                             "ms_per_step": ms, "ms_per_token": ms / batch})
+    return rows
