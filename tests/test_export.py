@@ -250,3 +250,31 @@ def test_hf_layout_exports_with_its_loading_flags(hf_dir, tmp_path):
     model = OnnxRuntimeModel(out)
     pre = model.prefill([[1, -200, 5, 6]], [model.encode_images(random_pixels(1)[None])[0]], 80)
     assert pre.kept_image_indices[0].shape == (32,)  # floor(0.5 * 64)
+
+
+def test_export_limits_are_enforced(loaded, tmp_path):
+    from dynllava.config import ExportConfig
+    from dynllava.errors import InputError
+    from dynllava.export import exporter
+
+    out = tmp_path / "small"
+    exporter.export_model(loaded, out, ExportConfig(max_batch=2, max_seq_len=128))
+    model = OnnxRuntimeModel(out)
+    ids = prompt_ids(loaded.tokenizer, "hi", False)
+    with pytest.raises(InputError, match="max_batch 2"):
+        model.prefill([ids] * 3, [None] * 3, 64)
+    with pytest.raises(InputError, match="max_seq_len 128"):
+        model.prefill([ids], [None], 200)
+
+
+def test_large_graphs_keep_weights_as_external_data(loaded, tmp_path, monkeypatch):
+    from dynllava.config import ExportConfig
+    from dynllava.export import exporter
+
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)  # treat every graph as large
+    out = tmp_path / "ext"
+    exporter.export_model(loaded, out, ExportConfig())
+    assert (out / "decode.onnx.data").stat().st_size > (out / "decode.onnx").stat().st_size
+    prompts, pixels = _batch(loaded.tokenizer)
+    assert [g.token_ids for g in greedy_generate(OnnxRuntimeModel(out), prompts[:2], pixels[:2], 8)] == \
+        [g.token_ids for g in greedy_generate(loaded.model, prompts[:2], pixels[:2], 8)]

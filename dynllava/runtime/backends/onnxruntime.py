@@ -118,7 +118,18 @@ class OnnxRuntimeModel:
         return PagedKVCache(self.num_layers, self.sparse_layer, self.kv_heads, self.head_dim, batch,
                             self.block_size, blocks, blocks, self.np_dtype)
 
+    def check_limits(self, batch: int, tokens: int) -> None:
+        """The limits the model was exported for (dynllava.json), as clear errors."""
+        limits = self.manifest.limits
+        if batch > limits["max_batch"]:
+            raise InputError(f"batch of {batch} exceeds the export's max_batch {limits['max_batch']}",
+                             hint="send fewer requests at once or re-export with a larger --max-batch")
+        if tokens > limits["max_seq_len"]:
+            raise InputError(f"{tokens} tokens exceed the export's max_seq_len {limits['max_seq_len']}",
+                             hint="shorten the prompt, lower --max-new-tokens or re-export with --max-seq-len")
+
     def prefill(self, prompts: list[list[int]], features: list[torch.Tensor | None], capacity: int) -> PrefillOutput:
+        self.check_limits(len(prompts), capacity)
         feeds = self._prompt_batch(prompts, features)
         outputs = self.sessions["prefill"].run(None, feeds)
         logits, kept, sparse_lengths, presents = outputs[0], outputs[1], outputs[2], outputs[3:]
