@@ -52,7 +52,7 @@ def export_dir(loaded, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ort_model(export_dir):
-    from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
+    from dynllava.runtime.batch import OnnxRuntimeModel
 
     return OnnxRuntimeModel(export_dir)
 

@@ -20,7 +20,7 @@ from dynllava.errors import CheckpointError
 from dynllava.export.ops import (DOMAIN, KV_CACHE_APPEND, PLUGIN_NAMESPACE, PLUGIN_VERSION, TOPK_GATHER,
                                  kv_cache_append, kv_cache_append_function, topk_gather, topk_gather_function)
 from dynllava.model.generate import greedy_generate
-from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
+from dynllava.runtime.batch import OnnxRuntimeModel
 from tests.conftest import prompt_ids, random_pixels
 
 runner = CliRunner()
@@ -55,26 +55,28 @@ def test_decode_appends_in_place_into_the_paged_pools(loaded, ort_model):
     ids = prompt_ids(loaded.tokenizer, "What is shown here?", True)
     feats = ort_model.encode_images(random_pixels(4)[None])
     pre = ort_model.prefill([ids], [feats[0]], capacity=200)
-    cache = pre.cache
+    cache, seq = pre.cache.cache, pre.cache.seqs[0]
+    layer = ort_model.sparse_layer  # the first sparse layer's K pool
     pools = [id(p) for p in cache.pools]
     token, keeps = pre.logits.argmax(-1), []
     for _ in range(12):
-        row = int(cache.sparse.lengths[0])
-        block, offset = cache.sparse.slots(0, row + 1)[0][-1], row % cache.block_size
-        before = cache.pools[2 * ort_model.sparse_layer][block, offset].copy()
-        logits, keep = ort_model.decode_step(token, cache)
+        row = seq.sparse_len
+        cache.reserve(seq, seq.dense_len + 1, row + 1)
+        block, offset = seq.sparse_blocks[row // cache.block_size], row % cache.block_size
+        before = cache.pools[2 * layer][block, offset].copy()
+        logits, keep = ort_model.decode_step(token, pre.cache)
         keeps.append(bool(keep[0]))
         # the decode graph wrote the new K row into our own numpy buffer (no copy of the pool came back)
-        assert not np.array_equal(cache.pools[2 * ort_model.sparse_layer][block, offset], before)
-        assert int(cache.sparse.lengths[0]) == row + keeps[-1]
+        assert not np.array_equal(cache.pools[2 * layer][block, offset], before)
+        assert seq.sparse_len == row + keeps[-1]
         token = logits.argmax(-1)
     assert [id(p) for p in cache.pools] == pools
     assert 0 < sum(keeps) < len(keeps)
     # dropped tokens take no block: the sparse group holds what its length needs, at most one slot more (the
     # row the last, possibly dropped, token was written to)
-    length, bs = int(cache.sparse.lengths[0]), cache.block_size
-    assert -(-length // bs) <= len(cache.sparse.tables[0]) <= -(-(length + 1) // bs)
-    assert len(cache.dense.tables[0]) > len(cache.sparse.tables[0])
+    length, bs = seq.sparse_len, cache.block_size
+    assert -(-length // bs) <= len(seq.sparse_blocks) <= -(-(length + 1) // bs)
+    assert len(seq.dense_blocks) > len(seq.sparse_blocks)
 
 
 def test_graphs_call_model_local_functions_with_plugin_attributes(export_dir):

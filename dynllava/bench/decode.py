@@ -61,7 +61,7 @@ def decode_suite(checkpoint, export_dir, batches: list[int], live: int, capaciti
                  steps: int = 32) -> list[dict]:
     """Decode ms/step on torch eager and ONNX Runtime, each at every capacity, same prompt and live length."""
     from dynllava.model.checkpoint import load_model
-    from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
+    from dynllava.runtime.batch import OnnxRuntimeModel
 
     backends = {"torch": load_model(checkpoint).model, "onnxruntime": OnnxRuntimeModel(export_dir)}
     gen = torch.Generator().manual_seed(0)

@@ -137,9 +137,12 @@ class PrefillGraph(nn.Module):
 class DecodeGraph(nn.Module):
     """One token per sequence over paged KV pools; the append is KVCacheAppend on every layer's pools."""
 
-    def __init__(self, model: DynamicLlava):
+    def __init__(self, model: DynamicLlava, in_place: bool = False):
+        """in_place: write the new rows straight into the pools (eager execution); the traced graph instead calls
+        KVCacheAppend, which the runtime aliases to the same buffers."""
         super().__init__()
         self.model = model
+        self.in_place = in_place
         layers = range(model.num_layers)
         self.input_names = ["input_ids", "positions", "dense_lengths", "sparse_lengths", "dense_block_tables",
                             "sparse_block_tables", *_kv_names("past", layers)]
@@ -163,10 +166,18 @@ class DecodeGraph(nn.Module):
             valid = torch.arange(past_k.shape[2], device=h.device)[None] < lengths[:, None]
             mask = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)[:, None, None]  # [B, 1, 1, T + 1]
             h, k, v = layer_forward(layer, h, cos, sin, past_k, past_v, mask)
-            presents += [kv_cache_append_op(k_pool, tables, lengths, k[:, :, 0]),
-                         kv_cache_append_op(v_pool, tables, lengths, v[:, :, 0])]
+            append = _append_in_place if self.in_place else kv_cache_append_op
+            presents += [append(k_pool, tables, lengths, k[:, :, 0]), append(v_pool, tables, lengths, v[:, :, 0])]
         logits = m.lm_head(m.language_model.norm(h[:, 0]))
         return (logits, keep, dense_lengths + 1, sparse_lengths + keep.to(sparse_lengths.dtype), *presents)
+
+
+def _append_in_place(pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor,
+                     update: torch.Tensor) -> torch.Tensor:
+    # KVCacheAppend's semantics, writing into `pool` itself
+    bs = pool.shape[1]
+    pool[tables.gather(1, (lengths // bs)[:, None])[:, 0], lengths % bs] = update
+    return pool
 
 
 def _gather_blocks(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor, rows: list[bool] | None = None) -> f
 @torch.no_grad()
 def validate_export(loaded: LoadedModel, export_dir: Path, tolerance: float, min_agreement: float = 1.0,
                     steps: int = 8) -> list[Check]:
-    from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
+    from dynllava.runtime.batch import OnnxRuntimeModel
 
     ref, ort = loaded.model, OnnxRuntimeModel(export_dir)
     check = lambda graph, what, diff, agreed=0, decisions=0: Check(  # noqa: E731

@@ -1,12 +1,18 @@
-"""Paged KV cache for the exported graphs: one block pool per layer (K and V), block tables and lengths per layer
-group (dense: layers < l, sparse: layers >= l).
+"""Paged KV cache shared by all sequences of an engine: a block pool per layer (K and V), block tables and lengths
+per sequence for each layer group (dense: layers < l, sparse: layers >= l), and one byte budget for both groups.
 
-A token dropped by the output-text predictor takes no block: its row lies at slot `lengths[b]`, past the valid
-rows, and is overwritten by the next token. Block 0 is a scratch block: padded block-table entries point at it,
-reads from it are masked, so no valid row is ever touched by padding.
+* A dense block holds `block_size` tokens of every dense layer, a sparse block of every sparse layer; both draw on
+  the same budget, so the split between the groups follows what the sequences actually hold.
+* A token dropped by the output-text predictor takes no block: its row lies at slot `length`, past the valid rows,
+  and is overwritten by the next token.
+* Block 0 of each pool is a scratch block: padded block-table entries point at it and reads from it are masked.
+* Pools are allocated lazily by the OS (zero pages until touched) and blocks are handed out lowest id first, so
+  resident memory follows the blocks in use.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,93 +22,114 @@ SCRATCH_BLOCK = 0
 
 
 class KVCacheFull(DynLlavaError):
-    """The block pool has no free block left."""
+    """The KV budget has no room for the blocks asked for."""
 
 
-class BlockAllocator:
-    def __init__(self, num_blocks: int):
-        if num_blocks < 2:
-            raise ValueError("a pool needs at least 2 blocks (one is the scratch block)")
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out low ids first
+@dataclass
+class SeqKV:
+    """One sequence's place in the cache."""
 
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
-    def used_blocks(self) -> int:
-        return self.num_blocks - 1 - len(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise KVCacheFull(f"KV block pool exhausted ({self.num_blocks - 1} blocks)",
-                              hint="raise the KV budget or lower the batch size")
-        return self._free.pop()
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+    dense_blocks: list[int] = field(default_factory=list)
+    sparse_blocks: list[int] = field(default_factory=list)
+    dense_len: int = 0  # rows valid in layers < l (every token)
+    sparse_len: int = 0  # rows valid in layers >= l (kept tokens)
+    position: int = 0  # RoPE position of the next token (dropped tokens count)
 
 
-class LayerGroup:
-    """Block tables and lengths of one layer group for a batch of sequences."""
+@dataclass
+class SwappedKV:
+    """A preempted sequence's rows, held outside the budget until it resumes."""
 
-    def __init__(self, allocator: BlockAllocator, block_size: int, batch: int):
-        self.allocator = allocator
-        self.block_size = block_size
-        self.tables: list[list[int]] = [[] for _ in range(batch)]
-        self.lengths = np.zeros(batch, dtype=np.int64)
-
-    def reserve(self, b: int, rows: int) -> None:
-        """Make sure sequence b owns blocks for `rows` rows."""
-        need = -(-rows // self.block_size)
-        while len(self.tables[b]) < need:
-            self.tables[b].append(self.allocator.allocate())
-
-    def table_array(self) -> np.ndarray:
-        """[B, M] int64, M = the most blocks any sequence holds; padded with the scratch block."""
-        width = max(1, max(len(t) for t in self.tables))
-        out = np.full((len(self.tables), width), SCRATCH_BLOCK, dtype=np.int64)
-        for b, table in enumerate(self.tables):
-            out[b, : len(table)] = table
-        return out
-
-    def slots(self, b: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """(block, row-in-block) of sequence b's rows 0..rows-1."""
-        r = np.arange(rows)
-        return np.asarray(self.tables[b], dtype=np.int64)[r // self.block_size], r % self.block_size
-
-    def release(self, b: int) -> None:
-        self.allocator.release(self.tables[b])
-        self.tables[b] = []
-        self.lengths[b] = 0
+    state: SeqKV
+    rows: list[tuple[np.ndarray, np.ndarray]]  # per layer: K, V [rows, Hkv, Dh]
 
 
 class PagedKVCache:
-    """Pools [num_blocks, block_size, kv_heads, head_dim] per layer for K and V, in host memory, handed to ONNX
-    Runtime without copies (and written in place by the decode graph through IOBinding)."""
-
-    def __init__(self, num_layers: int, sparse_layer: int, kv_heads: int, head_dim: int, batch: int,
-                 block_size: int, dense_blocks: int, sparse_blocks: int, dtype: np.dtype):
+    def __init__(self, num_layers: int, sparse_layer: int, kv_heads: int, head_dim: int, block_size: int,
+                 budget_bytes: int, dtype: np.dtype):
         self.num_layers, self.sparse_layer, self.block_size = num_layers, sparse_layer, block_size
-        self.dense = LayerGroup(BlockAllocator(dense_blocks), block_size, batch)
-        self.sparse = LayerGroup(BlockAllocator(sparse_blocks), block_size, batch)
-        self.positions = np.zeros(batch, dtype=np.int64)
-        self.pools = [np.zeros((dense_blocks if i < sparse_layer else sparse_blocks, block_size, kv_heads, head_dim),
-                               dtype=dtype) for i in range(num_layers) for _ in ("key", "value")]
+        layer_block = block_size * kv_heads * head_dim * 2 * np.dtype(dtype).itemsize  # K and V
+        self.block_bytes = {"dense": sparse_layer * layer_block, "sparse": (num_layers - sparse_layer) * layer_block}
+        if budget_bytes < sum(self.block_bytes.values()):
+            raise KVCacheFull(f"a KV budget of {budget_bytes} bytes holds not even one block per layer group",
+                              hint=f"give at least {sum(self.block_bytes.values())} bytes")
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.num_blocks = {g: (budget_bytes // b if b else 0) + 1 for g, b in self.block_bytes.items()}
+        self._free = {g: list(range(n - 1, SCRATCH_BLOCK, -1)) for g, n in self.num_blocks.items()}
+        self.pools = [np.zeros((self.num_blocks[self.group_of(i)], block_size, kv_heads, head_dim), dtype=dtype)
+                      for i in range(num_layers) for _ in ("key", "value")]
 
-    def group(self, layer: int) -> LayerGroup:
-        return self.dense if layer < self.sparse_layer else self.sparse
+    # ------------------------------------------------------------------ accounting
+    def group_of(self, layer: int) -> str:
+        return "dense" if layer < self.sparse_layer else "sparse"
 
-    def write_rows(self, layer: int, b: int, key: np.ndarray, value: np.ndarray) -> None:
-        # key/value: [Hkv, rows, Dh] -> sequence b's first rows of this layer's pools
-        group = self.group(layer)
-        rows = key.shape[1]
-        group.reserve(b, rows)
-        blocks, offsets = group.slots(b, rows)
-        self.pools[2 * layer][blocks, offsets] = key.transpose(1, 0, 2)
-        self.pools[2 * layer + 1][blocks, offsets] = value.transpose(1, 0, 2)
+    def blocks_for(self, rows: int) -> int:
+        return -(-rows // self.block_size)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.pools)
+    def extra_bytes(self, seq: SeqKV, dense_rows: int, sparse_rows: int) -> int:
+        """Bytes `reserve(seq, dense_rows, sparse_rows)` would take from the budget."""
+        more_dense = max(0, self.blocks_for(dense_rows) - len(seq.dense_blocks)) if self.block_bytes["dense"] else 0
+        more_sparse = max(0, self.blocks_for(sparse_rows) - len(seq.sparse_blocks))
+        return more_dense * self.block_bytes["dense"] + more_sparse * self.block_bytes["sparse"]
+
+    def can_reserve(self, seq: SeqKV, dense_rows: int, sparse_rows: int) -> bool:
+        return self.used_bytes + self.extra_bytes(seq, dense_rows, sparse_rows) <= self.budget_bytes
+
+    def reserve(self, seq: SeqKV, dense_rows: int, sparse_rows: int) -> None:
+        """Give seq blocks for `dense_rows` / `sparse_rows` rows (all or nothing)."""
+        if not self.can_reserve(seq, dense_rows, sparse_rows):
+            raise KVCacheFull(f"KV budget exhausted ({self.used_bytes}/{self.budget_bytes} bytes in use)",
+                              hint="raise the KV budget or lower the batch size")
+        for group, blocks, rows in (("dense", seq.dense_blocks, dense_rows), ("sparse", seq.sparse_blocks, sparse_rows)):
+            while self.block_bytes[group] and len(blocks) < self.blocks_for(rows):  # (no dense layers if l = 0)
+                blocks.append(self._free[group].pop())
+                self.used_bytes += self.block_bytes[group]
+
+    def free(self, seq: SeqKV) -> None:
+        for group, blocks in (("dense", seq.dense_blocks), ("sparse", seq.sparse_blocks)):
+            self._free[group].extend(reversed(blocks))
+            self.used_bytes -= len(blocks) * self.block_bytes[group]
+            blocks.clear()
+
+    def blocks_in_use(self) -> dict[str, int]:
+        return {g: self.num_blocks[g] - 1 - len(free) for g, free in self._free.items()}
+
+    # ------------------------------------------------------------------ data
+    def table(self, seqs: list[SeqKV], group: str) -> np.ndarray:
+        """[B, M] int64 block tables, M = the most blocks any of them holds, padded with the scratch block."""
+        lists = [s.dense_blocks if group == "dense" else s.sparse_blocks for s in seqs]
+        out = np.full((len(seqs), max(1, max(map(len, lists)))), SCRATCH_BLOCK, dtype=np.int64)
+        for b, blocks in enumerate(lists):
+            out[b, : len(blocks)] = blocks
+        return out
+
+    def _slots(self, seq: SeqKV, layer: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        blocks = seq.dense_blocks if layer < self.sparse_layer else seq.sparse_blocks
+        r = np.arange(rows)
+        return np.asarray(blocks, dtype=np.int64)[r // self.block_size], r % self.block_size
+
+    def write_rows(self, layer: int, seq: SeqKV, key: np.ndarray, value: np.ndarray) -> None:
+        # key/value: [rows, Hkv, Dh] -> the sequence's first rows of this layer (blocks already reserved)
+        blocks, offsets = self._slots(seq, layer, key.shape[0])
+        self.pools[2 * layer][blocks, offsets] = key
+        self.pools[2 * layer + 1][blocks, offsets] = value
+
+    def read_rows(self, layer: int, seq: SeqKV) -> tuple[np.ndarray, np.ndarray]:
+        rows = seq.dense_len if layer < self.sparse_layer else seq.sparse_len
+        blocks, offsets = self._slots(seq, layer, rows)
+        return self.pools[2 * layer][blocks, offsets], self.pools[2 * layer + 1][blocks, offsets]
+
+    # ------------------------------------------------------------------ preemption by swapping
+    def swap_out(self, seq: SeqKV) -> SwappedKV:
+        rows = [self.read_rows(layer, seq) for layer in range(self.num_layers)]
+        state = SeqKV(dense_len=seq.dense_len, sparse_len=seq.sparse_len, position=seq.position)
+        self.free(seq)
+        return SwappedKV(state, rows)
+
+    def swap_in(self, swapped: SwappedKV) -> SeqKV:
+        seq = swapped.state
+        self.reserve(seq, seq.dense_len + 1, seq.sparse_len + 1)
+        for layer, (key, value) in enumerate(swapped.rows):
+            self.write_rows(layer, seq, key, value)
+        return seq

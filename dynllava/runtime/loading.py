@@ -44,7 +44,7 @@ def open_model(path: str | Path, backend: str = "auto", **load_kwargs: Any) -> O
                              hint="pass them to `dynllava export`")
         from transformers import AutoTokenizer, CLIPImageProcessorPil
 
-        from dynllava.runtime.backends.onnxruntime import OnnxRuntimeModel
+        from dynllava.runtime.batch import OnnxRuntimeModel
 
         model = OnnxRuntimeModel(path)
         info = model.manifest.tokenizer
