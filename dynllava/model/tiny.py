@@ -23,7 +23,7 @@ from dynllava.errors import ConfigError
 from dynllava.model.checkpoint import PREDICTORS_FILE, internal_to_official
 from dynllava.model.sparse_llama import DynamicLlava
 from dynllava.model.weights import write_state_dict
-from dynllava.runtime.processor import VICUNA_V1_SYSTEM
+from dynllava.runtime.processor import VICUNA_V1_SYSTEM, chat_prompt, tokenize_prompt
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -133,21 +133,30 @@ def build_tiny_model(spec: TinySpec, seed: int = 0) -> tuple[DynamicLlava, PreTr
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         else:  # norm scales
             p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.05)
-    _calibrate_text_predictor(model, gen)
+    _calibrate_text_predictor(model, tokenizer, gen)
     return model, tokenizer
 
 
-def _calibrate_text_predictor(model: DynamicLlava, gen: torch.Generator, samples: int = 256) -> None:
-    """Shift the output-text predictor's last bias so that logit0 > logit1 for about half of the hidden states
-    entering layer l (what the trained predictor does at r_OT = 0.5)."""
-    ids = torch.randint(5, model.config.text_config.vocab_size, (1, samples), generator=gen)
-    lm = model.language_model
-    h = lm.embed_tokens(ids)
-    positions = torch.arange(samples)[None]
-    h = model._run_layers(range(model.sparse_layer), h, positions, torch.ones(1, samples, dtype=torch.bool), None)
-    logits = model.output_text_score_predictor(h[0])
-    margin = (logits[:, 0] - logits[:, 1]).median()
-    model.output_text_score_predictor.output_mlp[-1].bias[0] -= margin
+def _calibrate_text_predictor(model: DynamicLlava, tokenizer, gen: torch.Generator) -> None:
+    """Shift the output-text predictor's last bias so that logit0 > logit1 for about half of the generated tokens
+    (what the trained predictor does at r_OT = 0.5): generate greedily, then take the median margin of the hidden
+    states the generated tokens have entering layer l (layers < l are dense, so these are exact)."""
+    from dynllava.model.generate import greedy_generate
+
+    size = model.config.vision_config.image_size
+    prompts = [tokenize_prompt(tokenizer, chat_prompt([("user", "Describe the picture in detail.")], True)),
+               tokenize_prompt(tokenizer, chat_prompt([("user", "Tell me a story.")], False))]
+    pixels = [torch.randn(3, size, size, generator=gen), None]
+    margins = []
+    for ids, px, g in zip(prompts, pixels, greedy_generate(model, prompts, pixels, 48)):
+        feats = model.encode_images(px[None])[0] if px is not None else None
+        embeds, _ = model.embed_prompt(ids + g.token_ids, feats)
+        n = embeds.shape[0]
+        h = model._run_layers(range(model.sparse_layer), embeds[None], torch.arange(n)[None],
+                              torch.ones(1, n, dtype=torch.bool), None)[0]
+        logits = model.output_text_score_predictor(h[n - len(g.token_ids): n - 1])
+        margins.append(logits[:, 0] - logits[:, 1])
+    model.output_text_score_predictor.output_mlp[-1].bias[0] -= torch.cat(margins).median()
 
 
 def _processor(spec: TinySpec) -> CLIPImageProcessorPil:

@@ -15,7 +15,9 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 
 @dataclass
 class OpenModel:
-    model: Any  # DynamicLlava or OnnxRuntimeModel: encode_images / prefill / decode_step / forward_no_cache
+    model: Any  # fixed-batch calls (encode_images / prefill / decode_step / forward_no_cache): DynamicLlava on
+    # torch (the reference), a BatchRunner on onnxruntime
+    executor: Any  # graph execution for the Engine (TorchExecutor / OrtExecutor)
     tokenizer: Any
     image_processor: Any
     image_aspect_ratio: str
@@ -48,14 +50,15 @@ def open_model(path: str | Path, backend: str = "auto", **load_kwargs: Any) -> O
 
         model = OnnxRuntimeModel(path)
         info = model.manifest.tokenizer
-        return OpenModel(model, AutoTokenizer.from_pretrained(path / info["dir"]),
+        return OpenModel(model, model.executor, AutoTokenizer.from_pretrained(path / info["dir"]),
                          CLIPImageProcessorPil.from_pretrained(path / info["processor_dir"]),
                          info["image_aspect_ratio"], model.manifest.model["max_position_embeddings"], backend)
     if exported:
         raise InputError(f"{path} is an export directory; the torch backend runs checkpoints",
                          hint="use --backend onnxruntime (or auto)")
     from dynllava.model.checkpoint import load_model
+    from dynllava.runtime.backends.torch import TorchExecutor
 
     loaded = load_model(path, **load_kwargs)
-    return OpenModel(loaded.model, loaded.tokenizer, loaded.image_processor, loaded.image_aspect_ratio,
+    return OpenModel(loaded.model, TorchExecutor(loaded.model), loaded.tokenizer, loaded.image_processor, loaded.image_aspect_ratio,
                      loaded.model.config.text_config.max_position_embeddings, backend)

@@ -54,6 +54,7 @@ class OrtExecutor:
         self.vision_keep_rate = sparse["vision_keep_rate"] if sparse["use_vision_predictor"] else 1.0
         self.kept_image_tokens = keep_count(self.vision_keep_rate, self.num_image_tokens)
         self.output_text_keep_rate = sparse["output_text_keep_rate"]
+        self.output_predictor_on = bool(sparse["use_text_predictor"] and sparse["use_output_text_predictor"])
         self.limits = self.manifest.limits
         names = self.manifest.graphs["decode"]
         self._past = [t.name for t in names.inputs if t.name.startswith("past.")]

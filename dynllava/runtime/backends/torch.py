@@ -30,6 +30,7 @@ class TorchExecutor:
         self.vision_keep_rate = model.sparse.vision_keep_rate if model.sparse.use_vision_predictor else 1.0
         self.kept_image_tokens = keep_count(self.vision_keep_rate, self.num_image_tokens)
         self.output_text_keep_rate = model.sparse.output_text_keep_rate
+        self.output_predictor_on = model.output_predictor_on
         self.limits = {"max_batch": 1 << 30, "max_seq_len": self.max_positions}
 
     @torch.no_grad()

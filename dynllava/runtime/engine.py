@@ -1,0 +1,306 @@
+"""The public Python API: an Engine with continuous batching over a paged sparse KV cache, for every backend.
+
+    engine = Engine.from_path("demo-out/tiny")                      # a checkpoint (torch) or an export dir (ORT)
+    outputs = engine.generate([Request(prompt="What is it?", image="cat.png")], SamplingParams(max_new_tokens=32))
+    for delta in engine.stream(Request(prompt="Tell me more.")):
+        print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from dynllava.errors import ConfigError, InputError
+from dynllava.flops import ModelShape, kv_bytes
+from dynllava.runtime.batch import decode_feeds, prompt_feeds, write_prefill
+from dynllava.runtime.kv_cache import PagedKVCache
+from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
+from dynllava.runtime.sampling import Sampler, SamplingParams
+from dynllava.runtime.scheduler import Scheduler
+from dynllava.runtime.sequence import Request, RequestOutput, Sequence, Status
+
+DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    swapped: int
+    kv_bytes_used: int
+    kv_bytes_budget: int
+    blocks_used: dict[str, int]
+    blocks_free: dict[str, int]
+    preemptions: int
+
+
+@dataclass
+class StreamDelta:
+    request_id: str
+    token_id: int
+    text: str  # new text since the previous delta
+    finished: bool
+    output: RequestOutput | None = None  # set on the last delta
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Engine:
+    def __init__(self, executor, tokenizer, image_processor, image_aspect_ratio: str = "pad",
+                 kv_cache_bytes: int | None = None, kv_memory_fraction: float | None = None, max_batch: int = 16,
+                 max_prefill_tokens: int = 8192, block_size: int = 16, expected_keep_rate: float | None = None):
+        """expected_keep_rate: share of generated tokens the output predictor is assumed to keep when admitting
+        (default: the trained rate, then what finished requests showed)."""
+        if kv_cache_bytes is not None and kv_memory_fraction is not None:
+            raise ConfigError("give kv_cache_bytes or kv_memory_fraction, not both")
+        if kv_memory_fraction is not None:
+            if not 0 < kv_memory_fraction < 1:
+                raise ConfigError(f"kv_memory_fraction must be in (0, 1), got {kv_memory_fraction}")
+            kv_cache_bytes = int(_memory_bytes() * kv_memory_fraction)
+        if max_batch < 1 or max_prefill_tokens < 1 or block_size < 1:
+            raise ConfigError("max_batch, max_prefill_tokens and block_size must be >= 1")
+        self.executor, self.tokenizer, self.image_processor = executor, tokenizer, image_processor
+        self.image_aspect_ratio = image_aspect_ratio
+        e = executor
+        self.cache = PagedKVCache(e.num_layers, e.sparse_layer, e.kv_heads, e.head_dim, block_size,
+                                  kv_cache_bytes or DEFAULT_KV_BYTES, e.np_dtype)
+        self.scheduler = Scheduler(self.cache, min(max_batch, e.limits["max_batch"]), max_prefill_tokens,
+                                   self._prompt_rows, self._final_rows)
+        # running estimate of the share of generated tokens the output predictor keeps (for admission)
+        self.keep_rate = e.output_text_keep_rate if e.output_predictor_on else 1.0
+        self._learn_keep_rate = expected_keep_rate is None
+        if expected_keep_rate is not None:
+            if not 0.0 <= expected_keep_rate <= 1.0:
+                raise ConfigError(f"expected_keep_rate must be in [0, 1], got {expected_keep_rate}")
+            self.keep_rate = expected_keep_rate
+        self._kept_total, self._decided_total = 0, 0
+        self.shape = ModelShape(e.name, e.hidden_size, e.num_layers, e.kv_heads, e.head_dim, e.num_image_tokens,
+                                e.sparse_layer, e.vision_keep_rate, e.output_text_keep_rate)
+        self.sequences: dict[str, Sequence] = {}
+        self.throughput = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+
+    @classmethod
+    def from_path(cls, path: str | Path, backend: str = "auto", *, predictors=None, vision_tower=None,
+                  sparse_overrides: dict[str, Any] | None = None, **engine_kwargs: Any) -> "Engine":
+        """A checkpoint directory (torch backend) or an export directory (onnxruntime backend); backend
+        "tensorrt" runs an engine directory once TensorRT support lands."""
+        from dynllava.runtime.loading import open_model
+
+        if backend == "tensorrt":
+            raise InputError("the tensorrt backend is not available yet", hint="use torch or onnxruntime")
+        opened = open_model(path, backend, predictors=predictors, vision_tower=vision_tower,
+                            sparse_overrides=sparse_overrides)
+        return cls(opened.executor, opened.tokenizer, opened.image_processor, opened.image_aspect_ratio,
+                   **engine_kwargs)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request | str, params: SamplingParams | None = None) -> str:
+        if isinstance(request, str):
+            request = Request(prompt=request)
+        params = request.params or params or SamplingParams()
+        if (request.prompt is None) == (request.messages is None):
+            raise InputError("a request needs a prompt or chat messages (one of them)")
+        messages = ([("user", request.prompt)] if request.prompt is not None else
+                    [(m.get("role"), m.get("content")) for m in request.messages])
+        if not all(isinstance(text, str) for _, text in messages):
+            raise InputError("every chat message needs a string 'content'")
+        has_image = request.image is not None
+        ids = tokenize_prompt(self.tokenizer, chat_prompt(messages, has_image))
+        pixels = None
+        if has_image:
+            image = request.image if hasattr(request.image, "convert") else load_image(request.image)
+            pixels = preprocess_image(self.image_processor, image.convert("RGB"), self.image_aspect_ratio).numpy()
+        request_id = request.request_id or Sequence.new_id()
+        if request_id in self.sequences:
+            raise InputError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, ids, None, pixels, params, Sampler(params))
+        full = len(ids) + (self.executor.num_image_tokens - 1 if has_image else 0)
+        total = full + params.max_new_tokens
+        limit = min(self.executor.max_positions, self.executor.limits["max_seq_len"])
+        if total > limit:
+            raise InputError(f"prompt ({full} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"model's {limit} positions", hint="shorten the prompt or lower max_new_tokens")
+        if self.cache.extra_bytes(seq.kv, total + 1, total + 1) > self.cache.budget_bytes:
+            raise InputError(f"a request of {total} tokens does not fit the KV budget of "
+                             f"{self.cache.budget_bytes} bytes even alone", hint="raise the KV budget")
+        seq.stats.prompt_tokens = full
+        seq.stats.image_tokens = self.executor.num_image_tokens if has_image else 0
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            raise InputError(f"unknown request id {request_id!r}")
+        if seq.status != Status.FINISHED:
+            seq.finish_reason = "cancelled"
+            self._finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[tuple[Sequence, int]]:
+        """Run one prefill or decode step; returns (sequence, new token) pairs."""
+        kind, seqs = self.scheduler.schedule()
+        if kind == "idle":
+            return []
+        start = time.perf_counter()
+        if kind == "prefill":
+            logits = self._prefill(seqs)
+            self.throughput["prefill_tokens"] += sum(s.stats.prompt_tokens for s in seqs)
+            self.throughput["prefill_s"] += time.perf_counter() - start
+        else:
+            logits = self._decode(seqs)
+            self.throughput["decode_tokens"] += len(seqs)
+            self.throughput["decode_s"] += time.perf_counter() - start
+        events = []
+        for seq, row in zip(seqs, logits):
+            token = seq.sampler(torch.from_numpy(row), seq.prompt_ids + seq.generated)
+            self._append(seq, token)
+            events.append((seq, token))
+        return events
+
+    def _prompt_rows(self, seq: Sequence) -> tuple[int, int]:
+        full = seq.stats.prompt_tokens
+        drop = (self.executor.num_image_tokens - self.executor.kept_image_tokens) if seq.has_image else 0
+        return full, full - drop
+
+    def _final_rows(self, seq: Sequence) -> tuple[int, int]:
+        dense, sparse = self._prompt_rows(seq)
+        new = seq.params.max_new_tokens
+        return dense + new + 1, sparse + int(np.ceil(new * self.keep_rate)) + 1
+
+    def _prefill(self, seqs: list[Sequence]) -> np.ndarray:
+        with_image = [s for s in seqs if s.has_image]
+        if with_image:
+            feats = self.executor.vision(np.stack([s.pixel_values for s in with_image]))
+            for s, f in zip(with_image, feats):
+                s.features = f
+        feeds = prompt_feeds(self.executor, [s.prompt_ids for s in seqs], [s.features for s in seqs])
+        logits, kept, sparse_lengths, *presents = self.executor.prefill(feeds)
+        write_prefill(self.cache, [s.kv for s in seqs], feeds["lengths"], sparse_lengths, presents)
+        for s, k in zip(seqs, kept):
+            s.stats.image_tokens_kept = len(k) if s.has_image else 0
+            s.features = None  # no longer needed; a preempted sequence is swapped, not recomputed
+        return logits
+
+    def _decode(self, seqs: list[Sequence]) -> np.ndarray:
+        tokens = np.array([s.generated[-1] for s in seqs], dtype=np.int64)
+        logits, keep, dense_out, sparse_out = self.executor.decode(
+            decode_feeds(self.cache, [s.kv for s in seqs], tokens), self.cache)
+        for b, s in enumerate(seqs):
+            s.kv.dense_len, s.kv.sparse_len, s.kv.position = int(dense_out[b]), int(sparse_out[b]), s.kv.position + 1
+            s.stats.decided_tokens += 1
+            s.stats.kept_tokens += int(keep[b])
+        return logits
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        now = time.perf_counter()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            seq.stats.ttft_s = now - seq.arrival
+        seq.generated.append(token)
+        p = seq.params
+        eos = self.tokenizer.eos_token_id
+        seq.text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        stop_at = min((seq.text.find(s) for s in p.stop if s in seq.text), default=-1)
+        if stop_at >= 0:
+            seq.text, seq.finish_reason = seq.text[:stop_at], "stop"
+        elif token in p.stop_token_ids or (token == eos and not p.ignore_eos):
+            seq.finish_reason = "stop"
+        elif len(seq.generated) >= p.max_new_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason:
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.finished_at = time.perf_counter()
+        st = seq.stats
+        st.generated_tokens = len(seq.generated)
+        if seq.first_token_at is not None and len(seq.generated) > 1:
+            st.decode_tokens_per_s = (len(seq.generated) - 1) / max(seq.finished_at - seq.first_token_at, 1e-9)
+        if seq.status != Status.SWAPPED and seq.kv.dense_len:
+            itemsize = self.executor.np_dtype.itemsize
+            st.kv_bytes = kv_bytes(self.shape, seq.kv.dense_len, seq.kv.sparse_len, itemsize)
+            st.kv_bytes_dense = kv_bytes(self.shape, seq.kv.dense_len, seq.kv.dense_len, itemsize)
+        if st.decided_tokens and self._learn_keep_rate:
+            self._kept_total += st.kept_tokens
+            self._decided_total += st.decided_tokens
+            self.keep_rate = self._kept_total / self._decided_total
+        self.scheduler.finish(seq)
+
+    # ------------------------------------------------------------------ convenience
+    def generate(self, requests: Iterable[Request | str], params: SamplingParams | None = None,
+                 progress: bool = True) -> list[RequestOutput]:
+        """Run requests to completion (continuous batching), in the order given."""
+        ids = [self.add_request(r, params) for r in requests]
+        bar = _Progress(len(ids), self) if progress else None
+        try:
+            while any(self.sequences[i].status != Status.FINISHED for i in ids):
+                self.step()
+                if bar:
+                    bar.update(sum(self.sequences[i].status == Status.FINISHED for i in ids))
+        finally:
+            if bar:
+                bar.close()
+        return [self.sequences.pop(i).output() for i in ids]
+
+    def stream(self, request: Request | str, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield a request's tokens as they are produced (other requests in the engine progress meanwhile)."""
+        request_id = self.add_request(request, params)
+        seq, sent = self.sequences[request_id], ""
+        try:
+            while seq.status != Status.FINISHED:
+                for s, token in self.step():
+                    if s is seq:
+                        done = seq.status == Status.FINISHED
+                        # hold back a trailing partial UTF-8 character (decoded as U+FFFD until its bytes arrive)
+                        stable = seq.text if done else seq.text.rstrip("\ufffd")
+                        delta, sent = stable[len(sent):], stable
+                        yield StreamDelta(request_id, token, delta, done, seq.output() if done else None)
+        finally:
+            if seq.status != Status.FINISHED:  # the consumer stopped early: free the blocks
+                self.cancel(request_id)
+            self.sequences.pop(request_id, None)
+
+    def stats(self) -> EngineStats:
+        used = self.cache.blocks_in_use()
+        free = {g: self.cache.num_blocks[g] - 1 - n for g, n in used.items()}
+        sched = self.scheduler
+        return EngineStats(len(sched.running), sum(s.status == Status.WAITING for s in sched.waiting),
+                           sum(s.status == Status.SWAPPED for s in sched.waiting), self.cache.used_bytes,
+                           self.cache.budget_bytes, used, free, sched.preemptions)
+
+
+class _Progress:
+    """A live bar: requests done, prefill and decode tokens/s."""
+
+    def __init__(self, total: int, engine: Engine):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.engine = engine
+        self.progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[speed]}"), transient=True)
+        self.task = self.progress.add_task("", total=total, speed="")
+        self.progress.start()
+
+    def update(self, done: int) -> None:
+        t = self.engine.throughput
+        prefill = t["prefill_tokens"] / t["prefill_s"] if t["prefill_s"] else 0.0
+        decode = t["decode_tokens"] / t["decode_s"] if t["decode_s"] else 0.0
+        self.progress.update(self.task, completed=done,
+                             speed=f"prefill {prefill:,.0f} tok/s · decode {decode:,.0f} tok/s")
+
+    def close(self) -> None:
+        self.progress.stop()

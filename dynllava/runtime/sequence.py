@@ -1,0 +1,97 @@
+"""Requests as users give them, and the engine's per-sequence state."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dynllava.runtime.kv_cache import SeqKV, SwappedKV
+from dynllava.runtime.sampling import Sampler, SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """A prompt (one user message) or chat messages ([{"role": "user"|"assistant", "content": str}, ...]), with
+    at most one image (a path or a PIL image), and sampling parameters."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    image: str | Path | Image.Image | None = None
+    params: SamplingParams | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class RequestStats:
+    ttft_s: float | None = None  # arrival -> first token
+    decode_tokens_per_s: float | None = None
+    prompt_tokens: int = 0  # with the image expanded to its N tokens
+    image_tokens: int = 0
+    image_tokens_kept: int = 0
+    generated_tokens: int = 0
+    decided_tokens: int = 0  # generated tokens fed back through the model
+    kept_tokens: int = 0  # of those, kept in the KV cache of layers >= l
+    kv_bytes: int | None = None  # KV bytes held at the end (token rows)
+    kv_bytes_dense: int | None = None  # a dense cache's bytes for the same tokens
+    preemptions: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop", "length", "cancelled"; None while running
+    stats: RequestStats
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    features: np.ndarray | None  # image embeddings [N, D], computed at prefill
+    pixel_values: np.ndarray | None  # [3, H, W]
+    params: SamplingParams
+    sampler: Sampler
+    arrival: float = field(default_factory=time.perf_counter)
+    status: Status = Status.WAITING
+    kv: SeqKV = field(default_factory=SeqKV)
+    swapped: SwappedKV | None = None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @staticmethod
+    def new_id() -> str:
+        return f"req-{next(_ids)}"
+
+    @property
+    def has_image(self) -> bool:
+        return self.pixel_values is not None
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, list(self.prompt_ids), list(self.generated), self.text,
+                             self.finish_reason, self.stats)

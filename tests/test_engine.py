@@ -1,0 +1,240 @@
+"""The Engine: continuous batching equals each request alone (torch and ONNX Runtime, also under preemption),
+sparsification admits more sequences per KV budget, blocks come back, sampling is reproducible and validated."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dynllava.errors import ConfigError, InputError
+from dynllava.model.generate import greedy_generate
+from dynllava.runtime.engine import Engine
+from dynllava.runtime.processor import chat_prompt, preprocess_image, tokenize_prompt
+from dynllava.runtime.sampling import SamplingParams
+from dynllava.runtime.sequence import Request, Status
+
+GREEDY = SamplingParams(max_new_tokens=20, ignore_eos=True)
+
+
+def _image(seed: int, size=(80, 56)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+REQUESTS = [  # mixed prompt lengths, with and without images
+    ("What is in the picture?", 1), ("Tell me a story about a boat and the sea, please.", None),
+    ("Hi", 2), ("Describe every colour you can see in this image, one by one.", 3), ("Why?", None),
+    ("How many people are there?", 4), ("Write a poem about the window and the light on it.", None), ("Where?", 5),
+]
+
+
+def _alone(loaded, text, seed, n):
+    """The reference: the torch model, this request alone."""
+    ids = tokenize_prompt(loaded.tokenizer, chat_prompt([("user", text)], seed is not None))
+    px = None if seed is None else preprocess_image(loaded.image_processor, _image(seed))
+    return greedy_generate(loaded.model, [ids], [px], n)[0].token_ids
+
+
+def _staggered(engine: Engine, arrivals: dict[int, list[int]], params: SamplingParams = GREEDY) -> dict[str, list[int]]:
+    """Add REQUESTS[i] at the step arrivals say, run to the end; returns token ids per request index."""
+    ids, step = {}, 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for i in arrivals.get(step, []):
+            text, seed = REQUESTS[i]
+            ids[i] = engine.add_request(Request(prompt=text, image=None if seed is None else _image(seed),
+                                                params=params))
+        engine.step()
+        assert engine.cache.used_bytes <= engine.cache.budget_bytes
+        step += 1
+    return {i: engine.sequences[r].generated for i, r in ids.items()}
+
+
+ARRIVALS = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5], 11: [6, 7]}
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_continuous_batching_equals_each_request_alone(loaded, official_dir, export_dir, backend):
+    engine = Engine.from_path(official_dir if backend == "torch" else export_dir, backend)
+    got = _staggered(engine, ARRIVALS)
+    for i, (text, seed) in enumerate(REQUESTS):
+        assert got[i] == _alone(loaded, text, seed, GREEDY.max_new_tokens), f"request {i}"
+    assert engine.stats().blocks_used == {"dense": 0, "sparse": 0}
+
+
+def test_preemption_by_swapping_keeps_outputs_exact(loaded, official_dir):
+    # room for about two sequences, and admission told to expect no kept tokens: the engine over-admits, must
+    # preempt (swap out) and resume, and that must not change a token
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    engine = Engine.from_path(official_dir, kv_cache_bytes=4 * 200 * 512, expected_keep_rate=0.0, block_size=4)
+    row_bytes = engine.cache.block_bytes["sparse"] // (4 * 2)  # one layer's K+V row
+    assert row_bytes == 512  # the budget above is ~200 rows in all 4 layers for each of ~2 sequences
+    got = _staggered(engine, ARRIVALS, params)
+    assert engine.scheduler.preemptions > 0
+    for i, (text, seed) in enumerate(REQUESTS):
+        assert got[i] == _alone(loaded, text, seed, params.max_new_tokens), f"request {i}"
+    assert engine.cache.used_bytes == 0
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory):
+    """LLaVA-1.5-7B's depth (32 layers, l = 2) at toy width: the layer count sets how much sparsification saves."""
+    from dynllava.model.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("deep") / "m", num_layers=32, hidden_size=64, num_heads=4,
+                     num_kv_heads=2)
+
+
+def _concurrency(engine: Engine, n: int = 48) -> tuple[int, dict]:
+    """Queue n image requests, decode until the first one finishes: how many ran at once, and the blocks they
+    held. Then cancel the rest: every block must come back."""
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    ids = [engine.add_request(Request(prompt="Hi", image=_image(i)), params) for i in range(n)]
+    peak, blocks = 0, {}
+    while all(engine.sequences[r].status != Status.FINISHED for r in ids):
+        engine.step()
+        assert engine.cache.used_bytes <= engine.cache.budget_bytes
+        running = engine.scheduler.running
+        bs = engine.cache.block_size
+        for s in running:  # blocks follow lengths, a dropped token takes none (at most one more row: the next slot)
+            for held, length in ((s.kv.dense_blocks, s.kv.dense_len), (s.kv.sparse_blocks, s.kv.sparse_len)):
+                assert -(-length // bs) <= len(held) <= -(-(length + 1) // bs)
+        if len(running) >= peak:
+            peak = len(running)
+            blocks = {"dense": sum(len(s.kv.dense_blocks) for s in running),
+                      "sparse": sum(len(s.kv.sparse_blocks) for s in running)}
+            assert blocks == engine.stats().blocks_used  # the pool's accounting is the sequences' tables
+    for r in ids:
+        engine.cancel(r)
+    assert engine.stats().blocks_used == {"dense": 0, "sparse": 0} and engine.cache.used_bytes == 0
+    return peak, blocks
+
+
+def test_sparsification_runs_more_sequences_under_one_budget(deep_model):
+    # small blocks: at these toy lengths (~135 tokens) 16-row blocks would waste a fifth of the sparse group
+    budget = dict(kv_cache_bytes=24 * 2**20, max_batch=64, block_size=4)
+    dense = Engine.from_path(deep_model, sparse_overrides={"use_vision_predictor": False,
+                                                           "use_output_text_predictor": False}, **budget)
+    sparse = Engine.from_path(deep_model, **budget)
+    # one finished request: 12 of 64 image tokens and about half of the generated tokens stay in layers >= l
+    outs = sparse.generate([Request(prompt="Hi", image=_image(0))], SamplingParams(max_new_tokens=32,
+                                                                                   ignore_eos=True), progress=False)
+    st = outs[0].stats
+    assert st.image_tokens_kept == 12 and 0.3 < st.kept_tokens / st.decided_tokens < 0.7
+    dense_peak, dense_blocks = _concurrency(dense)
+    sparse_peak, sparse_blocks = _concurrency(sparse)
+    assert sparse_peak >= 1.8 * dense_peak, (sparse_peak, dense_peak)
+    # the dense engine holds every token in both groups; the sparse one holds well under two thirds of the rows
+    # in layers >= l (38 text tokens are never dropped, 52 of 64 image tokens and ~half the answer are)
+    assert dense_blocks["sparse"] == dense_blocks["dense"]
+    assert sparse_blocks["sparse"] < 0.6 * sparse_blocks["dense"]
+
+
+def test_cancel_returns_blocks(official_dir):
+    engine = Engine.from_path(official_dir)
+    ids = [engine.add_request(Request(prompt=t, image=None if s is None else _image(s)), GREEDY) for t, s in REQUESTS]
+    for _ in range(5):
+        engine.step()
+    assert engine.cache.used_bytes > 0
+    for rid in ids[::2]:
+        engine.cancel(rid)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats().blocks_used == {"dense": 0, "sparse": 0} and engine.cache.used_bytes == 0
+    assert [engine.sequences[r].finish_reason for r in ids] == ["cancelled", "length"] * 4
+    with pytest.raises(InputError, match="unknown request id"):
+        engine.cancel("nope")
+
+
+def test_stream_yields_the_tokens_generate_gives(official_dir):
+    engine = Engine.from_path(official_dir)
+    req = Request(prompt="What is in the picture?", image=_image(1))
+    full = engine.generate([req], GREEDY, progress=False)[0]
+    deltas = list(engine.stream(Request(prompt="What is in the picture?", image=_image(1)), GREEDY))
+    assert [d.token_id for d in deltas] == full.token_ids
+    assert "".join(d.text for d in deltas) == full.text
+    assert deltas[-1].finished and deltas[-1].output.token_ids == full.token_ids
+    # leaving a stream early cancels the request and frees its blocks
+    stream = engine.stream(Request(prompt="Hi"), GREEDY)
+    next(stream)
+    stream.close()
+    assert engine.cache.used_bytes == 0
+
+
+def test_seed_reproduces_sampling_whatever_the_batch(official_dir):
+    engine = Engine.from_path(official_dir)
+    params = SamplingParams(max_new_tokens=16, temperature=1.3, top_k=50, top_p=0.9, repetition_penalty=1.2,
+                            seed=7, ignore_eos=True)
+    alone = engine.generate([Request(prompt="Tell me a story.", params=params)], progress=False)[0].token_ids
+    crowd = engine.generate([Request(prompt="Hi", params=GREEDY), Request(prompt="Tell me a story.", params=params),
+                             Request(prompt="Why?", params=SamplingParams(temperature=1.0, seed=3))],
+                            progress=False)[1].token_ids
+    assert alone == crowd
+    other = engine.generate([Request(prompt="Tell me a story.", params=SamplingParams(
+        max_new_tokens=16, temperature=1.3, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=8, ignore_eos=True))],
+        progress=False)[0].token_ids
+    assert other != alone
+    greedy = engine.generate([Request(prompt="Tell me a story.", params=GREEDY)], progress=False)[0].token_ids
+    assert greedy[:16] != alone  # sampling did something
+
+
+def test_stop_token_ids_and_stop_strings(official_dir):
+    engine = Engine.from_path(official_dir)
+    free = engine.generate([Request(prompt="Why?")], GREEDY, progress=False)[0]
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    out = engine.generate([Request(prompt="Why?")], SamplingParams(max_new_tokens=20, ignore_eos=True,
+                                                                   stop_token_ids=[stop_id]), progress=False)[0]
+    assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
+    text = free.text
+    stop = next(text[i:i + 3] for i in range(2, len(text) - 3) if text[i:i + 3].strip())
+    out = engine.generate([Request(prompt="Why?")], SamplingParams(max_new_tokens=20, ignore_eos=True, stop=[stop]),
+                          progress=False)[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
+    assert engine.cache.used_bytes == 0
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"stop": "END"}, "stop"), ({"seed": "x"}, "seed"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+])
+def test_invalid_sampling_parameters_are_clear_errors(kwargs, name):
+    with pytest.raises(ConfigError, match=f"invalid sampling parameter {name}="):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_are_clear_errors(official_dir, tmp_path):
+    engine = Engine.from_path(official_dir)
+    with pytest.raises(InputError, match="prompt or chat messages"):
+        engine.add_request(Request())
+    with pytest.raises(InputError, match="image not found"):
+        engine.add_request(Request(prompt="hi", image=tmp_path / "none.png"))
+    with pytest.raises(InputError, match="positions"):
+        engine.add_request(Request(prompt="hi", params=SamplingParams(max_new_tokens=10_000)))
+    with pytest.raises(ConfigError, match="not both"):
+        Engine.from_path(official_dir, kv_cache_bytes=1 << 20, kv_memory_fraction=0.1)
+
+
+def test_multi_turn_chat_uses_the_template(official_dir, loaded):
+    engine = Engine.from_path(official_dir)
+    messages = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A square."},
+                {"role": "user", "content": "What colour?"}]
+    out = engine.generate([Request(messages=messages, image=_image(1))], GREEDY, progress=False)[0]
+    expected = tokenize_prompt(loaded.tokenizer, chat_prompt([(m["role"], m["content"]) for m in messages], True))
+    assert out.prompt_token_ids == expected
+
+
+def test_readme_python_api_example_runs(official_dir, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(official_dir.parent)
+    code = code.replace("demo-out/tiny", str(official_dir))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the documented example itself
+    assert namespace["outputs"][0].token_ids and namespace["outputs"][0].finish_reason in ("stop", "length")
+    assert namespace["engine"].cache.used_bytes == 0
