@@ -188,45 +188,71 @@ def generate(
     vision_keep_rate: Optional[float] = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
     sparse_layer: Optional[int] = typer.Option(None, help="Override sparse_config.sparse_layer."),
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty for tokens already seen (1 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Seed per request, for reproducible sampling."),
+    kv_cache_mb: Optional[int] = typer.Option(None, min=1, help="KV cache budget in MiB (default 1024)."),
 ) -> None:
-    """Generate answers (greedy) and print each with a one-line summary of what sparsification saved."""
-    from dynllava.model.generate import greedy_generate
+    """Generate answers and print each with a one-line summary of what sparsification saved. Requests run through
+    the engine (continuous batching, paged sparse KV cache); --no-kv-cache re-runs whole sequences instead."""
     from dynllava.runtime.loading import open_model
-    from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
+    from dynllava.runtime.sampling import SamplingParams
 
     requests = _read_requests(prompt, image, batch)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
     with console.status("loading the model"):
         opened = open_model(model, backend, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense))
+    if no_kv_cache:
+        outputs = _generate_without_cache(opened, requests, params)
+    else:
+        from dynllava.runtime.engine import Engine
+        from dynllava.runtime.sequence import Request
+
+        engine = Engine(opened.executor, opened.tokenizer, opened.image_processor, opened.image_aspect_ratio,
+                        kv_cache_bytes=kv_cache_mb * 2**20 if kv_cache_mb else None)
+        outputs = engine.generate([Request(prompt=r["prompt"], image=r["image"]) for r in requests], params,
+                                  progress=not as_json and err_console.is_terminal)
+    for i, (req, out) in enumerate(zip(requests, outputs)):
+        stats = out.stats.to_dict()
+        if as_json:
+            print(json.dumps({"index": i, "prompt": req["prompt"], "image": req["image"], "backend": opened.backend,
+                              "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
+                              "text": out.text.strip(), "finish_reason": out.finish_reason, "stats": stats}))
+        else:
+            if len(requests) > 1:
+                console.rule(f"request {i}", style="dim")
+            console.print(printable(out.text.strip()), highlight=False, markup=False)
+            console.print(f"[dim]{summary_line(stats)}[/]", highlight=False, soft_wrap=True)
+
+
+def _generate_without_cache(opened, requests: list[dict], params) -> list:
+    """Paper Eq. 12 decoding (stateless, whole sequences each step), greedy, as one batch."""
+    from dynllava.model.generate import greedy_generate
+    from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
+    from dynllava.runtime.sequence import RequestOutput, RequestStats
+
+    if not params.greedy:
+        raise InputError("--no-kv-cache decodes greedily", hint="drop --temperature or the KV-cache flag")
     tok = opened.tokenizer
-    prompts, pixels = [], []
-    for req in requests:
-        has_image = req["image"] is not None
-        prompts.append(tokenize_prompt(tok, chat_prompt([("user", req["prompt"])], has_image)))
-        pixels.append(preprocess_image(opened.image_processor, load_image(req["image"]), opened.image_aspect_ratio)
-                      if has_image else None)
+    prompts = [tokenize_prompt(tok, chat_prompt([("user", r["prompt"])], r["image"] is not None)) for r in requests]
+    pixels = [preprocess_image(opened.image_processor, load_image(r["image"]), opened.image_aspect_ratio)
+              if r["image"] is not None else None for r in requests]
     for ids, px in zip(prompts, pixels):
-        total = len(ids) + (opened.model.num_image_tokens - 1 if px is not None else 0) + max_new_tokens
+        total = len(ids) + (opened.model.num_image_tokens - 1 if px is not None else 0) + params.max_new_tokens
         if total > opened.max_positions:
             raise InputError(f"prompt plus --max-new-tokens needs {total} positions; the model has "
                              f"{opened.max_positions}", hint="shorten the prompt or lower --max-new-tokens")
     stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    with console.status(f"generating {len(requests)} request(s) on {opened.backend}") as status:
-        gens = greedy_generate(opened.model, prompts, pixels, max_new_tokens, stop, use_kv_cache=not no_kv_cache,
-                               on_step=lambda s: status.update(f"generating on {opened.backend}: "
-                                                               f"{s + 1}/{max_new_tokens} tokens"))
-    for i, (req, g) in enumerate(zip(requests, gens)):
-        text = tok.decode(g.token_ids, skip_special_tokens=True).strip()
-        stats = g.stats.to_dict()
-        if as_json:
-            print(json.dumps({"index": i, "prompt": req["prompt"], "image": req["image"], "backend": opened.backend,
-                              "prompt_token_ids": g.prompt_token_ids, "token_ids": g.token_ids, "text": text,
-                              "finish_reason": g.finish_reason, "stats": stats}))
-        else:
-            if len(requests) > 1:
-                console.rule(f"request {i}", style="dim")
-            console.print(printable(text), highlight=False, markup=False)
-            console.print(f"[dim]{summary_line(stats)}[/]", highlight=False, soft_wrap=True)
+    with console.status("generating without a KV cache"):
+        gens = greedy_generate(opened.model, prompts, pixels, params.max_new_tokens, stop, use_kv_cache=False)
+    return [RequestOutput(f"req-{i}", g.prompt_token_ids, g.token_ids,
+                          tok.decode(g.token_ids, skip_special_tokens=True), g.finish_reason,
+                          RequestStats(**{k: v for k, v in g.stats.to_dict().items()}))
+            for i, g in enumerate(gens)]
 
 
 # ---------------------------------------------------------------------- export

@@ -78,7 +78,7 @@ def test_generate_without_kv_cache(official_dir):
     (["--prompt", "hi", "--image", "{readme}"], "not a readable image"),
     (["--prompt", "hi", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
     ([], "nothing to generate"),
-    (["--prompt", "hi", "--max-new-tokens", "5000"], "needs"),
+    (["--prompt", "hi", "--max-new-tokens", "5000"], "exceeds the model's 4096 positions"),
 ])
 def test_bad_input_is_one_clear_error(official_dir, tmp_path, args, message):
     readme = tmp_path / "notes.png"

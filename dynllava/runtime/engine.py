@@ -287,11 +287,12 @@ class _Progress:
     """A live bar: requests done, prefill and decode tokens/s."""
 
     def __init__(self, total: int, engine: Engine):
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.engine = engine
         self.progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TextColumn("{task.fields[speed]}"), transient=True)
+                                 TextColumn("{task.fields[speed]}"), transient=True, console=Console(stderr=True))
         self.task = self.progress.add_task("", total=total, speed="")
         self.progress.start()
 
