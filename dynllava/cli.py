@@ -72,6 +72,10 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _dir_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
 # ---------------------------------------------------------------------- init-tiny
 @app.command("init-tiny")
 @handle_errors
@@ -100,8 +104,7 @@ def init_tiny_cmd(
                          hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                          num_kv_heads=num_kv_heads, sparse_layer=sparse_layer)
         write_example_image(path / "example.png")
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    console.print(f"wrote {fmt} checkpoint to [bold]{path}[/] ({size / 2**20:.1f} MiB) and {path / 'example.png'}")
+    console.print(f"wrote {fmt} checkpoint to [bold]{path}[/] ({_dir_mib(path):.1f} MiB) and {path / 'example.png'}")
 
 
 # ---------------------------------------------------------------------- generate
@@ -304,7 +307,7 @@ def export(
                 progress.start_task(tasks[GRAPHS[nxt]])
 
         export_model(loaded, out, cfg, on_graph=done)
-    console.print(f"wrote [bold]{out}[/] ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 2**20:.1f} MiB)")
+    console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB)")
     if not cfg.validate:
         return
     with console.status("validating with ONNX Runtime against the reference model"):
@@ -366,7 +369,7 @@ def bench(
     with console.status("timing decode steps"):
         rows = decode_suite(model, export_dir, batches, live, caps, rounds)
     table = Table(title=f"decode ms/step, live {live} tokens (median of {rounds}; this machine only)")
-    for col in ("backend", "batch", *[f"capacity {c}" for c in caps], f"max/min"):
+    for col in ("backend", "batch", *[f"capacity {c}" for c in caps], "max/min"):
         table.add_column(col, justify="right")
     for name in ("torch", "onnxruntime"):
         for b in batches:

@@ -44,7 +44,7 @@ def test_generate_prints_text_and_summary(official_dir, single):
                                  "--prompt", "What is in the picture?", "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
     stats = single["stats"]
-    assert f"image tokens kept 12/64" in result.stdout
+    assert "image tokens kept 12/64" in result.stdout
     assert f"generated tokens kept in KV {stats['kept_tokens']}/{stats['decided_tokens']}" in result.stdout
     assert "dense" in result.stdout
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dynllava.errors import ConfigError, InputError
@@ -238,3 +237,16 @@ def test_readme_python_api_example_runs(official_dir, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the documented example itself
     assert namespace["outputs"][0].token_ids and namespace["outputs"][0].finish_reason in ("stop", "length")
     assert namespace["engine"].cache.used_bytes == 0
+
+
+def test_take_returns_finished_requests_once(official_dir):
+    engine = Engine.from_path(official_dir)
+    rid = engine.add_request(Request(prompt="Hi"), SamplingParams(max_new_tokens=3, ignore_eos=True))
+    with pytest.raises(InputError, match="not finished"):
+        engine.take(rid)
+    while engine.has_unfinished():
+        engine.step()
+    out = engine.take(rid)
+    assert len(out.token_ids) == 3 and out.finish_reason == "length" and rid not in engine.sequences
+    with pytest.raises(InputError, match="unknown"):
+        engine.take(rid)

@@ -27,7 +27,8 @@ runner = CliRunner()
 
 
 def _batch(tok):
-    prompts = [prompt_ids(tok, "Hi", True), prompt_ids(tok, "Describe the picture in detail please, with colours.", True),
+    prompts = [prompt_ids(tok, "Hi", True),
+               prompt_ids(tok, "Describe the picture in detail please, with colours.", True),
                prompt_ids(tok, "What is the dog doing next to the window?", False),
                prompt_ids(tok, "How many people are in the image?", True)]
     return prompts, [random_pixels(30), random_pixels(31), None, random_pixels(32)]
@@ -108,7 +109,8 @@ def _single_call_model(function: onnx.FunctionProto, inputs, outputs, attrs) -> 
                                   opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid(DOMAIN, 1)])
 
 
-@pytest.mark.parametrize("n, offsets, keep", [(10, [2, -1, 0], (1, 5)), (7, [3, 1, -1], (1, 2)), (0, [-1, -1, -1], (1, 5))])
+@pytest.mark.parametrize("n, offsets, keep", [(10, [2, -1, 0], (1, 5)), (7, [3, 1, -1], (1, 2)),
+                                              (0, [-1, -1, -1], (1, 5))])
 def test_onnx_reference_runs_topk_gather_like_torch(n, offsets, keep):
     from onnx.reference import ReferenceEvaluator
 

@@ -96,7 +96,8 @@ def test_decode_with_cache_appends_only_kept_tokens_to_sparse_layers(model, load
 def test_batch_equals_each_sequence_alone(model, loaded):
     """(iii) different images, prompt lengths and keep decisions, one sequence without an image."""
     tok = loaded.tokenizer
-    prompts = [prompt_ids(tok, "Hi", True), prompt_ids(tok, "Describe the picture in detail please, with colours.", True),
+    prompts = [prompt_ids(tok, "Hi", True),
+               prompt_ids(tok, "Describe the picture in detail please, with colours.", True),
                prompt_ids(tok, "What is the dog doing next to the window?", False),
                prompt_ids(tok, "How many people?", True)]
     pixels = [random_pixels(10), random_pixels(11), None, random_pixels(12)]

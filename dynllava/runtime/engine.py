@@ -149,6 +149,14 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def take(self, request_id: str) -> RequestOutput:
+        """The output of a finished (or cancelled) request; the engine forgets it (finished requests are kept until
+        taken, so callers driving step() themselves can read them)."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.status != Status.FINISHED:
+            raise InputError(f"request {request_id!r} is {'unknown' if seq is None else 'not finished'}")
+        return self.sequences.pop(request_id).output()
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one prefill or decode step; returns (sequence, new token) pairs."""
@@ -254,7 +262,7 @@ class Engine:
         finally:
             if bar:
                 bar.close()
-        return [self.sequences.pop(i).output() for i in ids]
+        return [self.take(i) for i in ids]
 
     def stream(self, request: Request | str, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield a request's tokens as they are produced (other requests in the engine progress meanwhile)."""

@@ -81,7 +81,8 @@ class PagedKVCache:
         if not self.can_reserve(seq, dense_rows, sparse_rows):
             raise KVCacheFull(f"KV budget exhausted ({self.used_bytes}/{self.budget_bytes} bytes in use)",
                               hint="raise the KV budget or lower the batch size")
-        for group, blocks, rows in (("dense", seq.dense_blocks, dense_rows), ("sparse", seq.sparse_blocks, sparse_rows)):
+        wanted = (("dense", seq.dense_blocks, dense_rows), ("sparse", seq.sparse_blocks, sparse_rows))
+        for group, blocks, rows in wanted:
             while self.block_bytes[group] and len(blocks) < self.blocks_for(rows):  # (no dense layers if l = 0)
                 blocks.append(self._free[group].pop())
                 self.used_bytes += self.block_bytes[group]

@@ -60,5 +60,6 @@ def open_model(path: str | Path, backend: str = "auto", **load_kwargs: Any) -> O
     from dynllava.runtime.backends.torch import TorchExecutor
 
     loaded = load_model(path, **load_kwargs)
-    return OpenModel(loaded.model, TorchExecutor(loaded.model), loaded.tokenizer, loaded.image_processor, loaded.image_aspect_ratio,
+    return OpenModel(loaded.model, TorchExecutor(loaded.model), loaded.tokenizer, loaded.image_processor,
+                     loaded.image_aspect_ratio,
                      loaded.model.config.text_config.max_position_embeddings, backend)
