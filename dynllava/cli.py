@@ -326,6 +326,42 @@ def export(
                             hint="re-run with --debug, or raise --atol if the differences are expected (fp16)")
 
 
+# ---------------------------------------------------------------------- serve
+@app.command()
+@handle_errors
+def serve(
+    model: Path = typer.Argument(..., help="Checkpoint directory or export directory."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime or auto."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, envvar="DYNLLAVA_API_KEY", help="Require 'Authorization: Bearer "
+                                          "KEY' on /v1 routes."),
+    max_batch: int = typer.Option(16, min=1, help="Most sequences decoding together."),
+    kv_budget: int = typer.Option(1024, min=1, help="KV cache budget in MiB."),
+    allowed_media_dir: Optional[Path] = typer.Option(None, help="Directory file:// image URLs may read from "
+                                                     "(off by default; data: URLs always work)."),
+    max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
+    predictors: Optional[Path] = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
+    vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
+    /v1/models, /health, /metrics) with continuous batching in the background."""
+    import uvicorn
+
+    from dynllava.runtime.engine import Engine
+    from dynllava.serve.openai import ServerConfig, build_app
+
+    if allowed_media_dir is not None and not allowed_media_dir.is_dir():
+        raise InputError(f"--allowed-media-dir {allowed_media_dir} is not a directory")
+    with console.status("loading the model"):
+        engine = Engine.from_path(model, backend, predictors=predictors, vision_tower=vision_tower,
+                                  kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch)
+    cfg = ServerConfig(model_name=model.name, api_key=api_key, allowed_media_dir=allowed_media_dir,
+                       max_tokens_limit=max_tokens_limit)
+    console.print(f"serving [bold]{model}[/] on http://{host}:{port}/v1 (OpenAI-compatible; metrics at /metrics)")
+    uvicorn.run(build_app(engine, cfg), host=host, port=port, log_level="warning")
+
+
 # ---------------------------------------------------------------------- bench
 def _int_list(text: str, what: str) -> list[int]:
     try:

@@ -1,0 +1,171 @@
+"""The OpenAI-compatible server on 127.0.0.1 (random port) with the tiny model, driven by the official `openai`
+client and raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from dynllava.runtime.engine import Engine
+from dynllava.runtime.sampling import SamplingParams
+from dynllava.runtime.sequence import Request
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def server(official_dir, tmp_path_factory):
+    from dynllava.serve.openai import ServerConfig, build_app
+
+    media = tmp_path_factory.mktemp("media")
+    (media / "example.png").write_bytes((official_dir / "example.png").read_bytes())
+    engine = Engine.from_path(official_dir, max_batch=64)
+    app = build_app(engine, ServerConfig(model_name="tiny", allowed_media_dir=media, max_tokens_limit=512))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "media": media}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused")
+
+
+def _chat(image_url: str, text: str = "What is in this picture?"):
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
+
+
+def test_chat_with_an_image_equals_engine_generate(server, client, official_dir, loaded):
+    image_bytes = (official_dir / "example.png").read_bytes()
+    reply = client.chat.completions.create(model="tiny", messages=_chat(_data_url(image_bytes)), max_tokens=16,
+                                           temperature=0)
+    engine = Engine.from_path(official_dir)
+    want = engine.generate([Request(prompt="What is in this picture?",
+                                    image=Image.open(io.BytesIO(image_bytes)))],
+                           SamplingParams(max_new_tokens=16), progress=False)[0]
+    assert reply.choices[0].message.content == want.text
+    assert reply.choices[0].finish_reason == want.finish_reason
+    assert reply.usage.completion_tokens == len(want.token_ids)
+    assert reply.usage.prompt_tokens == want.stats.prompt_tokens
+    # streaming gives the same text, chunk by chunk
+    chunks = list(client.chat.completions.create(model="tiny", messages=_chat(_data_url(image_bytes)),
+                                                 max_tokens=16, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+    # a file:// path under the allowed directory is the same image
+    local = client.chat.completions.create(model="tiny", messages=_chat(f"file://{server['media']}/example.png"),
+                                           max_tokens=16, temperature=0)
+    assert local.choices[0].message.content == want.text
+
+
+def test_completions_models_health_metrics(server, client):
+    out = client.completions.create(model="tiny", prompt="Tell me a story.", max_tokens=5, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 5
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+    metrics = httpx.get(server["url"] + "/metrics").text
+    for name in ("dynllava_requests_running", "dynllava_kv_blocks_used", "dynllava_time_to_first_token_seconds",
+                 "dynllava_inter_token_latency_seconds", "dynllava_generation_tokens_total",
+                 "dynllava_image_keep_ratio", "dynllava_text_keep_ratio"):
+        assert name in metrics
+
+
+def test_32_concurrent_streams_and_8_cancelled(server, official_dir):
+    texts = [f"Question number {i}: what do you see?" for i in range(32)]
+    engine = Engine.from_path(official_dir)
+    want = [o.text for o in engine.generate([Request(prompt=t) for t in texts], SamplingParams(max_new_tokens=24),
+                                            progress=False)]
+    results: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        cli = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+        stream = cli.chat.completions.create(model="tiny", messages=[{"role": "user", "content": texts[i]}],
+                                             max_tokens=24, temperature=0, stream=True)
+        text = ""
+        for n, chunk in enumerate(stream):
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            if i % 4 == 0 and n == 3:  # 8 clients hang up mid-stream
+                stream.close()
+                return
+        results[i] = text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == [i for i in range(32) if i % 4]
+    for i, text in results.items():
+        assert text == want[i], i
+    engine = server["engine"]
+    deadline = time.time() + 30
+    while engine.cache.used_bytes and time.time() < deadline:  # cancellations are applied by the engine thread
+        time.sleep(0.05)
+    assert engine.stats().blocks_used == {"dense": 0, "sparse": 0}
+
+
+def _post(server, body, raw: bytes | None = None):
+    return httpx.post(server["url"] + "/v1/chat/completions", content=raw if raw is not None else json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=60)
+
+
+def test_bad_requests_get_4xx_in_openai_shape(server, tmp_path):
+    bomb = _png(Image.new("L", (5000, 5000)))  # 25 MP of zeros compresses to a few KB
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(_png(Image.new("RGB", (8, 8))))
+    cases = [
+        (_post(server, None, b"{not json"), "not valid JSON"),
+        (_post(server, {"messages": _chat("data:image/png;base64,@@@")}), "invalid base64"),
+        (_post(server, {"messages": _chat(_data_url(b"this is not an image"))}), "not a readable image"),
+        (_post(server, {"messages": _chat(_data_url(bomb))}), "exceeds the limit"),
+        (_post(server, {"messages": _chat(f"file://{outside}")}), "outside the allowed media directory"),
+        (_post(server, {"messages": _chat("https://example.com/cat.png")}), "never fetches"),
+        (_post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}), "max_tokens"),
+        (_post(server, {"messages": [{"role": "user", "content": "hi " * 3000}], "max_tokens": 500}), "positions"),
+        (_post(server, {"messages": [{"role": "user", "content": "hi"}], "temperature": -2}), "temperature"),
+        (_post(server, {"messages": "hi"}), "messages"),
+    ]
+    for response, message in cases:
+        assert 400 <= response.status_code < 500, (message, response.status_code, response.text)
+        error = response.json()["error"]
+        assert message in error["message"], (message, error)
+        assert error["type"]
+
+
+def test_api_key_is_enforced(official_dir):
+    from fastapi.testclient import TestClient
+
+    from dynllava.serve.openai import ServerConfig, build_app
+
+    app = build_app(Engine.from_path(official_dir), ServerConfig(model_name="tiny", api_key="s3cret"))
+    with TestClient(app) as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert http.get("/health").status_code == 200  # health and metrics stay open for probes
