@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# PyTriton (for the Triton test) pins numpy<2 and, through tritonclient, protobuf<7; transformers' sentencepiece
+	# conversion needs the protobuf 7 runtime, and tritonclient works with it (tests/test_triton.py), so it goes last.
+	$(BIN)/python -m pip install --quiet "nvidia-pytriton>=0.5"
+	$(BIN)/python -m pip install --quiet "protobuf>=7"
 	touch $(STAMP)
 
 DEMO_PROMPT := --image demo-out/tiny/example.png --prompt "What is in this picture?" --max-new-tokens 32

@@ -343,6 +343,8 @@ def serve(
     max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
     predictors: Optional[Path] = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
     vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    triton: bool = typer.Option(False, "--triton", help="Serve through NVIDIA Triton (PyTriton) as a decoupled "
+                                "model instead: HTTP on --port, gRPC on --port+1, metrics on --port+2."),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
     /v1/models, /health, /metrics) with continuous batching in the background."""
@@ -356,6 +358,22 @@ def serve(
     with console.status("loading the model"):
         engine = Engine.from_path(model, backend, predictors=predictors, vision_tower=vision_tower,
                                   kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch)
+    if triton:
+        import threading
+
+        from dynllava.serve.triton import MODEL_NAME, start_triton
+
+        server, loop = start_triton(engine, port, port + 1, port + 2)
+        console.print(f"Triton serving model [bold]{MODEL_NAME}[/] (decoupled): gRPC 127.0.0.1:{port + 1}, "
+                      f"HTTP :{port}, metrics :{port + 2}; Ctrl-C stops")
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+            loop.stop()
+        return
     cfg = ServerConfig(model_name=model.name, api_key=api_key, allowed_media_dir=allowed_media_dir,
                        max_tokens_limit=max_tokens_limit)
     console.print(f"serving [bold]{model}[/] on http://{host}:{port}/v1 (OpenAI-compatible; metrics at /metrics)")
