@@ -169,3 +169,15 @@ def test_api_key_is_enforced(official_dir):
         assert http.get("/v1/models").status_code == 401
         assert http.get("/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
         assert http.get("/health").status_code == 200  # health and metrics stay open for probes
+
+
+def test_overload_is_a_429_with_retry_after(official_dir):
+    from fastapi.testclient import TestClient
+
+    from dynllava.serve.openai import ServerConfig, build_app
+
+    app = build_app(Engine.from_path(official_dir), ServerConfig(model_name="tiny", max_waiting=0))
+    with TestClient(app) as http:
+        response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
