@@ -381,62 +381,73 @@ def serve(
 
 
 # ---------------------------------------------------------------------- bench
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise InputError(f"{what} must be comma-separated integers, got {text!r}") from exc
-    if not values or min(values) < 1:
-        raise InputError(f"{what} must be positive integers, got {text!r}")
-    return values
-
-
 @app.command()
 @handle_errors
 def bench(
-    model: Path = typer.Option(..., help="Checkpoint directory (the torch eager side)."),
-    export_dir: Optional[Path] = typer.Option(None, "--export", help="Its export directory (default: export to "
-                                              "OUT/export first)."),
-    out: Path = typer.Option(Path("bench-out"), help="Where results.json and results.md go."),
-    batch_sizes: str = typer.Option("1,8", "--batch", help="Batch sizes, comma-separated."),
-    live: int = typer.Option(256, min=2, help="Live tokens per sequence when timing starts."),
-    capacities: str = typer.Option("512,4096", help="KV capacities (rows per sequence) to compare."),
-    rounds: int = typer.Option(7, min=1, help="Alternating repetitions; the median is reported."),
+    model: str = typer.Option("llava-1.5-7b-shape", help="A tiny-model preset (tiny, llava-1.5-7b-shape), written "
+                              "to OUT/models/ on first use, or a checkpoint directory."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime (exports dense and sparse graphs to OUT/exports/ "
+                                "first) or torch."),
+    out: Path = typer.Option(Path("bench-out"), help="Where results.json, results.md and the PNG plots go."),
+    quick: bool = typer.Option(False, "--quick", help="Small workloads (a few minutes on 2 cores)."),
+    kv_capacity: bool = typer.Option(False, "--kv-capacity", help="Also time decode steps at KV capacities 512 and "
+                                     "4096 (the same live length must cost the same)."),
 ) -> None:
-    """Decode speed: torch eager vs ONNX Runtime, and the same live length under different KV capacities (a step
-    must cost the same whatever the capacity). Absolute numbers are for this machine only; compare ratios."""
-    import platform
+    """Dense (keep-all) vs sparse on one machine in one run: TTFT, decode tokens/s, KV bytes while generating,
+    sequences per KV budget, peers (transformers generate, ONNX Runtime GenAI) and the paper's FLOPs beside the
+    measured times. Ratios are the headline; absolute numbers are for this machine only."""
+    from dynllava.bench import suite
+    from dynllava.model.tiny import PRESETS, init_tiny
 
-    from dynllava.bench.decode import decode_suite
+    if backend not in ("torch", "onnxruntime"):
+        raise InputError(f"unknown backend {backend!r}", hint="choose torch or onnxruntime")
+    out.mkdir(parents=True, exist_ok=True)
+    if model in PRESETS:
+        checkpoint = out / "models" / model
+        if not (checkpoint / "config.json").is_file():
+            with console.status(f"writing the {model} model"):
+                init_tiny(checkpoint, preset=model)
+    else:
+        checkpoint = Path(model)
+    engines = _bench_engines(checkpoint, backend, out)
+    cfg = suite.BenchConfig.make(quick)
+    results = suite.run(checkpoint, engines, cfg, out, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    results.update(model_path=str(checkpoint), backend=backend)
+    if kv_capacity:
+        from dynllava.bench.decode import decode_suite
+
+        live, caps = (16, [64, 256]) if quick else (256, [512, 4096])
+        console.print("[dim]decode cost against KV capacity[/]")
+        export_dir = _bench_export(checkpoint, out / "exports" / "sparse", None)
+        results["kv_capacity"] = decode_suite(checkpoint, export_dir, [1, 8], live, caps, 3 if quick else 7)
+    files = suite.write(results, out)
+    console.print(suite.markdown(results), markup=False, highlight=False)
+    console.print("wrote " + ", ".join(str(f) for f in files))
+
+
+def _bench_export(checkpoint: Path, target: Path, overrides: Optional[dict]) -> Path:
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
     from dynllava.model.checkpoint import load_model
 
-    batches, caps = _int_list(batch_sizes, "--batch"), _int_list(capacities, "--capacities")
-    if live + 40 > min(caps):
-        raise InputError(f"--live {live} plus the timed steps must fit the smallest capacity {min(caps)}")
-    out.mkdir(parents=True, exist_ok=True)
-    if export_dir is None:
-        export_dir = out / "export"
-        with console.status(f"exporting {model} to {export_dir}"):
-            export_model(load_model(model), export_dir, ExportConfig())
-    with console.status("timing decode steps"):
-        rows = decode_suite(model, export_dir, batches, live, caps, rounds)
-    table = Table(title=f"decode ms/step, live {live} tokens (median of {rounds}; this machine only)")
-    for col in ("backend", "batch", *[f"capacity {c}" for c in caps], "max/min"):
-        table.add_column(col, justify="right")
-    for name in ("torch", "onnxruntime"):
-        for b in batches:
-            ms = [r["ms_per_step"] for r in rows if r["backend"] == name and r["batch"] == b]
-            table.add_row(name, str(b), *[f"{m:.2f}" for m in ms], f"{max(ms) / min(ms):.3f}")
-    console.print(table)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
-    (out / "results.json").write_text(json.dumps({"suite": "decode", "machine": machine, "rows": rows}, indent=2))
-    md = ["| backend | batch | capacity | ms/step | ms/token |", "|---|---|---|---|---|"]
-    md += [f"| {r['backend']} | {r['batch']} | {r['capacity']} | {r['ms_per_step']:.2f} | {r['ms_per_token']:.2f} |"
-           for r in rows]
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    console.print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    if not (target / "dynllava.json").is_file():
+        with console.status(f"exporting {checkpoint} to {target}"):
+            export_model(load_model(checkpoint, sparse_overrides=overrides), target, ExportConfig(max_batch=256))
+    return target
+
+
+def _bench_engines(checkpoint: Path, backend: str, out: Path) -> dict:
+    import functools
+
+    from dynllava.bench.suite import DENSE
+    from dynllava.runtime.engine import Engine
+
+    if backend == "torch":
+        return {"dense": functools.partial(Engine.from_path, checkpoint, "torch", sparse_overrides=DENSE),
+                "sparse": functools.partial(Engine.from_path, checkpoint, "torch")}
+    dirs = {"dense": _bench_export(checkpoint, out / "exports" / "dense", DENSE),
+            "sparse": _bench_export(checkpoint, out / "exports" / "sparse", None)}
+    return {mode: functools.partial(Engine.from_path, path, "onnxruntime") for mode, path in dirs.items()}
 
 
 # ---------------------------------------------------------------------- flops

@@ -193,16 +193,21 @@ def save_official(model: DynamicLlava, tokenizer, spec: TinySpec, out: Path, wei
     _processor(spec).save_pretrained(tower)
 
 
-def save_hf(model: DynamicLlava, tokenizer, spec: TinySpec, out: Path) -> None:
-    """The llava-hf layout (LlavaForConditionalGeneration.save_pretrained) + OUT/predictors.safetensors, whose
-    metadata carries sparse_config."""
-    out.mkdir(parents=True, exist_ok=True)
+def as_transformers_llava(model: DynamicLlava) -> LlavaForConditionalGeneration:
+    """The same weights as transformers' LlavaForConditionalGeneration (plain LLaVA-1.5, no predictors)."""
     hf = LlavaForConditionalGeneration(model.config).eval()
     hf.model.vision_tower.load_state_dict(model.vision_tower.state_dict())
     hf.model.multi_modal_projector.load_state_dict(model.mm_projector.state_dict())
     hf.model.language_model.load_state_dict(model.language_model.state_dict())
     hf.lm_head.load_state_dict(model.lm_head.state_dict())
-    hf.to(getattr(torch, spec.storage_dtype)).save_pretrained(out)
+    return hf.to(model.dtype)
+
+
+def save_hf(model: DynamicLlava, tokenizer, spec: TinySpec, out: Path) -> None:
+    """The llava-hf layout (LlavaForConditionalGeneration.save_pretrained) + OUT/predictors.safetensors, whose
+    metadata carries sparse_config."""
+    out.mkdir(parents=True, exist_ok=True)
+    as_transformers_llava(model).to(getattr(torch, spec.storage_dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     _processor(spec).save_pretrained(out)
     predictors = {internal_to_official(k): v for k, v in model.state_dict().items()
