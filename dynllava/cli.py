@@ -17,7 +17,7 @@ from rich.table import Table
 from dynllava.errors import DynLlavaError, InputError
 
 app = typer.Typer(
-    help="Dynamic-LLaVA deployment toolchain: tiny checkpoints, sparse generation, cost accounting.",
+    help="Dynamic-LLaVA deployment toolchain: checkpoints, sparse generation, ONNX export, serving, benchmarks.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 console = Console()
