@@ -65,6 +65,13 @@ def write_prefill(cache: PagedKVCache, seqs: list[SeqKV], lengths: np.ndarray, s
             cache.write_rows(layer, seq, key.transpose(1, 0, 2), value.transpose(1, 0, 2))
 
 
+def executor_shape(executor) -> ModelShape:
+    """What the cost accounting (dynllava.flops) needs to know about the model an executor runs."""
+    e = executor
+    return ModelShape(e.name, e.hidden_size, e.num_layers, e.kv_heads, e.head_dim, e.num_image_tokens,
+                      e.sparse_layer, e.vision_keep_rate, e.output_text_keep_rate)
+
+
 def kv_budget(executor, sequences: int, rows: int) -> int:
     """Bytes that hold `sequences` sequences of `rows` rows in both layer groups (+ a block of room each)."""
     layer_block = executor.kv_heads * executor.head_dim * 2 * executor.np_dtype.itemsize
@@ -111,8 +118,7 @@ class BatchRunner:
                                                                             e.kv_heads, e.head_dim)
         self.hidden_size, self.num_image_tokens = e.hidden_size, e.num_image_tokens
         self.dtype = torch.float16 if e.np_dtype == np.float16 else torch.float32
-        self.cost_shape = ModelShape(e.name, e.hidden_size, e.num_layers, e.kv_heads, e.head_dim, e.num_image_tokens,
-                                     e.sparse_layer, e.vision_keep_rate, e.output_text_keep_rate)
+        self.cost_shape = executor_shape(e)
 
     def check_limits(self, batch: int, tokens: int) -> None:
         """The limits the model was exported for (dynllava.json), as clear errors."""

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from dynllava.errors import ConfigError, InputError
-from dynllava.flops import ModelShape, kv_bytes
-from dynllava.runtime.batch import decode_feeds, prompt_feeds, write_prefill
+from dynllava.flops import kv_bytes
+from dynllava.runtime.batch import decode_feeds, executor_shape, prompt_feeds, write_prefill
 from dynllava.runtime.kv_cache import PagedKVCache
 from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
 from dynllava.runtime.sampling import Sampler, SamplingParams
@@ -83,8 +83,7 @@ class Engine:
                 raise ConfigError(f"expected_keep_rate must be in [0, 1], got {expected_keep_rate}")
             self.keep_rate = expected_keep_rate
         self._kept_total, self._decided_total = 0, 0
-        self.shape = ModelShape(e.name, e.hidden_size, e.num_layers, e.kv_heads, e.head_dim, e.num_image_tokens,
-                                e.sparse_layer, e.vision_keep_rate, e.output_text_keep_rate)
+        self.shape = executor_shape(e)
         self.sequences: dict[str, Sequence] = {}
         self.throughput = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
@@ -273,8 +272,7 @@ class Engine:
                 for s, token in self.step():
                     if s is seq:
                         done = seq.status == Status.FINISHED
-                        # hold back a trailing partial UTF-8 character (decoded as U+FFFD until its bytes arrive)
-                        stable = seq.text if done else seq.text.rstrip("\ufffd")
+                        stable = seq.stable_text()
                         delta, sent = stable[len(sent):], stable
                         yield StreamDelta(request_id, token, delta, done, seq.output() if done else None)
         finally:

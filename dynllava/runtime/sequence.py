@@ -92,6 +92,11 @@ class Sequence:
     def has_image(self) -> bool:
         return self.pixel_values is not None
 
+    def stable_text(self) -> str:
+        """Text safe to stream: a trailing partial UTF-8 character (U+FFFD until its bytes arrive) is held back
+        while the sequence runs."""
+        return self.text if self.status == Status.FINISHED else self.text.rstrip("\ufffd")
+
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, list(self.prompt_ids), list(self.generated), self.text,
                              self.finish_reason, self.stats)

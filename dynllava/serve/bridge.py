@@ -101,7 +101,7 @@ class EngineLoop:
                     self.on_token(now - pending.last_token_at)
                 pending.last_token_at = now
                 done = seq.status == Status.FINISHED
-                stable = seq.text if done else seq.text.rstrip("\ufffd")  # hold back partial UTF-8 characters
+                stable = seq.stable_text()
                 self._send(pending, Delta(token, stable[len(pending.sent):]))
                 pending.sent = stable
                 if done:

@@ -136,7 +136,8 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     async def _guard(request: HttpRequest, call_next):
         if request.url.path.startswith("/v1/"):
             if cfg.api_key and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-                return _error(401, "invalid or missing API key (Authorization: Bearer KEY)", kind="authentication_error")
+                return _error(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                              kind="authentication_error")
             size = request.headers.get("content-length")
             if size and size.isdigit() and int(size) > cfg.max_body_bytes:
                 return _error(413, f"request body larger than {cfg.max_body_bytes} bytes")
