@@ -8,7 +8,7 @@ PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all clean
+.PHONY: setup demo test test-slow test-all lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check dynllava tests
+	$(BIN)/mypy dynllava/engine dynllava/kernels dynllava/runtime/backends/tensorrt.py dynllava/doctor.py
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

@@ -6,8 +6,9 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -59,15 +60,15 @@ def handle_errors(fn: Callable) -> Callable:
             if _state["debug"]:
                 raise
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except Exception as exc:  # a bug or an environment problem: still no raw traceback by default
             if _state["debug"]:
                 raise
             err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                               "  run again with --debug for the traceback", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -85,13 +86,13 @@ def init_tiny_cmd(
                             "predictors.safetensors)."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same weights."),
     preset: str = typer.Option("tiny", help="tiny (a few MB) or llava-1.5-7b-shape (32 layers, 576 image tokens)."),
-    image_size: Optional[int] = typer.Option(None, help="Override: image side in pixels."),
-    patch_size: Optional[int] = typer.Option(None, help="Override: CLIP patch size."),
-    hidden_size: Optional[int] = typer.Option(None, help="Override: LLM width."),
-    num_layers: Optional[int] = typer.Option(None, help="Override: LLM decoder layers."),
-    num_heads: Optional[int] = typer.Option(None, help="Override: LLM attention heads."),
-    num_kv_heads: Optional[int] = typer.Option(None, help="Override: LLM key/value heads (GQA)."),
-    sparse_layer: Optional[int] = typer.Option(None, help="Override: layer l where the predictors act."),
+    image_size: int | None = typer.Option(None, help="Override: image side in pixels."),
+    patch_size: int | None = typer.Option(None, help="Override: CLIP patch size."),
+    hidden_size: int | None = typer.Option(None, help="Override: LLM width."),
+    num_layers: int | None = typer.Option(None, help="Override: LLM decoder layers."),
+    num_heads: int | None = typer.Option(None, help="Override: LLM attention heads."),
+    num_kv_heads: int | None = typer.Option(None, help="Override: LLM key/value heads (GQA)."),
+    sparse_layer: int | None = typer.Option(None, help="Override: layer l where the predictors act."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Write a small deterministic Dynamic-LLaVA checkpoint (real structure, random weights) and an example image."""
@@ -108,7 +109,7 @@ def init_tiny_cmd(
 
 
 # ---------------------------------------------------------------------- generate
-def _read_requests(prompt: Optional[str], image: Optional[Path], batch: Optional[Path]) -> list[dict]:
+def _read_requests(prompt: str | None, image: Path | None, batch: Path | None) -> list[dict]:
     if batch is None:
         if prompt is None:
             raise InputError("nothing to generate", hint="pass --prompt TEXT (and --image PATH) or --batch FILE.jsonl")
@@ -176,27 +177,28 @@ def _sparse_overrides(vision_keep_rate: float | None, sparse_layer: int | None, 
 @app.command()
 @handle_errors
 def generate(
-    model: Path = typer.Argument(..., help="Checkpoint directory (official Dynamic-LLaVA or llava-hf layout) or "
-                                 "export directory (from `dynllava export`)."),
-    prompt: Optional[str] = typer.Option(None, help="The user message."),
-    image: Optional[Path] = typer.Option(None, help="Image file for the prompt."),
-    batch: Optional[Path] = typer.Option(None, help="JSONL file, one {\"prompt\": ..., \"image\": path|null} "
+    model: Path = typer.Argument(..., help="Checkpoint directory (official Dynamic-LLaVA or llava-hf layout), "
+                                 "export directory (`dynllava export`) or engine directory (`dynllava build-engine`)."),
+    prompt: str | None = typer.Option(None, help="The user message."),
+    image: Path | None = typer.Option(None, help="Image file for the prompt."),
+    batch: Path | None = typer.Option(None, help="JSONL file, one {\"prompt\": ..., \"image\": path|null} "
                                          "per line; generated as one batch."),
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate per request."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Decode without a KV cache (paper Eq. 12)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per request."),
-    backend: str = typer.Option("auto", help="torch (checkpoints), onnxruntime (export directories) or auto."),
-    predictors: Optional[Path] = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
-    vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
-    vision_keep_rate: Optional[float] = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
-    sparse_layer: Optional[int] = typer.Option(None, help="Override sparse_config.sparse_layer."),
+    backend: str = typer.Option("auto", help="torch (checkpoints), onnxruntime (export directories), tensorrt "
+                                             "(engine directories) or auto (by what MODEL holds)."),
+    predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
+    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    vision_keep_rate: float | None = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
+    sparse_layer: int | None = typer.Option(None, help="Override sparse_config.sparse_layer."),
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
     repetition_penalty: float = typer.Option(1.0, help="Penalty for tokens already seen (1 = off)."),
-    seed: Optional[int] = typer.Option(None, help="Seed per request, for reproducible sampling."),
-    kv_cache_mb: Optional[int] = typer.Option(None, min=1, help="KV cache budget in MiB (default 1024)."),
+    seed: int | None = typer.Option(None, help="Seed per request, for reproducible sampling."),
+    kv_cache_mb: int | None = typer.Option(None, min=1, help="KV cache budget in MiB (default 1024)."),
 ) -> None:
     """Generate answers and print each with a one-line summary of what sparsification saved. Requests run through
     the engine (continuous batching, paged sparse KV cache); --no-kv-cache re-runs whole sequences instead."""
@@ -268,12 +270,12 @@ def export(
     opset: int = typer.Option(18, help="ONNX opset (17-21)."),
     max_batch: int = typer.Option(8, min=1, help="Largest batch the runtime will send (written to the manifest)."),
     max_seq_len: int = typer.Option(4096, min=2, help="Longest sequence (prompt + generated) the runtime allows."),
-    atol: Optional[float] = typer.Option(None, help="Validation tolerance (default 1e-4 fp32, 1e-1 fp16)."),
+    atol: float | None = typer.Option(None, help="Validation tolerance (default 1e-4 fp32, 1e-1 fp16)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the comparison with the reference model."),
-    predictors: Optional[Path] = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
-    vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
-    vision_keep_rate: Optional[float] = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
-    sparse_layer: Optional[int] = typer.Option(None, help="Override sparse_config.sparse_layer."),
+    predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
+    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    vision_keep_rate: float | None = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
+    sparse_layer: int | None = typer.Option(None, help="Override sparse_config.sparse_layer."),
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (a dense LLaVA-1.5 export)."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
@@ -326,23 +328,99 @@ def export(
                             hint="re-run with --debug, or raise --atol if the differences are expected (fp16)")
 
 
+# ---------------------------------------------------------------------- build-engine
+@app.command("build-engine")
+@handle_errors
+def build_engine(
+    export_dir: Path = typer.Argument(..., help="Export directory (from `dynllava export`)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Engine directory to write."),
+    precision: str = typer.Option("fp16", help="fp32, fp16 or bf16. TensorRT 11 builds in the export's own "
+                                               "precision (export with --dtype fp16 for fp16 engines)."),
+    max_batch: int | None = typer.Option(None, min=1, help="Largest batch (default: the export's max_batch)."),
+    opt_batch: int | None = typer.Option(None, min=1, help="Batch the kernels are tuned for (default: half "
+                                                               "of --max-batch)."),
+    max_seq_len: int | None = typer.Option(None, min=2, help="Longest sequence (default: the export's)."),
+    block_size: int = typer.Option(16, min=1, help="KV cache rows per block the decode engine is built for."),
+    timing_cache: Path | None = typer.Option(None, help="Timing cache file: read if it exists, written after "
+                                                           "the build (speeds up rebuilds)."),
+    workspace: float | None = typer.Option(None, min=0.1, help="Builder workspace limit in GB (default: "
+                                                                  "TensorRT's, the GPU's memory)."),
+    plugins: str = typer.Option("aot", help="aot: the Triton kernels are compiled into the engines (no Python "
+                                            "needed to run them); jit: the engines call dynllava's Python plugins."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print TensorRT's verbose build log."),
+    force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
+) -> None:
+    """Build TensorRT engines (vision, prefill, nocache, decode) from an export, with the dynllava plugins for
+    TopKGather and KVCacheAppend, and write them with engine.json to OUT. Needs a GPU and TensorRT 10.x/11.x."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from dynllava.engine.builder import BuildOptions, EngineBuilder
+    from dynllava.export.manifest import GRAPHS, Manifest
+
+    Manifest.read(export_dir)  # a clear error for a wrong directory, before TensorRT is even looked for
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    options = BuildOptions(precision, max_batch, opt_batch, max_seq_len, block_size, timing_cache, workspace,
+                           plugins, verbose)
+    builder = EngineBuilder(export_dir, options)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks = {name: progress.add_task(f"{name}.plan", start=False) for name in GRAPHS}
+
+        def on_graph(name: str, event: str) -> None:
+            if event == "start":
+                progress.start_task(tasks[name])
+                progress.update(tasks[name], description=f"{name}.plan [yellow]building[/]")
+            else:
+                progress.update(tasks[name], description=f"{name}.plan [green]built[/]")
+                progress.stop_task(tasks[name])
+
+        manifest = builder.build(out, on_graph)
+    table = Table(title=f"TensorRT {manifest.tensorrt_version} engines, {manifest.precision}, plugins "
+                        f"{manifest.plugins} -> {out}")
+    for col in ("graph", "profiles", "size", "build time"):
+        table.add_column(col)
+    for name, graph in manifest.graphs.items():
+        table.add_row(name, ", ".join(p["label"] for p in graph.profiles),
+                      _fmt_bytes((out / graph.file).stat().st_size), f"{graph.build_seconds:.1f}s")
+    console.print(table)
+    console.print(f"run it: [bold]dynllava generate {out} --prompt ...[/] or [bold]dynllava serve {out}[/]")
+
+
+# ---------------------------------------------------------------------- doctor
+@app.command()
+@handle_errors
+def doctor() -> None:
+    """What this machine can run: torch and CUDA, ONNX Runtime providers, TensorRT and whether the dynllava
+    plugins register, Triton. Exits 0; read the table."""
+    from dynllava.doctor import run_checks
+
+    table = Table(title="dynllava doctor")
+    for col in ("component", "status", "details"):
+        table.add_column(col)
+    for check in run_checks():
+        status = {"ok": "[green]ok[/]", "missing": "[yellow]missing[/]", "error": "[red]error[/]"}[check.status]
+        table.add_row(check.component, status, escape(check.details))
+    console.print(table)
+
+
 # ---------------------------------------------------------------------- serve
 @app.command()
 @handle_errors
 def serve(
     model: Path = typer.Argument(..., help="Checkpoint directory or export directory."),
-    backend: str = typer.Option("auto", help="torch, onnxruntime or auto."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime, tensorrt or auto (by what MODEL holds)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
-    api_key: Optional[str] = typer.Option(None, envvar="DYNLLAVA_API_KEY", help="Require 'Authorization: Bearer "
+    api_key: str | None = typer.Option(None, envvar="DYNLLAVA_API_KEY", help="Require 'Authorization: Bearer "
                                           "KEY' on /v1 routes."),
     max_batch: int = typer.Option(16, min=1, help="Most sequences decoding together."),
     kv_budget: int = typer.Option(1024, min=1, help="KV cache budget in MiB."),
-    allowed_media_dir: Optional[Path] = typer.Option(None, help="Directory file:// image URLs may read from "
+    allowed_media_dir: Path | None = typer.Option(None, help="Directory file:// image URLs may read from "
                                                      "(off by default; data: URLs always work)."),
     max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
-    predictors: Optional[Path] = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
-    vision_tower: Optional[Path] = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    predictors: Path | None = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
+    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
     triton: bool = typer.Option(False, "--triton", help="Serve through NVIDIA Triton (PyTriton) as a decoupled "
                                 "model instead: HTTP on --port, gRPC on --port+1, metrics on --port+2."),
 ) -> None:
@@ -425,7 +503,7 @@ def bench(
     console.print("wrote " + ", ".join(str(f) for f in files))
 
 
-def _bench_export(checkpoint: Path, target: Path, overrides: Optional[dict]) -> Path:
+def _bench_export(checkpoint: Path, target: Path, overrides: dict | None) -> Path:
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
     from dynllava.model.checkpoint import load_model
@@ -454,8 +532,8 @@ def _bench_engines(checkpoint: Path, backend: str, out: Path) -> dict:
 @app.command()
 @handle_errors
 def flops(
-    model: Optional[Path] = typer.Argument(None, help="Checkpoint directory (reads its config.json only)."),
-    preset: Optional[str] = typer.Option(None, help="llava-1.5-7b or llava-1.5-13b instead of a directory."),
+    model: Path | None = typer.Argument(None, help="Checkpoint directory (reads its config.json only)."),
+    preset: str | None = typer.Option(None, help="llava-1.5-7b or llava-1.5-13b instead of a directory."),
     prompt_tokens: int = typer.Option(64, min=0, help="Text tokens in the prompt (besides the image)."),
     answer_tokens: int = typer.Option(512, min=0, help="Generated tokens."),
     batch_size: int = typer.Option(1, "--batch", min=1, help="Batch size B of the formula."),

@@ -71,7 +71,7 @@ class SparseConfig:
             raise ConfigError(f"sparse_config.d_model must be a multiple of 4, got {self.d_model}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SparseConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SparseConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"sparse_config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -84,7 +84,7 @@ class SparseConfig:
         out.update(self.extra)
         return out
 
-    def replace(self, **changes: Any) -> "SparseConfig":
+    def replace(self, **changes: Any) -> SparseConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def vision_keep_count(self, num_image_tokens: int) -> int:

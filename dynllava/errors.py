@@ -4,6 +4,8 @@
 class DynLlavaError(Exception):
     """An error the user can fix (bad path, bad checkpoint, bad parameter)."""
 
+    exit_code = 1  # what the CLI exits with
+
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         self.message = message
@@ -23,3 +25,9 @@ class CheckpointError(DynLlavaError):
 
 class InputError(DynLlavaError):
     """A bad request: unreadable image, prompt too long, malformed batch file."""
+
+
+class MissingDependency(DynLlavaError):
+    """An optional package this command needs is not installed (exit code 2, like a usage error)."""
+
+    exit_code = 2

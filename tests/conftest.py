@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if not torch.cuda.is_available():
+    # the Triton kernels run under Triton's interpreter on CPU; it must be on before any kernel is decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 

@@ -76,7 +76,8 @@ def test_generate_without_kv_cache(official_dir):
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "hi", "--image", "missing.png"], "image not found"),
     (["--prompt", "hi", "--image", "{readme}"], "not a readable image"),
-    (["--prompt", "hi", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+    (["--prompt", "hi", "--backend", "tensorrt"], "not an engine directory"),
+    (["--prompt", "hi", "--backend", "xla"], "unknown backend 'xla'"),
     ([], "nothing to generate"),
     (["--prompt", "hi", "--max-new-tokens", "5000"], "exceeds the model's 4096 positions"),
 ])

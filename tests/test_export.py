@@ -17,8 +17,17 @@ from typer.testing import CliRunner
 
 from dynllava.cli import app
 from dynllava.errors import CheckpointError
-from dynllava.export.ops import (DOMAIN, KV_CACHE_APPEND, PLUGIN_NAMESPACE, PLUGIN_VERSION, TOPK_GATHER,
-                                 kv_cache_append, kv_cache_append_function, topk_gather, topk_gather_function)
+from dynllava.export.ops import (
+    DOMAIN,
+    KV_CACHE_APPEND,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    TOPK_GATHER,
+    kv_cache_append,
+    kv_cache_append_function,
+    topk_gather,
+    topk_gather_function,
+)
 from dynllava.model.generate import greedy_generate
 from dynllava.runtime.batch import OnnxRuntimeModel
 from tests.conftest import prompt_ids, random_pixels

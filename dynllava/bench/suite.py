@@ -9,9 +9,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class BenchConfig:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def make(cls, quick: bool) -> "BenchConfig":
+    def make(cls, quick: bool) -> BenchConfig:
         if quick:
             return cls(quick=True, prefill_batches=(1, 4), decode_batches=(1, 4), answers=(32, 64),
                        capacity_requests=8, repeats=2)

@@ -55,7 +55,9 @@ class Manifest:
         return path
 
     @classmethod
-    def read(cls, directory: str | Path) -> "Manifest":
+    def read(cls, directory: str | Path, check_files: bool = True) -> Manifest:
+        """check_files: the graphs' ONNX files must be present (not in a TensorRT engine directory, which keeps
+        only this manifest for the model facts)."""
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
@@ -79,6 +81,6 @@ class Manifest:
             if name not in manifest.graphs:
                 raise CheckpointError(f"{path} lists no {name} graph")
             file = directory / manifest.graphs[name].file
-            if not file.is_file():
+            if check_files and not file.is_file():
                 raise CheckpointError(f"graph file {file} is missing", hint="re-export the model")
         return manifest

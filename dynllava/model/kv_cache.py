@@ -21,7 +21,7 @@ class LayerGroupCache:
 
     @classmethod
     def empty(cls, n_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
-              dtype: torch.dtype, device: torch.device | str = "cpu") -> "LayerGroupCache":
+              dtype: torch.dtype, device: torch.device | str = "cpu") -> LayerGroupCache:
         shape = (n_layers, batch, kv_heads, capacity, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device))

@@ -297,7 +297,7 @@ class DynamicLlava(nn.Module):
         if self.output_predictor_on and any(scored):
             logits = [self.output_text_score_predictor(h[b, idx]) if idx else None for b, idx in enumerate(scored)]
             num_keep = max(int((lg[:, 0] > lg[:, 1]).sum()) for lg in logits if lg is not None)
-            for b, lg in enumerate(logits):
+            for lg in logits:
                 if lg is None:
                     kept.append(torch.zeros(0, dtype=torch.long, device=h.device))
                 else:

@@ -62,7 +62,8 @@ def write_prefill(cache: PagedKVCache, seqs: list[SeqKV], lengths: np.ndarray, s
         for layer in range(cache.num_layers):
             rows = seq.dense_len if layer < cache.sparse_layer else seq.sparse_len
             key, value = presents[2 * layer][b, :, :rows], presents[2 * layer + 1][b, :, :rows]
-            cache.write_rows(layer, seq, key.transpose(1, 0, 2), value.transpose(1, 0, 2))
+            # numpy arrays, or torch tensors on the pools' device (TensorRT): both have swapaxes
+            cache.write_rows(layer, seq, key.swapaxes(0, 1), value.swapaxes(0, 1))
 
 
 def executor_shape(executor) -> ModelShape:
@@ -146,8 +147,9 @@ class BatchRunner:
         feeds = prompt_feeds(self.executor, prompts, self._np(features))
         logits, kept, sparse_lengths, *presents = self.executor.prefill(feeds)
         e = self.executor
-        cache = PagedKVCache(e.num_layers, e.sparse_layer, e.kv_heads, e.head_dim, self.block_size,
-                             kv_budget(e, len(prompts), capacity), e.np_dtype)
+        cache = PagedKVCache(e.num_layers, e.sparse_layer, e.kv_heads, e.head_dim,
+                             getattr(e, "block_size", self.block_size), kv_budget(e, len(prompts), capacity),
+                             e.np_dtype, getattr(e, "new_pool", None))
         seqs = [SeqKV() for _ in prompts]
         write_prefill(cache, seqs, feeds["lengths"], sparse_lengths, presents)
         n_img = [self.num_image_tokens if off >= 0 else 0 for off in feeds["image_offsets"]]

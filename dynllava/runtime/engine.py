@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,22 +58,30 @@ def _memory_bytes() -> int:
 class Engine:
     def __init__(self, executor, tokenizer, image_processor, image_aspect_ratio: str = "pad",
                  kv_cache_bytes: int | None = None, kv_memory_fraction: float | None = None, max_batch: int = 16,
-                 max_prefill_tokens: int = 8192, block_size: int = 16, expected_keep_rate: float | None = None):
+                 max_prefill_tokens: int = 8192, block_size: int | None = None,
+                 expected_keep_rate: float | None = None):
         """expected_keep_rate: share of generated tokens the output predictor is assumed to keep when admitting
-        (default: the trained rate, then what finished requests showed)."""
+        (default: the trained rate, then what finished requests showed). block_size: KV rows per block (default
+        16, or the one a TensorRT engine was built for)."""
         if kv_cache_bytes is not None and kv_memory_fraction is not None:
             raise ConfigError("give kv_cache_bytes or kv_memory_fraction, not both")
         if kv_memory_fraction is not None:
             if not 0 < kv_memory_fraction < 1:
                 raise ConfigError(f"kv_memory_fraction must be in (0, 1), got {kv_memory_fraction}")
             kv_cache_bytes = int(_memory_bytes() * kv_memory_fraction)
+        fixed = getattr(executor, "block_size", None)  # TensorRT engines are built for one block size
+        if fixed is not None and block_size not in (None, fixed):
+            raise ConfigError(f"the engine was built for KV blocks of {fixed} rows, not {block_size}",
+                              hint="drop block_size or rebuild the engine with --block-size")
+        if block_size is None:
+            block_size = fixed or 16
         if max_batch < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ConfigError("max_batch, max_prefill_tokens and block_size must be >= 1")
         self.executor, self.tokenizer, self.image_processor = executor, tokenizer, image_processor
         self.image_aspect_ratio = image_aspect_ratio
         e = executor
         self.cache = PagedKVCache(e.num_layers, e.sparse_layer, e.kv_heads, e.head_dim, block_size,
-                                  kv_cache_bytes or DEFAULT_KV_BYTES, e.np_dtype)
+                                  kv_cache_bytes or DEFAULT_KV_BYTES, e.np_dtype, getattr(e, "new_pool", None))
         self.scheduler = Scheduler(self.cache, min(max_batch, e.limits["max_batch"]), max_prefill_tokens,
                                    self._prompt_rows, self._final_rows)
         # running estimate of the share of generated tokens the output predictor keeps (for admission)
@@ -89,13 +98,11 @@ class Engine:
 
     @classmethod
     def from_path(cls, path: str | Path, backend: str = "auto", *, predictors=None, vision_tower=None,
-                  sparse_overrides: dict[str, Any] | None = None, **engine_kwargs: Any) -> "Engine":
-        """A checkpoint directory (torch backend) or an export directory (onnxruntime backend); backend
-        "tensorrt" runs an engine directory once TensorRT support lands."""
+                  sparse_overrides: dict[str, Any] | None = None, **engine_kwargs: Any) -> Engine:
+        """A checkpoint directory (torch backend), an export directory (onnxruntime backend) or an engine
+        directory from `dynllava build-engine` (tensorrt backend); "auto" picks by what the directory holds."""
         from dynllava.runtime.loading import open_model
 
-        if backend == "tensorrt":
-            raise InputError("the tensorrt backend is not available yet", hint="use torch or onnxruntime")
         opened = open_model(path, backend, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=sparse_overrides)
         return cls(opened.executor, opened.tokenizer, opened.image_processor, opened.image_aspect_ratio,

@@ -8,11 +8,15 @@ per sequence for each layer group (dense: layers < l, sparse: layers >= l), and 
 * Block 0 of each pool is a scratch block: padded block-table entries point at it and reads from it are masked.
 * Pools are allocated lazily by the OS (zero pages until touched) and blocks are handed out lowest id first, so
   resident memory follows the blocks in use.
+* An executor may own the pools' memory (`pool_factory`: TensorRT keeps them on the GPU as torch tensors); rows
+  read back for swapping are always host numpy arrays.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +50,7 @@ class SwappedKV:
 
 class PagedKVCache:
     def __init__(self, num_layers: int, sparse_layer: int, kv_heads: int, head_dim: int, block_size: int,
-                 budget_bytes: int, dtype: np.dtype):
+                 budget_bytes: int, dtype: np.dtype, pool_factory: Callable[[tuple, np.dtype], Any] | None = None):
         self.num_layers, self.sparse_layer, self.block_size = num_layers, sparse_layer, block_size
         layer_block = block_size * kv_heads * head_dim * 2 * np.dtype(dtype).itemsize  # K and V
         self.block_bytes = {"dense": sparse_layer * layer_block, "sparse": (num_layers - sparse_layer) * layer_block}
@@ -57,7 +61,8 @@ class PagedKVCache:
         self.used_bytes = 0
         self.num_blocks = {g: (budget_bytes // b if b else 0) + 1 for g, b in self.block_bytes.items()}
         self._free = {g: list(range(n - 1, SCRATCH_BLOCK, -1)) for g, n in self.num_blocks.items()}
-        self.pools = [np.zeros((self.num_blocks[self.group_of(i)], block_size, kv_heads, head_dim), dtype=dtype)
+        new_pool = pool_factory or (lambda shape, dt: np.zeros(shape, dtype=dt))
+        self.pools = [new_pool((self.num_blocks[self.group_of(i)], block_size, kv_heads, head_dim), np.dtype(dtype))
                       for i in range(num_layers) for _ in ("key", "value")]
 
     # ------------------------------------------------------------------ accounting
@@ -110,16 +115,28 @@ class PagedKVCache:
         r = np.arange(rows)
         return np.asarray(blocks, dtype=np.int64)[r // self.block_size], r % self.block_size
 
-    def write_rows(self, layer: int, seq: SeqKV, key: np.ndarray, value: np.ndarray) -> None:
+    def write_rows(self, layer: int, seq: SeqKV, key: Any, value: Any) -> None:
         # key/value: [rows, Hkv, Dh] -> the sequence's first rows of this layer (blocks already reserved)
         blocks, offsets = self._slots(seq, layer, key.shape[0])
-        self.pools[2 * layer][blocks, offsets] = key
-        self.pools[2 * layer + 1][blocks, offsets] = value
+        for pool, rows in ((self.pools[2 * layer], key), (self.pools[2 * layer + 1], value)):
+            if isinstance(pool, np.ndarray):
+                pool[blocks, offsets] = rows
+            else:  # a torch tensor (possibly on a GPU)
+                import torch
+
+                index = (torch.as_tensor(blocks, device=pool.device), torch.as_tensor(offsets, device=pool.device))
+                pool[index] = torch.as_tensor(rows, device=pool.device, dtype=pool.dtype)
 
     def read_rows(self, layer: int, seq: SeqKV) -> tuple[np.ndarray, np.ndarray]:
         rows = seq.dense_len if layer < self.sparse_layer else seq.sparse_len
         blocks, offsets = self._slots(seq, layer, rows)
-        return self.pools[2 * layer][blocks, offsets], self.pools[2 * layer + 1][blocks, offsets]
+        key, value = self.pools[2 * layer], self.pools[2 * layer + 1]
+        if not isinstance(key, np.ndarray):
+            import torch
+
+            index = (torch.as_tensor(blocks, device=key.device), torch.as_tensor(offsets, device=key.device))
+            return key[index].cpu().numpy(), value[index].cpu().numpy()
+        return key[blocks, offsets], value[blocks, offsets]
 
     # ------------------------------------------------------------------ preemption by swapping
     def swap_out(self, seq: SeqKV) -> SwappedKV:

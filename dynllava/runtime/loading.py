@@ -1,5 +1,6 @@
 """Open a model for generation on a backend: a checkpoint on the torch backend, an export directory on ONNX
-Runtime. Both come back with their tokenizer, image processor and limits, behind the same model calls."""
+Runtime, an engine directory on TensorRT. All come back with their tokenizer, image processor and limits, behind
+the same model calls."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from typing import Any
 from dynllava.errors import InputError
 from dynllava.export.manifest import MANIFEST
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 @dataclass
 class OpenModel:
     model: Any  # fixed-batch calls (encode_images / prefill / decode_step / forward_no_cache): DynamicLlava on
-    # torch (the reference), a BatchRunner on onnxruntime
-    executor: Any  # graph execution for the Engine (TorchExecutor / OrtExecutor)
+    # torch (the reference), a BatchRunner on onnxruntime and tensorrt
+    executor: Any  # graph execution for the Engine (TorchExecutor / OrtExecutor / TensorRTExecutor)
     tokenizer: Any
     image_processor: Any
     image_aspect_ratio: str
@@ -26,7 +27,24 @@ class OpenModel:
 
 
 def is_export_dir(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return (Path(path) / MANIFEST).is_file() and not is_engine_dir(path)
+
+
+def is_engine_dir(path: Path) -> bool:
+    from dynllava.engine.engine_manifest import ENGINE_MANIFEST
+
+    return (Path(path) / ENGINE_MANIFEST).is_file()
+
+
+def _open_graphs(path: Path, runner: Any, backend: str) -> OpenModel:
+    """An export or engine directory: its graphs behind a BatchRunner, its tokenizer and image processor."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+    manifest = runner.executor.manifest
+    info = manifest.tokenizer
+    return OpenModel(runner, runner.executor, AutoTokenizer.from_pretrained(path / info["dir"]),
+                     CLIPImageProcessorPil.from_pretrained(path / info["processor_dir"]),
+                     info["image_aspect_ratio"], manifest.model["max_position_embeddings"], backend)
 
 
 def open_model(path: str | Path, backend: str = "auto", **load_kwargs: Any) -> OpenModel:
@@ -34,28 +52,30 @@ def open_model(path: str | Path, backend: str = "auto", **load_kwargs: Any) -> O
     path = Path(path)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
-    exported = is_export_dir(path)
+    exported, engine = is_export_dir(path), is_engine_dir(path)
     if backend == "auto":
-        backend = "onnxruntime" if exported else "torch"
+        backend = "tensorrt" if engine else "onnxruntime" if exported else "torch"
+    if backend != "torch" and any(load_kwargs.values()):
+        raise InputError("loading flags (--predictors, --vision-tower, sparse overrides) apply at export time",
+                         hint="pass them to `dynllava export`")
     if backend == "onnxruntime":
         if not exported:
-            raise InputError(f"{path} is not an export directory (no {MANIFEST}); the onnxruntime backend runs "
-                             "exported graphs", hint=f"run `dynllava export {path} -o OUT` first")
-        if any(load_kwargs.values()):
-            raise InputError("loading flags (--predictors, --vision-tower, sparse overrides) apply at export time",
-                             hint="pass them to `dynllava export`")
-        from transformers import AutoTokenizer, CLIPImageProcessorPil
-
+            raise InputError(f"{path} is not an export directory (no {MANIFEST} with ONNX graphs); the onnxruntime "
+                             "backend runs exported graphs", hint=f"run `dynllava export {path} -o OUT` first")
         from dynllava.runtime.batch import OnnxRuntimeModel
 
-        model = OnnxRuntimeModel(path)
-        info = model.manifest.tokenizer
-        return OpenModel(model, model.executor, AutoTokenizer.from_pretrained(path / info["dir"]),
-                         CLIPImageProcessorPil.from_pretrained(path / info["processor_dir"]),
-                         info["image_aspect_ratio"], model.manifest.model["max_position_embeddings"], backend)
-    if exported:
-        raise InputError(f"{path} is an export directory; the torch backend runs checkpoints",
-                         hint="use --backend onnxruntime (or auto)")
+        return _open_graphs(path, OnnxRuntimeModel(path), backend)
+    if backend == "tensorrt":
+        if not engine:
+            raise InputError(f"{path} is not an engine directory (no engine.json); the tensorrt backend runs "
+                             "TensorRT engines", hint="run `dynllava build-engine EXPORT_DIR -o ENGINE_DIR` first")
+        from dynllava.runtime.backends.tensorrt import TensorRTExecutor
+        from dynllava.runtime.batch import BatchRunner
+
+        return _open_graphs(path, BatchRunner(TensorRTExecutor(path)), backend)
+    if exported or engine:
+        raise InputError(f"{path} is an {'engine' if engine else 'export'} directory; the torch backend runs "
+                         "checkpoints", hint=f"use --backend {'tensorrt' if engine else 'onnxruntime'} (or auto)")
     from dynllava.model.checkpoint import load_model
     from dynllava.runtime.backends.torch import TorchExecutor
 

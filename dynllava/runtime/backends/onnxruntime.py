@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dynllava.config import keep_count
 from dynllava.errors import CheckpointError
 from dynllava.export.manifest import Manifest
+from dynllava.runtime.backends.facts import set_model_facts
 from dynllava.runtime.kv_cache import PagedKVCache
 
 
@@ -46,16 +46,7 @@ class OrtExecutor:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise CheckpointError(f"cannot load graph {file}: {first}",
                                       hint="the file may be truncated or corrupt; re-export the model") from exc
-        m, sparse = self.manifest.model, self.manifest.sparse_config
-        self.num_layers, self.sparse_layer = m["num_layers"], sparse["sparse_layer"]
-        self.kv_heads, self.head_dim, self.hidden_size = m["kv_heads"], m["head_dim"], m["hidden_size"]
-        self.num_image_tokens, self.max_positions = m["num_image_tokens"], m["max_position_embeddings"]
-        self.np_dtype = np.dtype(self.manifest.graphs["decode"].inputs[-1].dtype)
-        self.vision_keep_rate = sparse["vision_keep_rate"] if sparse["use_vision_predictor"] else 1.0
-        self.kept_image_tokens = keep_count(self.vision_keep_rate, self.num_image_tokens)
-        self.output_text_keep_rate = sparse["output_text_keep_rate"]
-        self.output_predictor_on = bool(sparse["use_text_predictor"] and sparse["use_output_text_predictor"])
-        self.limits = self.manifest.limits
+        set_model_facts(self, self.manifest)
         names = self.manifest.graphs["decode"]
         self._past = [t.name for t in names.inputs if t.name.startswith("past.")]
         self._present = [t.name for t in names.outputs if t.name.startswith("present.")]

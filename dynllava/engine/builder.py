@@ -1,0 +1,194 @@
+"""`dynllava build-engine`: the export's ONNX graphs -> serialized TensorRT plans + engine.json.
+
+* The ONNX parser maps our `dynllava` call nodes to the plugins in plugins.py: the graphs' model-local function
+  bodies are dropped before parsing (and ENABLE_PLUGIN_OVERRIDE is set where it exists), so the plugin, not the
+  standard-op body, is used.
+* TensorRT 11 networks are strongly typed: they run in the ONNX's own types, so the export must already be in the
+  requested precision (the exporter casts, keeping the predictors in fp32). TensorRT 10.x builds an export of the
+  requested precision strongly typed too, and an fp32 export at fp16/bf16 with the builder's precision flags.
+* Optimization profiles come from the manifest's limits (engine/shapes.py); prefill and nocache get one profile for
+  batches with an image and one for text-only batches.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dynllava.engine.engine_manifest import EngineGraph, EngineManifest
+from dynllava.engine.shapes import PROFILES, ProfileLimits, graph_profile
+from dynllava.errors import ConfigError, DynLlavaError
+from dynllava.export.manifest import GRAPHS, MANIFEST, Manifest
+from dynllava.export.ops import DOMAIN
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "fp16"
+    max_batch: int | None = None  # default: the export's limit
+    opt_batch: int | None = None
+    max_seq_len: int | None = None
+    block_size: int = 16
+    timing_cache: Path | None = None
+    workspace_gb: float | None = None
+    plugins: str = "aot"  # aot | jit (when both exist, which one the engine uses)
+    verbose: bool = False
+
+
+def network_mode(trt_major: int, export_dtype: str, precision: str) -> tuple[bool, list[str]]:
+    """(strongly typed?, builder precision flags) for building an export of `export_dtype` at `precision`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    if precision == export_dtype:
+        return True, []
+    if trt_major >= 11:
+        fix = ("bf16 exports are not supported yet; build fp16 or fp32" if precision == "bf16" else
+               f"re-export with `dynllava export MODEL --dtype {precision} -o DIR`")
+        raise ConfigError(f"this export is {export_dtype}; TensorRT {trt_major} builds strongly typed networks in "
+                          f"the ONNX's own precision, so --precision {precision} needs a {precision} export",
+                          hint=fix)
+    if export_dtype != "fp32":
+        raise ConfigError(f"a {export_dtype} export cannot be built at {precision}",
+                          hint=f"build it with --precision {export_dtype}, or export fp32")
+    return False, [precision.upper()]
+
+
+def onnx_for_plugins(path: Path) -> bytes:
+    """The graph with our ops' function bodies removed, so the parser imports the call nodes as plugins.
+    External weights are not loaded: the parser reads them relative to `path`."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    keep = [f for f in model.functions if f.domain != DOMAIN]
+    del model.functions[:]
+    model.functions.extend(keep)
+    return model.SerializeToString()
+
+
+def _device_info() -> dict[str, Any]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    except ImportError:
+        pass
+    return {}
+
+
+class EngineBuilder:
+    def __init__(self, export_dir: Path, options: BuildOptions):
+        from dynllava.engine.plugins import register_plugins
+        from dynllava.engine.tensorrt_lib import major_version, require_tensorrt
+
+        self.trt = trt = require_tensorrt()
+        self.major = major_version(trt)
+        self.export_dir, self.options = Path(export_dir), options
+        self.manifest = Manifest.read(self.export_dir)
+        self.strongly_typed, self.flags = network_mode(self.major, self.manifest.dtype, options.precision)
+        if options.plugins not in ("aot", "jit"):
+            raise ConfigError(f"unknown plugin implementation {options.plugins!r}", hint="choose aot or jit")
+        self.has_aot = register_plugins()
+        self.plugins = options.plugins if self.has_aot else "jit"
+        self.limits = ProfileLimits.for_manifest(self.manifest, options.max_batch, options.opt_batch,
+                                                 options.max_seq_len, options.block_size)
+        self.logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
+        self.builder = trt.Builder(self.logger)
+        self.timing_cache = None
+
+    def _network(self) -> Any:
+        trt = self.trt
+        flags = 0
+        if self.strongly_typed and self.major < 11:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        prefer = "PREFER_AOT_PYTHON_PLUGINS" if self.plugins == "aot" else "PREFER_JIT_PYTHON_PLUGINS"
+        if hasattr(trt.NetworkDefinitionCreationFlag, prefer):
+            flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, prefer))
+        return self.builder.create_network(flags)
+
+    def _config(self, network: Any, graph: str) -> tuple[Any, list[dict[str, Any]]]:
+        trt = self.trt
+        config = self.builder.create_builder_config()
+        if self.options.workspace_gb:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.options.workspace_gb * 2**30))
+        for flag in self.flags:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+        aliased = getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
+        if aliased is not None:  # KVCacheAppend's output aliases its cache input
+            config.set_preview_feature(aliased, True)
+        if self.timing_cache is None:
+            path = self.options.timing_cache
+            data = path.read_bytes() if path is not None and path.is_file() else b""
+            self.timing_cache = config.create_timing_cache(data)
+        config.set_timing_cache(self.timing_cache, ignore_mismatch=False)
+        spec = self.manifest.graphs[graph]
+        profiles = []
+        for label in PROFILES[graph]:
+            shapes = graph_profile(spec, self.limits, label)
+            profile = self.builder.create_optimization_profile()
+            for name, (lo, opt, hi) in shapes.items():
+                profile.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(profile)
+            profiles.append({"label": label, "shapes": {n: dict(zip(("min", "opt", "max"), map(list, s)))
+                                                        for n, s in shapes.items()}})
+        return config, profiles
+
+    def build_graph(self, graph: str, out_dir: Path) -> EngineGraph:
+        trt = self.trt
+        start = time.perf_counter()
+        network = self._network()
+        parser = trt.OnnxParser(network, self.logger)
+        override = getattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE", None)
+        if override is not None:
+            parser.set_flag(override)
+        onnx_path = self.export_dir / self.manifest.graphs[graph].file
+        if not parser.parse(onnx_for_plugins(onnx_path), str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise DynLlavaError(f"TensorRT could not parse {onnx_path}: {errors}",
+                                hint="run `dynllava doctor` to check that the dynllava plugins register")
+        config, profiles = self._config(network, graph)
+        serialized = self.builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise DynLlavaError(f"TensorRT failed to build the {graph} engine",
+                                hint="run again with --verbose for TensorRT's log")
+        file = f"{graph}.plan"
+        (out_dir / file).write_bytes(bytes(serialized))
+        io = [[{"name": t.name, "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape)}
+               for t in (get(i) for i in range(count))]
+              for get, count in ((network.get_input, network.num_inputs), (network.get_output, network.num_outputs))]
+        return EngineGraph(file, profiles, io[0], io[1], round(time.perf_counter() - start, 2))
+
+    def build(self, out_dir: Path, on_graph: Callable[[str, str], None] | None = None) -> EngineManifest:
+        from dynllava import __version__
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        graphs = {}
+        for name in GRAPHS:
+            if on_graph:
+                on_graph(name, "start")
+            graphs[name] = self.build_graph(name, out_dir)
+            if on_graph:
+                on_graph(name, "done")
+        if self.options.timing_cache is not None and self.timing_cache is not None:
+            self.options.timing_cache.write_bytes(bytes(self.timing_cache.serialize()))
+        self._copy_export_files(out_dir)
+        manifest = EngineManifest(str(self.trt.__version__), __version__, self.options.precision,
+                                  self.strongly_typed or self.major >= 11, self.plugins,
+                                  dict(vars(self.limits)), graphs, _device_info())
+        manifest.write(out_dir)
+        return manifest
+
+    def _copy_export_files(self, out_dir: Path) -> None:
+        """dynllava.json and the tokenizer/processor, so the engine directory is all the runtime needs."""
+        shutil.copy2(self.export_dir / MANIFEST, out_dir / MANIFEST)
+        for key in ("dir", "processor_dir"):
+            sub = self.manifest.tokenizer[key]
+            shutil.copytree(self.export_dir / sub, out_dir / sub, dirs_exist_ok=True)

@@ -1,0 +1,133 @@
+"""TensorRT plugins for the export's two custom ops, with `tensorrt.plugin` (quickly deployable plugins):
+
+* ``dynllava::TopKGather`` (prefill): shape/type function, a JIT implementation (Triton launch from Python) and an
+  AOT implementation (the same Triton kernel compiled to PTX at build time and stored in the engine, so engines
+  run without Python or a plugin library).
+* ``dynllava::KVCacheAppend`` (decode): its output is *aliased* to its cache input (needs the builder's preview
+  feature ``ALIASED_PLUGIN_IO_10_03``), so the append writes one row per sequence into the pool in place.
+
+The ids match the call nodes the exporter writes (domain/op_type and the plugin_namespace / plugin_version
+attributes; tensorrt.plugin always registers version "1"); tests/test_engine_plugins.py checks that against an
+exported model by reading the decorators below. The shape arithmetic is engine/shapes.py, the launches
+engine/launch.py; both run without TensorRT.
+
+No ``from __future__ import annotations`` here: tensorrt.plugin inspects these annotations as live classes.
+"""
+
+from typing import Any
+
+from dynllava.engine import launch, shapes
+from dynllava.engine.tensorrt_lib import require_tensorrt
+
+TOPK_GATHER_ID = "dynllava::TopKGather"
+KV_CACHE_APPEND_ID = "dynllava::KVCacheAppend"
+
+_state: dict[str, Any] = {"registered": False, "aot": False}
+
+
+def register_plugins() -> bool:
+    """Register both plugins with TensorRT (once per process); returns whether AOT implementations exist (they
+    need a TensorRT whose tensorrt.plugin has aot_impl)."""
+    if not _state["registered"]:
+        trt = require_tensorrt()
+        import tensorrt.plugin as trtp
+
+        _state["aot"] = _define(trt, trtp)
+        _state["registered"] = True
+    return bool(_state["aot"])
+
+
+def _dtype_names(trt: Any) -> dict:
+    return {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int64: "int64",
+            trt.int32: "int32"}
+
+
+def _define(trt: Any, trtp: Any) -> bool:
+    names = _dtype_names(trt)
+    torch_dtypes: dict = {}
+
+    def pointers(tensors: Any) -> list:
+        import torch
+
+        if not torch_dtypes:
+            torch_dtypes.update({trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                                 trt.int64: torch.int64, trt.int32: torch.int32})
+        return [launch.DevicePointer(t.data_ptr, torch_dtypes[t.dtype]) for t in tensors]
+
+    # ------------------------------------------------------------------ TopKGather
+    @trtp.register("dynllava::TopKGather")
+    def topk_gather_desc(scores: trtp.TensorDesc, hidden: trtp.TensorDesc, image_offsets: trtp.TensorDesc,
+                         lengths: trtp.TensorDesc, keep_num: int, keep_den: int
+                         ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        b, n = scores.shape_expr[0], scores.shape_expr[1]
+        out = shapes.topk_gather_shapes(b, n, hidden.shape_expr[1], hidden.shape_expr[2], keep_num, keep_den)
+        return (trtp.from_shape_expr(out["gathered"], hidden.dtype),
+                trtp.from_shape_expr(out["positions"], lengths.dtype),
+                trtp.from_shape_expr(out["kept"], lengths.dtype),
+                trtp.from_shape_expr(out["new_lengths"], lengths.dtype))
+
+    @trtp.autotune("dynllava::TopKGather")
+    def topk_gather_autotune(scores: trtp.TensorDesc, hidden: trtp.TensorDesc, image_offsets: trtp.TensorDesc,
+                             lengths: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+                             ) -> list[trtp.AutoTuneCombination]:
+        # scores come from the predictor, which runs in fp32; hidden and gathered share one float type
+        return [trtp.AutoTuneCombination("FP32, FP32|FP16|BF16, INT64, INT64, FP32|FP16|BF16, INT64, INT64, INT64")]
+
+    @trtp.impl("dynllava::TopKGather")
+    def topk_gather_impl(scores: trtp.Tensor, hidden: trtp.Tensor, image_offsets: trtp.Tensor,
+                         lengths: trtp.Tensor, keep_num: int, keep_den: int, outputs: tuple[trtp.Tensor],
+                         stream: int) -> None:
+        plan = launch.topk_gather_plan(scores.shape[0], scores.shape[1], hidden.shape[1], hidden.shape[2],
+                                       keep_num, keep_den)
+        launch.launch(plan, pointers([scores, hidden, image_offsets, lengths, *outputs]), stream)
+
+    # ------------------------------------------------------------------ KVCacheAppend
+    @trtp.register("dynllava::KVCacheAppend")
+    def kv_cache_append_desc(cache: trtp.TensorDesc, block_tables: trtp.TensorDesc, lengths: trtp.TensorDesc,
+                             update: trtp.TensorDesc) -> trtp.TensorDesc:
+        return cache.aliased()  # the same buffer: the append is in place (shapes.kv_cache_append_shape)
+
+    @trtp.autotune("dynllava::KVCacheAppend")
+    def kv_cache_append_autotune(cache: trtp.TensorDesc, block_tables: trtp.TensorDesc, lengths: trtp.TensorDesc,
+                                 update: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+                                 ) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32|FP16|BF16, INT64, INT64, FP32|FP16|BF16, FP32|FP16|BF16")]
+
+    @trtp.impl("dynllava::KVCacheAppend")
+    def kv_cache_append_impl(cache: trtp.Tensor, block_tables: trtp.Tensor, lengths: trtp.Tensor,
+                             update: trtp.Tensor, outputs: tuple[trtp.Tensor], stream: int) -> None:
+        plan = launch.kv_cache_append_plan(lengths.shape[0], block_tables.shape[1], cache.shape[1], cache.shape[2],
+                                           cache.shape[3])
+        launch.launch(plan, pointers([cache, block_tables, lengths, update, *outputs]), stream)
+
+    if not hasattr(trtp, "aot_impl"):
+        return False
+    ptx_version = launch.driver_ptx_version()  # PTX the driver loading these engines can read
+
+    def aot(plan: launch.LaunchPlan, descs: list) -> tuple[str, str, Any, Any]:
+        compiled = launch.compile_ptx(plan, [names[d.dtype] for d in descs], ptx_version=ptx_version)
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y, params.grid_z = plan.grid
+        params.block_x = compiled.threads
+        params.shared_mem = compiled.shared
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(x) for x in plan.scalars])
+        return compiled.name, compiled.ptx, params, extra
+
+    @trtp.aot_impl("dynllava::TopKGather")
+    def topk_gather_aot(scores: trtp.TensorDesc, hidden: trtp.TensorDesc, image_offsets: trtp.TensorDesc,
+                        lengths: trtp.TensorDesc, keep_num: int, keep_den: int, outputs: tuple[trtp.TensorDesc],
+                        tactic: int
+                        ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
+        plan = launch.topk_gather_plan(scores.shape_expr[0], scores.shape_expr[1], hidden.shape_expr[1],
+                                       hidden.shape_expr[2], keep_num, keep_den)
+        return aot(plan, [scores, hidden, image_offsets, lengths, *outputs])
+
+    @trtp.aot_impl("dynllava::KVCacheAppend")
+    def kv_cache_append_aot(cache: trtp.TensorDesc, block_tables: trtp.TensorDesc, lengths: trtp.TensorDesc,
+                            update: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc], tactic: int
+                            ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
+        plan = launch.kv_cache_append_plan(lengths.shape_expr[0], block_tables.shape_expr[1], cache.shape_expr[1],
+                                           cache.shape_expr[2], cache.shape_expr[3])
+        return aot(plan, [cache, block_tables, lengths, update, *outputs])
+
+    return True

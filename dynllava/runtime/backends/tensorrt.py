@@ -1,0 +1,143 @@
+"""Executes an engine directory (`dynllava build-engine`) with TensorRT, behind the same calls as the ONNX Runtime
+executor. TensorRT is imported when an executor is created, never at module import.
+
+* One execution context per optimization profile: prefill/nocache have an "image" and a "text" profile (batches
+  with / without an image), vision and decode one each.
+* Bindings are torch CUDA tensors; the small outputs come back to the host as numpy, the prefill K/V stay on the
+  GPU and are copied into the pools there.
+* The KV pools are torch CUDA tensors owned by this executor (`new_pool`); the decode engine's past.{i}.* input and
+  present.{i}.* output are bound to the same pool, and KVCacheAppend (aliased plugin I/O) writes one row per
+  sequence into it in place.
+* Engines built with JIT plugins need dynllava's Python plugins registered first; AOT engines carry their kernels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynllava.engine.engine_manifest import EngineManifest
+from dynllava.engine.shapes import PROFILES
+from dynllava.errors import ConfigError, MissingDependency
+from dynllava.export.manifest import Manifest
+from dynllava.runtime.backends.facts import set_model_facts
+from dynllava.runtime.kv_cache import PagedKVCache
+
+
+def _torch_dtypes(trt: Any) -> dict:
+    import torch
+
+    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+            trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+
+
+class TensorRTExecutor:
+    name = "tensorrt"
+    np_dtype: np.dtype  # set with the other model facts by set_model_facts
+
+    def __init__(self, path: str | Path):
+        import torch
+
+        from dynllava.engine.tensorrt_lib import require_tensorrt
+
+        trt = require_tensorrt()
+        if not torch.cuda.is_available():
+            raise MissingDependency("the tensorrt backend needs a CUDA GPU visible to PyTorch",
+                                    hint="install a CUDA build of torch on the GPU machine")
+        self.path = Path(path)
+        self.engine_manifest = EngineManifest.read(self.path)
+        if self.engine_manifest.plugins == "jit":
+            from dynllava.engine.plugins import register_plugins
+
+            register_plugins()
+        self.manifest = Manifest.read(self.path, check_files=False)
+        set_model_facts(self, self.manifest)
+        limits = self.engine_manifest.limits
+        self.limits = {"max_batch": limits["max_batch"], "max_seq_len": limits["max_seq_len"]}
+        self.block_size, self.max_pool_blocks = limits["block_size"], limits["max_pool_blocks"]
+        self.device = torch.device("cuda")
+        self._dtypes = _torch_dtypes(trt)
+        self._empty = torch.zeros(16, dtype=torch.uint8, device=self.device)  # an address for 0-volume tensors
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        self.engines: dict[str, Any] = {}
+        self.contexts: dict[str, dict[str, Any]] = {}
+        for name, graph in self.engine_manifest.graphs.items():
+            engine = runtime.deserialize_cuda_engine((self.path / graph.file).read_bytes())
+            if engine is None:
+                raise ConfigError(f"TensorRT could not load {self.path / graph.file}",
+                                  hint="engines only run on the TensorRT version and GPU they were built with; "
+                                       "rebuild with `dynllava build-engine`")
+            self.engines[name] = engine
+            self.contexts[name] = {}
+            for index, label in enumerate(PROFILES[name]):
+                context = engine.create_execution_context()
+                context.set_optimization_profile_async(index, torch.cuda.current_stream().cuda_stream)
+                self.contexts[name][label] = context
+        names = self.manifest.graphs["decode"]
+        self._past = [t.name for t in names.inputs if t.name.startswith("past.")]
+        self._present = [t.name for t in names.outputs if t.name.startswith("present.")]
+
+    # ------------------------------------------------------------------ pools
+    def new_pool(self, shape: tuple, dtype: np.dtype) -> Any:
+        """A KV pool on the GPU (PagedKVCache's pool_factory)."""
+        import torch
+
+        if shape[0] > self.max_pool_blocks:
+            raise ConfigError(f"the KV budget needs {shape[0]} blocks per pool; the engine accepts at most "
+                              f"{self.max_pool_blocks}", hint="lower the KV budget, or rebuild the engine with a "
+                                                             "larger --max-batch / --max-seq-len")
+        return torch.zeros(shape, dtype=torch.float16 if dtype == np.float16 else torch.float32, device=self.device)
+
+    # ------------------------------------------------------------------ execution
+    def _address(self, tensor: Any) -> int:
+        return tensor.data_ptr() if tensor.numel() else self._empty.data_ptr()
+
+    def _run(self, graph: str, label: str, inputs: dict[str, Any], bound: dict[str, Any] | None = None) -> list:
+        """Run one engine; `bound` gives outputs their buffers (the KV pools), the others are allocated."""
+        import torch
+
+        engine, context = self.engines[graph], self.contexts[graph][label]
+        for name, value in inputs.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            tensor = tensor.to(self.device, non_blocking=True)
+            inputs[name] = tensor  # keep it alive until the run is done
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, self._address(tensor))
+        outputs = []
+        for name in self.manifest.graphs[graph].output_names():
+            out = (bound or {}).get(name)
+            if out is None:
+                out = torch.empty(tuple(context.get_tensor_shape(name)),
+                                  dtype=self._dtypes[engine.get_tensor_dtype(name)], device=self.device)
+            context.set_tensor_address(name, self._address(out))
+            outputs.append(out)
+        # torch's current stream: the input copies above and the reads of the outputs after are ordered with it
+        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run the {graph} engine")
+        return outputs
+
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        out = self._run("vision", "default", {"pixel_values": pixel_values.astype(self.np_dtype)})
+        return out[0].cpu().numpy()
+
+    def _prompt(self, graph: str, feeds: dict[str, np.ndarray], keep_on_gpu: int) -> list:
+        label = "image" if feeds["image_embeds"].shape[1] else "text"
+        outs = self._run(graph, label, dict(feeds))
+        return [o.cpu().numpy() for o in outs[:keep_on_gpu]] + outs[keep_on_gpu:]
+
+    def prefill(self, feeds: dict[str, np.ndarray]) -> list:
+        """logits, kept_image_indices, sparse_lengths (numpy), then the presents as CUDA tensors."""
+        return self._prompt("prefill", feeds, 3)
+
+    def nocache(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._prompt("nocache", feeds, 3)
+
+    def decode(self, feeds: dict[str, np.ndarray], cache: PagedKVCache) -> list[np.ndarray]:
+        """logits, keep, dense_lengths_out, sparse_lengths_out; the pools are updated in place."""
+        inputs: dict[str, Any] = dict(feeds)
+        inputs.update(zip(self._past, cache.pools))
+        outs = self._run("decode", "default", inputs, dict(zip(self._present, cache.pools)))
+        return [o.cpu().numpy() for o in outs[:4]]

@@ -1,0 +1,268 @@
+"""TensorRT support checked without TensorRT (it cannot be installed here): the plugins' ids and signatures
+against the exported call nodes, their shape arithmetic against the PyTorch ops, the engines' optimization
+profiles against real feeds, the build rules, and the "not installed" path a user sees."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dynllava.cli import app
+from dynllava.engine import plugins, shapes
+from dynllava.engine.builder import network_mode, onnx_for_plugins
+from dynllava.engine.engine_manifest import EngineGraph, EngineManifest
+from dynllava.errors import CheckpointError, ConfigError, MissingDependency
+from dynllava.export import ops
+from dynllava.export.manifest import Manifest
+
+runner = CliRunner()
+# tensorrt.plugin registers every plugin as version "1" (tensorrt_bindings/plugin/_lib.py: _TemplatePluginCreator
+# sets plugin_version = "1"; its register() takes no version)
+QDP_VERSION = "1"
+PARSER_ATTRS = {"plugin_namespace", "plugin_version"}  # read by TensorRT's ONNX parser, not plugin fields
+
+
+# ---------------------------------------------------------------------- plugin definitions, read from the code
+def _decorated(path: Path) -> dict[str, dict[str, ast.FunctionDef]]:
+    """plugin id -> {"register"|"impl"|"aot_impl"|"autotune": function} from `@trtp.<kind>("<id>")` decorators."""
+    found: dict[str, dict[str, ast.FunctionDef]] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for dec in node.decorator_list:
+            if (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute)
+                    and isinstance(dec.func.value, ast.Name) and dec.func.value.id == "trtp"):
+                plugin_id = dec.args[0].value
+                found.setdefault(plugin_id, {})[dec.func.attr] = node
+    return found
+
+
+def _signature(fn: ast.FunctionDef) -> tuple[list[str], list[str]]:
+    """(tensor argument names, attribute argument names) of a register function."""
+    tensors, attrs = [], []
+    for arg in fn.args.args:
+        (tensors if ast.unparse(arg.annotation) == "trtp.TensorDesc" else attrs).append(arg.arg)
+    return tensors, attrs
+
+
+def _num_outputs(fn: ast.FunctionDef) -> int:
+    ret = fn.returns
+    return len(ret.slice.elts) if isinstance(ret, ast.Subscript) and isinstance(ret.slice, ast.Tuple) else 1
+
+
+@pytest.fixture(scope="module")
+def call_nodes(export_dir):
+    manifest = Manifest.read(export_dir)
+    nodes = {}
+    for graph in manifest.graphs.values():
+        model = onnx.load(str(export_dir / graph.file), load_external_data=False)
+        for node in model.graph.node:
+            if node.domain == ops.DOMAIN:
+                nodes[node.op_type] = node
+    assert set(nodes) == {ops.TOPK_GATHER, ops.KV_CACHE_APPEND}
+    return nodes
+
+
+def test_plugin_ids_match_the_exported_call_nodes(call_nodes):
+    defined = _decorated(Path(inspect.getfile(plugins)))
+    registered = {tuple(pid.split("::")) + (QDP_VERSION,) for pid, kinds in defined.items() if "register" in kinds}
+    exported = {(onnx.helper.get_node_attr_value(n, "plugin_namespace").decode(), n.op_type,
+                 onnx.helper.get_node_attr_value(n, "plugin_version").decode()) for n in call_nodes.values()}
+    assert registered == exported
+    assert {plugins.TOPK_GATHER_ID, plugins.KV_CACHE_APPEND_ID} == set(defined)
+
+
+def test_plugin_signatures_fit_the_call_nodes_and_the_documented_schemas(call_nodes):
+    """Register: the node's inputs, then its attributes; impl / aot_impl / autotune follow tensorrt.plugin's
+    documented schemas (tensors, attributes, outputs, then stream or tactic). aot_impl takes every attribute because
+    TensorRT passes all of them to it positionally (_plugin_class.py get_launch_params)."""
+    for plugin_id, kinds in _decorated(Path(inspect.getfile(plugins))).items():
+        node = call_nodes[plugin_id.split("::")[1]]
+        assert set(kinds) == {"register", "impl", "aot_impl", "autotune"}, plugin_id
+        tensors, attrs = _signature(kinds["register"])
+        assert len(tensors) == len(node.input)
+        assert set(attrs) == {a.name for a in node.attribute} - PARSER_ATTRS
+        assert _num_outputs(kinds["register"]) == len(node.output)
+        names = {kind: [a.arg for a in fn.args.args] for kind, fn in kinds.items()}
+        assert names["impl"] == tensors + attrs + ["outputs", "stream"]
+        assert names["aot_impl"] == tensors + attrs + ["outputs", "tactic"]
+        assert names["autotune"][: len(tensors)] == tensors and names["autotune"][-1] == "outputs"
+
+
+def test_plugins_module_keeps_annotations_live():
+    # tensorrt.plugin inspects annotations as classes; `from __future__ import annotations` would turn them into
+    # strings and every registration would fail on the GPU machine
+    tree = ast.parse(Path(inspect.getfile(plugins)).read_text())
+    futures = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    assert not futures
+
+
+# ---------------------------------------------------------------------- shape arithmetic
+@pytest.mark.parametrize("b,n,s,keep", [(1, 16, 20, (1, 5)), (3, 7, 30, (2, 3)), (2, 9, 9, (0, 1)),
+                                         (2, 10, 15, (1, 1))])
+def test_topk_gather_shapes_equal_the_op(b, n, s, keep):
+    gen = torch.Generator().manual_seed(b * 100 + n)
+    d = 6
+    outs = ops.topk_gather(torch.randn(b, n, generator=gen), torch.randn(b, s, d, generator=gen),
+                           torch.zeros(b, dtype=torch.long), torch.full((b,), s), *keep)
+    expected = dict(zip(("gathered", "positions", "kept", "new_lengths"), (tuple(t.shape) for t in outs)))
+    assert shapes.topk_gather_shapes(b, n, s, d, *keep) == expected
+
+
+def test_kv_append_output_is_the_cache_shape():
+    cache = torch.zeros(5, 4, 2, 8)
+    out = ops.kv_cache_append(cache, torch.tensor([[1, 2]]), torch.tensor([5]), torch.ones(1, 2, 8))
+    assert shapes.kv_cache_append_shape(tuple(cache.shape)) == tuple(out.shape)
+
+
+# ---------------------------------------------------------------------- optimization profiles
+def _fits(shape, profile) -> bool:
+    lo, _, hi = profile
+    return len(shape) == len(lo) and all(a <= x <= b for x, a, b in zip(shape, lo, hi))
+
+
+def test_profiles_cover_real_feeds_and_order_min_opt_max(export_dir, ort_model, loaded):
+    from dynllava.engine.shapes import PROFILES, ProfileLimits, graph_profile
+    from dynllava.runtime.batch import prompt_feeds
+    from tests.conftest import prompt_ids
+
+    manifest = Manifest.read(export_dir)
+    limits = ProfileLimits.for_manifest(manifest, max_batch=4, max_seq_len=512)
+    for graph, labels in PROFILES.items():
+        for label in labels:
+            for lo, opt, hi in graph_profile(manifest.graphs[graph], limits, label).values():
+                assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+    e = ort_model.executor
+    features = np.zeros((e.num_image_tokens, e.hidden_size), dtype=e.np_dtype)
+    with_image = [prompt_ids(loaded.tokenizer, "what is it?", True), prompt_ids(loaded.tokenizer, "hi", False)]
+    text_only = [prompt_ids(loaded.tokenizer, "hello there", False)]
+    for label, prompts, feats in (("image", with_image, [features, None]), ("text", text_only, [None])):
+        feeds = prompt_feeds(e, prompts, feats)
+        profile = graph_profile(manifest.graphs["prefill"], limits, label)
+        assert all(_fits(v.shape, profile[k]) for k, v in feeds.items()), label
+        other = graph_profile(manifest.graphs["prefill"], limits, "text" if label == "image" else "image")
+        assert not _fits(feeds["image_embeds"].shape, other["image_embeds"])  # the runtime picks by this
+
+
+def test_profile_limits_reject_bad_values(export_dir):
+    from dynllava.engine.shapes import ProfileLimits
+
+    manifest = Manifest.read(export_dir)
+    with pytest.raises(ConfigError, match="--opt-batch"):
+        ProfileLimits.for_manifest(manifest, max_batch=2, opt_batch=4)
+    with pytest.raises(ConfigError, match="positions"):
+        ProfileLimits.for_manifest(manifest, max_seq_len=10**6)
+
+
+# ---------------------------------------------------------------------- build rules
+def test_network_mode_follows_tensorrt_typing_rules():
+    assert network_mode(11, "fp16", "fp16") == (True, [])
+    assert network_mode(10, "fp32", "fp16") == (False, ["FP16"])  # weakly typed + builder flag on 10.x
+    assert network_mode(10, "fp32", "bf16") == (False, ["BF16"])
+    with pytest.raises(ConfigError, match="strongly typed") as err:
+        network_mode(11, "fp32", "fp16")
+    assert "--dtype fp16" in err.value.hint
+    with pytest.raises(ConfigError):
+        network_mode(10, "fp16", "fp32")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        network_mode(10, "fp32", "int8")
+
+
+def test_parser_input_drops_only_our_function_bodies(export_dir):
+    source = onnx.load(str(export_dir / "decode.onnx"), load_external_data=False)
+    assert any(f.domain == ops.DOMAIN for f in source.functions)
+    stripped = onnx.load_from_string(onnx_for_plugins(export_dir / "decode.onnx"))
+    assert not any(f.domain == ops.DOMAIN for f in stripped.functions)
+    assert [n.op_type for n in stripped.graph.node] == [n.op_type for n in source.graph.node]
+    assert len(stripped.graph.initializer) == len(source.graph.initializer)
+
+
+def test_engine_manifest_round_trip_and_errors(tmp_path):
+    (tmp_path / "decode.plan").write_bytes(b"plan")
+    graph = EngineGraph("decode.plan", [{"label": "default", "shapes": {}}], [], [], 1.5)
+    EngineManifest("10.8.0", "0.1.0", "fp16", True, "aot", {"block_size": 16}, {"decode": graph}).write(tmp_path)
+    back = EngineManifest.read(tmp_path)
+    assert back.graphs["decode"].build_seconds == 1.5 and back.plugins == "aot"
+    (tmp_path / "decode.plan").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        EngineManifest.read(tmp_path)
+    (tmp_path / "engine.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="malformed"):
+        EngineManifest.read(tmp_path)
+
+
+# ---------------------------------------------------------------------- without TensorRT
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+
+
+def test_build_engine_without_tensorrt_says_how_to_install(export_dir, tmp_path, no_tensorrt):
+    result = runner.invoke(app, ["build-engine", str(export_dir), "-o", str(tmp_path / "engines")])
+    assert result.exit_code == 2
+    assert "TensorRT is not installed" in result.stderr and "pip install" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "engines").exists()  # nothing half-written
+
+
+def test_build_engine_checks_the_export_before_tensorrt(tmp_path, no_tensorrt):
+    result = runner.invoke(app, ["build-engine", str(tmp_path), "-o", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "not a dynllava export directory" in result.stderr
+
+
+def test_tensorrt_backend_without_tensorrt(export_dir, tmp_path, no_tensorrt):
+    from dynllava.engine.plugins import register_plugins
+    from dynllava.errors import InputError
+    from dynllava.runtime.engine import Engine
+
+    with pytest.raises(MissingDependency, match="TensorRT is not installed"):
+        register_plugins()
+    with pytest.raises(InputError, match="not an engine directory"):
+        Engine.from_path(export_dir, backend="tensorrt")
+    engine_dir = tmp_path / "engines"
+    engine_dir.mkdir()
+    (engine_dir / "engine.json").write_text("{}")
+    with pytest.raises(MissingDependency) as err:
+        Engine.from_path(engine_dir)  # auto picks tensorrt for an engine directory
+    assert err.value.exit_code == 2
+
+
+def test_doctor_reports_what_is_missing(no_tensorrt):
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0
+    out = " ".join(result.stdout.split())
+    assert "TensorRT" in out and "missing" in out and "onnxruntime" in out
+
+
+# ---------------------------------------------------------------------- KV pools owned by an executor
+def test_torch_pools_hold_the_same_rows_as_numpy_pools():
+    """What the TensorRT executor relies on (its pools are torch CUDA tensors), on CPU tensors: writes, reads
+    and a swap out and back in give the rows the numpy pools give."""
+    from dynllava.runtime.kv_cache import PagedKVCache, SeqKV
+
+    rows_read = []
+    for factory in (lambda shape, dtype: torch.zeros(shape, dtype=torch.float32), None):
+        cache = PagedKVCache(3, 1, 2, 4, 4, 10_000, np.float32, factory)
+        seq = SeqKV(dense_len=6, sparse_len=3)
+        cache.reserve(seq, 7, 4)
+        rng = np.random.default_rng(0)
+        for layer in range(3):
+            rows = 6 if layer < 1 else 3
+            key = rng.standard_normal((rows, 2, 4))  # numpy rows (prefill on CPU backends)
+            value = torch.from_numpy(rng.standard_normal((rows, 2, 4)))  # torch rows (prefill on TensorRT)
+            cache.write_rows(layer, seq, key, value)
+        seq = cache.swap_in(cache.swap_out(seq))
+        rows_read.append([cache.read_rows(layer, seq) for layer in range(3)])
+        assert isinstance(cache.pools[0], torch.Tensor if factory else np.ndarray)
+    for (k_torch, v_torch), (k_np, v_np) in zip(*rows_read):
+        assert isinstance(k_torch, np.ndarray)
+        np.testing.assert_array_equal(k_torch, k_np)
+        np.testing.assert_array_equal(v_torch, v_np)
