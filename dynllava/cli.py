@@ -334,8 +334,9 @@ def export(
 def build_engine(
     export_dir: Path = typer.Argument(..., help="Export directory (from `dynllava export`)."),
     out: Path = typer.Option(..., "-o", "--out", help="Engine directory to write."),
-    precision: str = typer.Option("fp16", help="fp32, fp16 or bf16. TensorRT 11 builds in the export's own "
-                                               "precision (export with --dtype fp16 for fp16 engines)."),
+    precision: str | None = typer.Option(None, help="fp32, fp16 or bf16 (default: the export's own). TensorRT 11 "
+                                                    "builds only in the export's precision (export with --dtype "
+                                                    "fp16 for fp16 engines)."),
     max_batch: int | None = typer.Option(None, min=1, help="Largest batch (default: the export's max_batch)."),
     opt_batch: int | None = typer.Option(None, min=1, help="Batch the kernels are tuned for (default: half "
                                                                "of --max-batch)."),

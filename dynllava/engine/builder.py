@@ -30,7 +30,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 @dataclass
 class BuildOptions:
-    precision: str = "fp16"
+    precision: str | None = None  # default: the export's own (fp32 or fp16)
     max_batch: int | None = None  # default: the export's limit
     opt_batch: int | None = None
     max_seq_len: int | None = None
@@ -92,7 +92,8 @@ class EngineBuilder:
         self.major = major_version(trt)
         self.export_dir, self.options = Path(export_dir), options
         self.manifest = Manifest.read(self.export_dir)
-        self.strongly_typed, self.flags = network_mode(self.major, self.manifest.dtype, options.precision)
+        self.precision = options.precision or self.manifest.dtype
+        self.strongly_typed, self.flags = network_mode(self.major, self.manifest.dtype, self.precision)
         if options.plugins not in ("aot", "jit"):
             raise ConfigError(f"unknown plugin implementation {options.plugins!r}", hint="choose aot or jit")
         self.has_aot = register_plugins()
@@ -180,7 +181,7 @@ class EngineBuilder:
         if self.options.timing_cache is not None and self.timing_cache is not None:
             self.options.timing_cache.write_bytes(bytes(self.timing_cache.serialize()))
         self._copy_export_files(out_dir)
-        manifest = EngineManifest(str(self.trt.__version__), __version__, self.options.precision,
+        manifest = EngineManifest(str(self.trt.__version__), __version__, self.precision,
                                   self.strongly_typed or self.major >= 11, self.plugins,
                                   dict(vars(self.limits)), graphs, _device_info())
         manifest.write(out_dir)
