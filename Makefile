@@ -32,6 +32,7 @@ demo: setup
 	$(BIN)/dynllava export demo-out/tiny -o demo-out/tiny-onnx
 	$(BIN)/dynllava generate demo-out/tiny-onnx --backend onnxruntime $(DEMO_PROMPT)
 	$(BIN)/dynllava flops --preset llava-1.5-7b
+	$(BIN)/dynllava doctor
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -81,12 +81,12 @@ def test_plugin_ids_match_the_exported_call_nodes(call_nodes):
 
 
 def test_plugin_signatures_fit_the_call_nodes_and_the_documented_schemas(call_nodes):
-    """Register: the node's inputs, then its attributes; impl / aot_impl / autotune follow tensorrt.plugin's
-    documented schemas (tensors, attributes, outputs, then stream or tactic). aot_impl takes every attribute because
-    TensorRT passes all of them to it positionally (_plugin_class.py get_launch_params)."""
+    """Register: the node's inputs, then its attributes; impl / aot_impl follow tensorrt.plugin's documented
+    schemas (tensors, attributes, outputs, then stream or tactic). aot_impl takes every attribute because TensorRT
+    passes all of them to it positionally (_plugin_class.py get_launch_params)."""
     for plugin_id, kinds in _decorated(Path(inspect.getfile(plugins))).items():
         node = call_nodes[plugin_id.split("::")[1]]
-        assert set(kinds) == {"register", "impl", "aot_impl", "autotune"}, plugin_id
+        assert set(kinds) == {"register", "impl", "aot_impl"}, plugin_id  # no autotune: the network's own types
         tensors, attrs = _signature(kinds["register"])
         assert len(tensors) == len(node.input)
         assert set(attrs) == {a.name for a in node.attribute} - PARSER_ATTRS
@@ -94,7 +94,6 @@ def test_plugin_signatures_fit_the_call_nodes_and_the_documented_schemas(call_no
         names = {kind: [a.arg for a in fn.args.args] for kind, fn in kinds.items()}
         assert names["impl"] == tensors + attrs + ["outputs", "stream"]
         assert names["aot_impl"] == tensors + attrs + ["outputs", "tactic"]
-        assert names["autotune"][: len(tensors)] == tensors and names["autotune"][-1] == "outputs"
 
 
 def test_plugins_module_keeps_annotations_live():

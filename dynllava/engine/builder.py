@@ -97,7 +97,9 @@ class EngineBuilder:
         if options.plugins not in ("aot", "jit"):
             raise ConfigError(f"unknown plugin implementation {options.plugins!r}", hint="choose aot or jit")
         self.has_aot = register_plugins()
-        self.plugins = options.plugins if self.has_aot else "jit"
+        # engines choose between a plugin's AOT and JIT implementations by a network flag (TensorRT >= 10.9)
+        prefer_flags = hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS")
+        self.plugins = options.plugins if self.has_aot and prefer_flags else "jit"
         self.limits = ProfileLimits.for_manifest(self.manifest, options.max_batch, options.opt_batch,
                                                  options.max_seq_len, options.block_size)
         self.logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
@@ -109,8 +111,8 @@ class EngineBuilder:
         flags = 0
         if self.strongly_typed and self.major < 11:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        prefer = "PREFER_AOT_PYTHON_PLUGINS" if self.plugins == "aot" else "PREFER_JIT_PYTHON_PLUGINS"
-        if hasattr(trt.NetworkDefinitionCreationFlag, prefer):
+        if self.has_aot:  # both implementations registered: say which one the engine uses
+            prefer = "PREFER_AOT_PYTHON_PLUGINS" if self.plugins == "aot" else "PREFER_JIT_PYTHON_PLUGINS"
             flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, prefer))
         return self.builder.create_network(flags)
 

@@ -1,6 +1,6 @@
 """TensorRT plugins for the export's two custom ops, with `tensorrt.plugin` (quickly deployable plugins):
 
-* ``dynllava::TopKGather`` (prefill): shape/type function, a JIT implementation (Triton launch from Python) and an
+* ``dynllava::TopKGather`` (prefill): a shape/type function, a JIT implementation (Triton launch from Python) and an
   AOT implementation (the same Triton kernel compiled to PTX at build time and stored in the engine, so engines
   run without Python or a plugin library).
 * ``dynllava::KVCacheAppend`` (decode): its output is *aliased* to its cache input (needs the builder's preview
@@ -14,13 +14,20 @@ engine/launch.py; both run without TensorRT.
 No ``from __future__ import annotations`` here: tensorrt.plugin inspects these annotations as live classes.
 """
 
-from typing import Any
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
 
 from dynllava.engine import launch, shapes
 from dynllava.engine.tensorrt_lib import require_tensorrt
 
 TOPK_GATHER_ID = "dynllava::TopKGather"
 KV_CACHE_APPEND_ID = "dynllava::KVCacheAppend"
+
+# Integer attributes as 1-element int32 arrays: the ONNX parser passes INT attributes as INT32 fields, and older
+# tensorrt.plugin versions convert `int` attributes with int(array), which NumPy >= 2.4 refuses.
+IntAttr: TypeAlias = npt.NDArray[np.int32]
 
 _state: dict[str, Any] = {"registered": False, "aot": False}
 
@@ -43,6 +50,9 @@ def _dtype_names(trt: Any) -> dict:
 
 
 def _define(trt: Any, trtp: Any) -> bool:
+    # No @trtp.autotune: TensorRT's default is the types the network gives the plugin's inputs (and register's for
+    # its outputs), linear formats. That keeps KVCacheAppend at the pool's own type, which in-place aliasing needs
+    # (a reformat around it would update a copy), and runs TopKGather on whatever float type its inputs have.
     names = _dtype_names(trt)
     torch_dtypes: dict = {}
 
@@ -57,28 +67,22 @@ def _define(trt: Any, trtp: Any) -> bool:
     # ------------------------------------------------------------------ TopKGather
     @trtp.register("dynllava::TopKGather")
     def topk_gather_desc(scores: trtp.TensorDesc, hidden: trtp.TensorDesc, image_offsets: trtp.TensorDesc,
-                         lengths: trtp.TensorDesc, keep_num: int, keep_den: int
+                         lengths: trtp.TensorDesc, keep_num: IntAttr, keep_den: IntAttr
                          ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         b, n = scores.shape_expr[0], scores.shape_expr[1]
-        out = shapes.topk_gather_shapes(b, n, hidden.shape_expr[1], hidden.shape_expr[2], keep_num, keep_den)
+        out = shapes.topk_gather_shapes(b, n, hidden.shape_expr[1], hidden.shape_expr[2], int(keep_num[0]),
+                                        int(keep_den[0]))
         return (trtp.from_shape_expr(out["gathered"], hidden.dtype),
                 trtp.from_shape_expr(out["positions"], lengths.dtype),
                 trtp.from_shape_expr(out["kept"], lengths.dtype),
                 trtp.from_shape_expr(out["new_lengths"], lengths.dtype))
 
-    @trtp.autotune("dynllava::TopKGather")
-    def topk_gather_autotune(scores: trtp.TensorDesc, hidden: trtp.TensorDesc, image_offsets: trtp.TensorDesc,
-                             lengths: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
-                             ) -> list[trtp.AutoTuneCombination]:
-        # scores come from the predictor, which runs in fp32; hidden and gathered share one float type
-        return [trtp.AutoTuneCombination("FP32, FP32|FP16|BF16, INT64, INT64, FP32|FP16|BF16, INT64, INT64, INT64")]
-
     @trtp.impl("dynllava::TopKGather")
     def topk_gather_impl(scores: trtp.Tensor, hidden: trtp.Tensor, image_offsets: trtp.Tensor,
-                         lengths: trtp.Tensor, keep_num: int, keep_den: int, outputs: tuple[trtp.Tensor],
+                         lengths: trtp.Tensor, keep_num: IntAttr, keep_den: IntAttr, outputs: tuple[trtp.Tensor],
                          stream: int) -> None:
         plan = launch.topk_gather_plan(scores.shape[0], scores.shape[1], hidden.shape[1], hidden.shape[2],
-                                       keep_num, keep_den)
+                                       int(keep_num[0]), int(keep_den[0]))
         launch.launch(plan, pointers([scores, hidden, image_offsets, lengths, *outputs]), stream)
 
     # ------------------------------------------------------------------ KVCacheAppend
@@ -87,12 +91,6 @@ def _define(trt: Any, trtp: Any) -> bool:
                              update: trtp.TensorDesc) -> trtp.TensorDesc:
         return cache.aliased()  # the same buffer: the append is in place (shapes.kv_cache_append_shape)
 
-    @trtp.autotune("dynllava::KVCacheAppend")
-    def kv_cache_append_autotune(cache: trtp.TensorDesc, block_tables: trtp.TensorDesc, lengths: trtp.TensorDesc,
-                                 update: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
-                                 ) -> list[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("FP32|FP16|BF16, INT64, INT64, FP32|FP16|BF16, FP32|FP16|BF16")]
-
     @trtp.impl("dynllava::KVCacheAppend")
     def kv_cache_append_impl(cache: trtp.Tensor, block_tables: trtp.Tensor, lengths: trtp.Tensor,
                              update: trtp.Tensor, outputs: tuple[trtp.Tensor], stream: int) -> None:
@@ -100,7 +98,7 @@ def _define(trt: Any, trtp: Any) -> bool:
                                            cache.shape[3])
         launch.launch(plan, pointers([cache, block_tables, lengths, update, *outputs]), stream)
 
-    if not hasattr(trtp, "aot_impl"):
+    if not hasattr(trtp, "KernelLaunchParams"):  # aot_impl exists everywhere; AOT support only where this does
         return False
     ptx_version = launch.driver_ptx_version()  # PTX the driver loading these engines can read
 
@@ -115,11 +113,11 @@ def _define(trt: Any, trtp: Any) -> bool:
 
     @trtp.aot_impl("dynllava::TopKGather")
     def topk_gather_aot(scores: trtp.TensorDesc, hidden: trtp.TensorDesc, image_offsets: trtp.TensorDesc,
-                        lengths: trtp.TensorDesc, keep_num: int, keep_den: int, outputs: tuple[trtp.TensorDesc],
+                        lengths: trtp.TensorDesc, keep_num: IntAttr, keep_den: IntAttr, outputs: tuple[trtp.TensorDesc],
                         tactic: int
                         ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         plan = launch.topk_gather_plan(scores.shape_expr[0], scores.shape_expr[1], hidden.shape_expr[1],
-                                       hidden.shape_expr[2], keep_num, keep_den)
+                                       hidden.shape_expr[2], int(keep_num[0]), int(keep_den[0]))
         return aot(plan, [scores, hidden, image_offsets, lengths, *outputs])
 
     @trtp.aot_impl("dynllava::KVCacheAppend")

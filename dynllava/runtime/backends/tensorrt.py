@@ -58,6 +58,7 @@ class TensorRTExecutor:
         self.limits = {"max_batch": limits["max_batch"], "max_seq_len": limits["max_seq_len"]}
         self.block_size, self.max_pool_blocks = limits["block_size"], limits["max_pool_blocks"]
         self.device = torch.device("cuda")
+        self.stream = torch.cuda.Stream()
         self._dtypes = _torch_dtypes(trt)
         self._empty = torch.zeros(16, dtype=torch.uint8, device=self.device)  # an address for 0-volume tensors
         logger = trt.Logger(trt.Logger.WARNING)
@@ -74,7 +75,7 @@ class TensorRTExecutor:
             self.contexts[name] = {}
             for index, label in enumerate(PROFILES[name]):
                 context = engine.create_execution_context()
-                context.set_optimization_profile_async(index, torch.cuda.current_stream().cuda_stream)
+                context.set_optimization_profile_async(index, self.stream.cuda_stream)
                 self.contexts[name][label] = context
         names = self.manifest.graphs["decode"]
         self._past = [t.name for t in names.inputs if t.name.startswith("past.")]
@@ -114,9 +115,12 @@ class TensorRTExecutor:
                                   dtype=self._dtypes[engine.get_tensor_dtype(name)], device=self.device)
             context.set_tensor_address(name, self._address(out))
             outputs.append(out)
-        # torch's current stream: the input copies above and the reads of the outputs after are ordered with it
-        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        # TensorRT on our own stream (the legacy default stream would make it synchronize on every enqueue), after
+        # the input copies and allocations made on torch's current stream; callers read the outputs right away
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run the {graph} engine")
+        self.stream.synchronize()
         return outputs
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
