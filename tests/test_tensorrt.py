@@ -265,3 +265,17 @@ def test_torch_pools_hold_the_same_rows_as_numpy_pools():
         assert isinstance(k_torch, np.ndarray)
         np.testing.assert_array_equal(k_torch, k_np)
         np.testing.assert_array_equal(v_torch, v_np)
+
+
+def test_pool_block_limit_caps_the_budget():
+    """A TensorRT decode engine accepts pools of at most max_pool_blocks blocks: the cache caps its byte budget so
+    neither group's pool exceeds that, and reservations beyond it are refused like any full budget."""
+    from dynllava.runtime.kv_cache import KVCacheFull, PagedKVCache, SeqKV
+
+    cache = PagedKVCache(4, 1, 2, 4, 4, 10**9, np.float32, max_blocks=9)
+    assert max(cache.num_blocks.values()) <= 9 and cache.budget_bytes < 10**9
+    seqs = [SeqKV() for _ in range(9)]
+    with pytest.raises(KVCacheFull):
+        for seq in seqs:
+            cache.reserve(seq, 4, 4)  # one block per group each
+    assert cache.blocks_in_use()["dense"] <= 8  # block 0 is the scratch block

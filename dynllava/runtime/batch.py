@@ -149,7 +149,7 @@ class BatchRunner:
         e = self.executor
         cache = PagedKVCache(e.num_layers, e.sparse_layer, e.kv_heads, e.head_dim,
                              getattr(e, "block_size", self.block_size), kv_budget(e, len(prompts), capacity),
-                             e.np_dtype, getattr(e, "new_pool", None))
+                             e.np_dtype, getattr(e, "new_pool", None), getattr(e, "max_pool_blocks", None))
         seqs = [SeqKV() for _ in prompts]
         write_prefill(cache, seqs, feeds["lengths"], sparse_lengths, presents)
         n_img = [self.num_image_tokens if off >= 0 else 0 for off in feeds["image_offsets"]]

@@ -81,7 +81,8 @@ class Engine:
         self.image_aspect_ratio = image_aspect_ratio
         e = executor
         self.cache = PagedKVCache(e.num_layers, e.sparse_layer, e.kv_heads, e.head_dim, block_size,
-                                  kv_cache_bytes or DEFAULT_KV_BYTES, e.np_dtype, getattr(e, "new_pool", None))
+                                  kv_cache_bytes or DEFAULT_KV_BYTES, e.np_dtype, getattr(e, "new_pool", None),
+                                  getattr(e, "max_pool_blocks", None))
         self.scheduler = Scheduler(self.cache, min(max_batch, e.limits["max_batch"]), max_prefill_tokens,
                                    self._prompt_rows, self._final_rows)
         # running estimate of the share of generated tokens the output predictor keeps (for admission)

@@ -50,13 +50,17 @@ class SwappedKV:
 
 class PagedKVCache:
     def __init__(self, num_layers: int, sparse_layer: int, kv_heads: int, head_dim: int, block_size: int,
-                 budget_bytes: int, dtype: np.dtype, pool_factory: Callable[[tuple, np.dtype], Any] | None = None):
+                 budget_bytes: int, dtype: np.dtype, pool_factory: Callable[[tuple, np.dtype], Any] | None = None,
+                 max_blocks: int | None = None):
+        """max_blocks: most blocks a pool may have (a TensorRT engine's profile); the budget is capped to fit."""
         self.num_layers, self.sparse_layer, self.block_size = num_layers, sparse_layer, block_size
         layer_block = block_size * kv_heads * head_dim * 2 * np.dtype(dtype).itemsize  # K and V
         self.block_bytes = {"dense": sparse_layer * layer_block, "sparse": (num_layers - sparse_layer) * layer_block}
         if budget_bytes < sum(self.block_bytes.values()):
             raise KVCacheFull(f"a KV budget of {budget_bytes} bytes holds not even one block per layer group",
                               hint=f"give at least {sum(self.block_bytes.values())} bytes")
+        if max_blocks is not None:  # pools hold budget // block_bytes + 1 blocks (the scratch block)
+            budget_bytes = min(budget_bytes, (max_blocks - 1) * min(b for b in self.block_bytes.values() if b))
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self.num_blocks = {g: (budget_bytes // b if b else 0) + 1 for g, b in self.block_bytes.items()}

@@ -83,13 +83,10 @@ class TensorRTExecutor:
 
     # ------------------------------------------------------------------ pools
     def new_pool(self, shape: tuple, dtype: np.dtype) -> Any:
-        """A KV pool on the GPU (PagedKVCache's pool_factory)."""
+        """A KV pool on the GPU (PagedKVCache's pool_factory; PagedKVCache keeps it within max_pool_blocks, the
+        decode engine's profile)."""
         import torch
 
-        if shape[0] > self.max_pool_blocks:
-            raise ConfigError(f"the KV budget needs {shape[0]} blocks per pool; the engine accepts at most "
-                              f"{self.max_pool_blocks}", hint="lower the KV budget, or rebuild the engine with a "
-                                                             "larger --max-batch / --max-seq-len")
         return torch.zeros(shape, dtype=torch.float16 if dtype == np.float16 else torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ execution
