@@ -204,6 +204,18 @@ def no_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
 
 
+def test_engine_code_imports_without_tensorrt_or_triton():
+    # a fresh interpreter, so modules this test session already imported do not hide an eager import
+    import subprocess
+
+    code = ("import sys; sys.modules['tensorrt'] = None; sys.modules['triton'] = None\n"
+            "import dynllava.engine.builder, dynllava.engine.plugins, dynllava.engine.launch, dynllava.engine.shapes\n"
+            "import dynllava.runtime.backends.tensorrt, dynllava.doctor, dynllava.cli\n"
+            "from dynllava.runtime.loading import open_model")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_build_engine_without_tensorrt_says_how_to_install(export_dir, tmp_path, no_tensorrt):
     result = runner.invoke(app, ["build-engine", str(export_dir), "-o", str(tmp_path / "engines")])
     assert result.exit_code == 2
