@@ -372,9 +372,11 @@ def build_engine(
             if event == "start":
                 progress.start_task(tasks[name])
                 progress.update(tasks[name], description=f"{name}.plan [yellow]building[/]")
-            else:
+            elif event == "done":
                 progress.update(tasks[name], description=f"{name}.plan [green]built[/]")
                 progress.stop_task(tasks[name])
+            else:  # a TensorRT build phase
+                progress.update(tasks[name], description=f"{name}.plan [yellow]{escape(event)}[/]")
 
         manifest = builder.build(out, on_graph)
     table = Table(title=f"TensorRT {manifest.tensorrt_version} engines, {manifest.precision}, plugins "

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dynllava.cli import app
 from dynllava.engine import plugins, shapes
-from dynllava.engine.builder import network_mode, onnx_for_plugins
+from dynllava.engine.builder import _move_into, network_mode, onnx_for_plugins
 from dynllava.engine.engine_manifest import EngineGraph, EngineManifest
 from dynllava.errors import CheckpointError, ConfigError, MissingDependency
 from dynllava.export import ops
@@ -291,3 +291,17 @@ def test_pool_block_limit_caps_the_budget():
         for seq in seqs:
             cache.reserve(seq, 4, 4)  # one block per group each
     assert cache.blocks_in_use()["dense"] <= 8  # block 0 is the scratch block
+
+
+def test_staged_build_output_replaces_only_what_it_wrote(tmp_path):
+    out, staging = tmp_path / "engines", tmp_path / ".engines.building"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "old.json").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    (staging / "tokenizer").mkdir(parents=True)
+    (staging / "tokenizer" / "new.json").write_text("new")
+    (staging / "decode.plan").write_bytes(b"plan")
+    _move_into(staging, out)
+    assert sorted(p.name for p in out.iterdir()) == ["decode.plan", "notes.txt", "tokenizer"]
+    assert [p.name for p in (out / "tokenizer").iterdir()] == ["new.json"]  # a staged directory replaces the old
+    assert not any(staging.iterdir())

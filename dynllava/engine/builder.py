@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -71,6 +73,16 @@ def onnx_for_plugins(path: Path) -> bytes:
     return model.SerializeToString()
 
 
+def _move_into(staging: Path, out_dir: Path) -> None:
+    """Move every entry of staging into out_dir (created if needed), replacing entries of the same name."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for entry in staging.iterdir():
+        target = out_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+
+
 def _device_info() -> dict[str, Any]:
     try:
         import torch
@@ -81,6 +93,35 @@ def _device_info() -> dict[str, Any]:
     except ImportError:
         pass
     return {}
+
+
+def progress_monitor(trt: Any, report: Callable[[str], None]) -> Any:
+    """A trt.IProgressMonitor that reports the innermost build phase as "phase step/steps" (TensorRT >= 10)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.phases: dict[str, list[int]] = {}  # phase -> [step, steps], in start order
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            self.phases[phase_name] = [0, num_steps]
+            self._report()
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            self.phases.setdefault(phase_name, [0, 0])[0] = step
+            self._report()
+            return True  # never cancel
+
+        def phase_finish(self, phase_name: str) -> None:
+            self.phases.pop(phase_name, None)
+            self._report()
+
+        def _report(self) -> None:
+            if self.phases:
+                name, (step, steps) = next(reversed(self.phases.items()))
+                report(f"{name} {step}/{steps}")
+
+    return Monitor()
 
 
 class EngineBuilder:
@@ -116,9 +157,12 @@ class EngineBuilder:
             flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, prefer))
         return self.builder.create_network(flags)
 
-    def _config(self, network: Any, graph: str) -> tuple[Any, list[dict[str, Any]]]:
+    def _config(self, network: Any, graph: str, report: Callable[[str], None] | None
+                ) -> tuple[Any, list[dict[str, Any]]]:
         trt = self.trt
         config = self.builder.create_builder_config()
+        if report is not None and hasattr(trt, "IProgressMonitor"):
+            config.progress_monitor = progress_monitor(trt, report)
         if self.options.workspace_gb:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.options.workspace_gb * 2**30))
         for flag in self.flags:
@@ -143,7 +187,7 @@ class EngineBuilder:
                                                         for n, s in shapes.items()}})
         return config, profiles
 
-    def build_graph(self, graph: str, out_dir: Path) -> EngineGraph:
+    def build_graph(self, graph: str, out_dir: Path, report: Callable[[str], None] | None = None) -> EngineGraph:
         trt = self.trt
         start = time.perf_counter()
         network = self._network()
@@ -156,7 +200,7 @@ class EngineBuilder:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise DynLlavaError(f"TensorRT could not parse {onnx_path}: {errors}",
                                 hint="run `dynllava doctor` to check that the dynllava plugins register")
-        config, profiles = self._config(network, graph)
+        config, profiles = self._config(network, graph, report)
         serialized = self.builder.build_serialized_network(network, config)
         if serialized is None:
             raise DynLlavaError(f"TensorRT failed to build the {graph} engine",
@@ -169,24 +213,34 @@ class EngineBuilder:
         return EngineGraph(file, profiles, io[0], io[1], round(time.perf_counter() - start, 2))
 
     def build(self, out_dir: Path, on_graph: Callable[[str, str], None] | None = None) -> EngineManifest:
+        """on_graph(graph, event): "start", then build phases as "phase step/steps", then "done". Everything is
+        written to a staging directory first and moved into out_dir at the end, so a failed or interrupted build
+        leaves out_dir as it was."""
         from dynllava import __version__
 
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        graphs = {}
-        for name in GRAPHS:
-            if on_graph:
-                on_graph(name, "start")
-            graphs[name] = self.build_graph(name, out_dir)
-            if on_graph:
-                on_graph(name, "done")
+        staging = out_dir.parent / f".{out_dir.name}.building"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            graphs = {}
+            for name in GRAPHS:
+                if on_graph:
+                    on_graph(name, "start")
+                report = functools.partial(on_graph, name) if on_graph else None
+                graphs[name] = self.build_graph(name, staging, report)
+                if on_graph:
+                    on_graph(name, "done")
+            self._copy_export_files(staging)
+            manifest = EngineManifest(str(self.trt.__version__), __version__, self.precision,
+                                      self.strongly_typed or self.major >= 11, self.plugins,
+                                      dict(vars(self.limits)), graphs, _device_info())
+            manifest.write(staging)
+            _move_into(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         if self.options.timing_cache is not None and self.timing_cache is not None:
             self.options.timing_cache.write_bytes(bytes(self.timing_cache.serialize()))
-        self._copy_export_files(out_dir)
-        manifest = EngineManifest(str(self.trt.__version__), __version__, self.precision,
-                                  self.strongly_typed or self.major >= 11, self.plugins,
-                                  dict(vars(self.limits)), graphs, _device_info())
-        manifest.write(out_dir)
         return manifest
 
     def _copy_export_files(self, out_dir: Path) -> None:
