@@ -224,9 +224,15 @@ def test_build_engine_without_tensorrt_says_how_to_install(export_dir, tmp_path,
     assert not (tmp_path / "engines").exists()  # nothing half-written
 
 
-def test_build_engine_checks_the_export_before_tensorrt(tmp_path, no_tensorrt):
-    result = runner.invoke(app, ["build-engine", str(tmp_path), "-o", str(tmp_path / "e")])
-    assert result.exit_code == 1 and "not a dynllava export directory" in result.stderr
+@pytest.mark.parametrize("args, message", [
+    ([], "not a dynllava export directory"),
+    (["--plugins", "cuda"], "unknown plugin implementation 'cuda'"),
+    (["--precision", "int4"], "unknown precision 'int4'"),
+])
+def test_build_engine_checks_its_input_before_tensorrt(tmp_path, export_dir, no_tensorrt, args, message):
+    source = tmp_path if not args else export_dir
+    result = runner.invoke(app, ["build-engine", str(source), "-o", str(tmp_path / "e"), *args])
+    assert result.exit_code == 1 and message in result.stderr
 
 
 def test_tensorrt_backend_without_tensorrt(export_dir, tmp_path, no_tensorrt):

@@ -129,14 +129,16 @@ class EngineBuilder:
         from dynllava.engine.plugins import register_plugins
         from dynllava.engine.tensorrt_lib import major_version, require_tensorrt
 
-        self.trt = trt = require_tensorrt()
-        self.major = major_version(trt)
+        if options.plugins not in ("aot", "jit"):  # option errors first, whatever is installed
+            raise ConfigError(f"unknown plugin implementation {options.plugins!r}", hint="choose aot or jit")
+        if options.precision not in (None, *PRECISIONS):
+            raise ConfigError(f"unknown precision {options.precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
         self.export_dir, self.options = Path(export_dir), options
         self.manifest = Manifest.read(self.export_dir)
+        self.trt = trt = require_tensorrt()
+        self.major = major_version(trt)
         self.precision = options.precision or self.manifest.dtype
         self.strongly_typed, self.flags = network_mode(self.major, self.manifest.dtype, self.precision)
-        if options.plugins not in ("aot", "jit"):
-            raise ConfigError(f"unknown plugin implementation {options.plugins!r}", hint="choose aot or jit")
         self.has_aot = register_plugins()
         # engines choose between a plugin's AOT and JIT implementations by a network flag (TensorRT >= 10.9)
         prefer_flags = hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS")
@@ -152,8 +154,9 @@ class EngineBuilder:
         flags = 0
         if self.strongly_typed and self.major < 11:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        if self.has_aot:  # both implementations registered: say which one the engine uses
-            prefer = "PREFER_AOT_PYTHON_PLUGINS" if self.plugins == "aot" else "PREFER_JIT_PYTHON_PLUGINS"
+        prefer = "PREFER_AOT_PYTHON_PLUGINS" if self.plugins == "aot" else "PREFER_JIT_PYTHON_PLUGINS"
+        if self.has_aot and hasattr(trt.NetworkDefinitionCreationFlag, prefer):
+            # both implementations registered: say which one the engine uses
             flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, prefer))
         return self.builder.create_network(flags)
 

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dynllava.engine import launch, shapes
-from dynllava.engine.tensorrt_lib import require_tensorrt
+from dynllava.engine.tensorrt_lib import require_tensorrt, torch_dtypes
 
 TOPK_GATHER_ID = "dynllava::TopKGather"
 KV_CACHE_APPEND_ID = "dynllava::KVCacheAppend"
@@ -44,25 +44,15 @@ def register_plugins() -> bool:
     return bool(_state["aot"])
 
 
-def _dtype_names(trt: Any) -> dict:
-    return {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int64: "int64",
-            trt.int32: "int32"}
-
-
 def _define(trt: Any, trtp: Any) -> bool:
     # No @trtp.autotune: TensorRT's default is the types the network gives the plugin's inputs (and register's for
     # its outputs), linear formats. That keeps KVCacheAppend at the pool's own type, which in-place aliasing needs
     # (a reformat around it would update a copy), and runs TopKGather on whatever float type its inputs have.
-    names = _dtype_names(trt)
-    torch_dtypes: dict = {}
+    dtypes = torch_dtypes(trt)
+    names = {trt_type: str(dtype).removeprefix("torch.") for trt_type, dtype in dtypes.items()}  # "float16", ...
 
     def pointers(tensors: Any) -> list:
-        import torch
-
-        if not torch_dtypes:
-            torch_dtypes.update({trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                                 trt.int64: torch.int64, trt.int32: torch.int32})
-        return [launch.DevicePointer(t.data_ptr, torch_dtypes[t.dtype]) for t in tensors]
+        return [launch.DevicePointer(t.data_ptr, dtypes[t.dtype]) for t in tensors]
 
     # ------------------------------------------------------------------ TopKGather
     @trtp.register("dynllava::TopKGather")

@@ -28,3 +28,11 @@ def require_tensorrt() -> ModuleType:
 
 def major_version(trt: ModuleType) -> int:
     return int(str(trt.__version__).split(".")[0])
+
+
+def torch_dtypes(trt: ModuleType) -> dict:
+    """TensorRT data types -> torch dtypes, for the types our graphs and plugins use."""
+    import torch
+
+    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+            trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}

@@ -20,17 +20,10 @@ import numpy as np
 
 from dynllava.engine.engine_manifest import EngineManifest
 from dynllava.engine.shapes import PROFILES
-from dynllava.errors import ConfigError, MissingDependency
+from dynllava.errors import CheckpointError, MissingDependency
 from dynllava.export.manifest import Manifest
 from dynllava.runtime.backends.facts import set_model_facts
 from dynllava.runtime.kv_cache import PagedKVCache
-
-
-def _torch_dtypes(trt: Any) -> dict:
-    import torch
-
-    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-            trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
 
 
 class TensorRTExecutor:
@@ -40,7 +33,7 @@ class TensorRTExecutor:
     def __init__(self, path: str | Path):
         import torch
 
-        from dynllava.engine.tensorrt_lib import require_tensorrt
+        from dynllava.engine.tensorrt_lib import require_tensorrt, torch_dtypes
 
         trt = require_tensorrt()
         if not torch.cuda.is_available():
@@ -59,7 +52,7 @@ class TensorRTExecutor:
         self.block_size, self.max_pool_blocks = limits["block_size"], limits["max_pool_blocks"]
         self.device = torch.device("cuda")
         self.stream = torch.cuda.Stream()
-        self._dtypes = _torch_dtypes(trt)
+        self._dtypes = torch_dtypes(trt)
         self._empty = torch.zeros(16, dtype=torch.uint8, device=self.device)  # an address for 0-volume tensors
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
@@ -68,9 +61,9 @@ class TensorRTExecutor:
         for name, graph in self.engine_manifest.graphs.items():
             engine = runtime.deserialize_cuda_engine((self.path / graph.file).read_bytes())
             if engine is None:
-                raise ConfigError(f"TensorRT could not load {self.path / graph.file}",
-                                  hint="engines only run on the TensorRT version and GPU they were built with; "
-                                       "rebuild with `dynllava build-engine`")
+                raise CheckpointError(f"TensorRT could not load {self.path / graph.file}",
+                                      hint="engines only run on the TensorRT version and GPU they were built "
+                                           "with; rebuild with `dynllava build-engine`")
             self.engines[name] = engine
             self.contexts[name] = {}
             for index, label in enumerate(PROFILES[name]):
@@ -124,10 +117,12 @@ class TensorRTExecutor:
         out = self._run("vision", "default", {"pixel_values": pixel_values.astype(self.np_dtype)})
         return out[0].cpu().numpy()
 
-    def _prompt(self, graph: str, feeds: dict[str, np.ndarray], keep_on_gpu: int) -> list:
+    def _prompt(self, graph: str, feeds: dict[str, np.ndarray], to_host: int) -> list:
+        """Run prefill or nocache on the profile for its batch (with or without an image); the first `to_host`
+        outputs come back as numpy, the rest (the K/V) stay on the GPU."""
         label = "image" if feeds["image_embeds"].shape[1] else "text"
         outs = self._run(graph, label, dict(feeds))
-        return [o.cpu().numpy() for o in outs[:keep_on_gpu]] + outs[keep_on_gpu:]
+        return [o.cpu().numpy() for o in outs[:to_host]] + outs[to_host:]
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> list:
         """logits, kept_image_indices, sparse_lengths (numpy), then the presents as CUDA tensors."""
