@@ -314,8 +314,13 @@ def export(
         return
     with console.status("validating with ONNX Runtime against the reference model"):
         checks = validate_export(loaded, out, cfg.tolerance, cfg.min_agreement)
-    table = Table(title=f"validation: ONNX Runtime vs reference (atol {cfg.tolerance:g}, decisions agreeing "
-                        f">= {cfg.min_agreement:.0%})")
+    _report_checks(checks, "ONNX Runtime vs reference")
+
+
+def _report_checks(checks: list, title: str) -> None:
+    """The validation table; a failed check is an error (exit 1)."""
+    c0 = checks[0]
+    table = Table(title=f"validation: {title} (atol {c0.tolerance:g}, decisions agreeing >= {c0.min_agreement:.0%})")
     for col in ("graph", "inputs", "max |diff|", "decisions agree", "result"):
         table.add_column(col)
     for c in checks:
@@ -348,11 +353,15 @@ def build_engine(
                                                                   "TensorRT's, the GPU's memory)."),
     plugins: str = typer.Option("aot", help="aot: the Triton kernels are compiled into the engines (no Python "
                                             "needed to run them); jit: the engines call dynllava's Python plugins."),
+    atol: float | None = typer.Option(None, help="Validation tolerance on logits against ONNX Runtime (default "
+                                                 "5e-2 fp32 (TF32), 1e-1 fp16, 2e-1 bf16)."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip running the engines against ONNX Runtime."),
     verbose: bool = typer.Option(False, "--verbose", help="Print TensorRT's verbose build log."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Build TensorRT engines (vision, prefill, nocache, decode) from an export, with the dynllava plugins for
-    TopKGather and KVCacheAppend, and write them with engine.json to OUT. Needs a GPU and TensorRT 10.x/11.x."""
+    TopKGather and KVCacheAppend, write them with engine.json to OUT, then run them against ONNX Runtime on the same
+    inputs (exit 1 if they disagree). Needs a GPU and TensorRT 10.x/11.x."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dynllava.engine.builder import BuildOptions, EngineBuilder
@@ -387,6 +396,12 @@ def build_engine(
         table.add_row(name, ", ".join(p["label"] for p in graph.profiles),
                       _fmt_bytes((out / graph.file).stat().st_size), f"{graph.build_seconds:.1f}s")
     console.print(table)
+    if not no_validate:
+        from dynllava.engine.validate import validate_engines
+
+        with console.status("validating the engines against ONNX Runtime on the same export"):
+            checks = validate_engines(export_dir, out, manifest.precision, atol)
+        _report_checks(checks, "TensorRT vs ONNX Runtime")
     console.print(f"run it: [bold]dynllava generate {out} --prompt ...[/] or [bold]dynllava serve {out}[/]")
 
 

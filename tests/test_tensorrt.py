@@ -311,3 +311,26 @@ def test_staged_build_output_replaces_only_what_it_wrote(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["decode.plan", "notes.txt", "tokenizer"]
     assert [p.name for p in (out / "tokenizer").iterdir()] == ["new.json"]  # a staged directory replaces the old
     assert not any(staging.iterdir())
+
+
+def test_engine_validation_tells_equal_runners_from_different_ones(export_dir, ort_model, loaded, tmp_path):
+    """build-engine checks TensorRT against ONNX Runtime with export validation's comparison; here the same
+    comparison between two ONNX Runtime sessions of one export (identical) and a model with perturbed weights."""
+    import copy
+
+    from dynllava.export.validate import compare_models
+    from dynllava.runtime.batch import OnnxRuntimeModel
+
+    args = (loaded.tokenizer, loaded.image_processor, loaded.image_aspect_ratio, tmp_path)
+    same = compare_models(ort_model, OnnxRuntimeModel(export_dir), *args, tolerance=0.0, steps=3)
+    assert {c.graph for c in same} == {"vision", "prefill", "decode", "nocache"}
+    assert all(c.ok for c in same) and max(c.max_abs_diff for c in same) == 0.0
+    assert sum(c.decisions for c in same) > 0  # kept image tokens and keep decisions were compared
+
+    perturbed = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        perturbed.lm_head.weight.add_(0.05 * torch.randn(perturbed.lm_head.weight.shape,
+                                                        generator=torch.Generator().manual_seed(0)))
+    other = compare_models(ort_model, perturbed, *args, tolerance=1e-3, steps=3)
+    assert not all(c.ok for c in other)
+    assert all(c.ok for c in other if c.graph == "vision")  # the vision tower was not touched

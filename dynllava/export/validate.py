@@ -1,6 +1,8 @@
 """Post-export check (like optimum's): run every exported graph with ONNX Runtime and compare with the reference
 model on random inputs and a real image: max abs difference of the outputs, and agreement of the discrete
-decisions (kept image tokens, keep/drop of generated tokens).
+decisions (kept image tokens, keep/drop of generated tokens). `compare_models` is the comparison itself, between
+any two objects with the reference's calls (a DynamicLlava or a BatchRunner); `dynllava build-engine` uses it for
+TensorRT against ONNX Runtime.
 
 Logits are compared only for sequences whose decisions agree so far: a flipped decision legitimately changes the
 numbers after it. In fp32 every decision must agree; in fp16 a near-tied predictor score may flip, so at least
@@ -43,35 +45,41 @@ def _diff(a: torch.Tensor, b: torch.Tensor, rows: list[bool] | None = None) -> f
     return float((a.float() - b.float()).abs().max())
 
 
-@torch.no_grad()
 def validate_export(loaded: LoadedModel, export_dir: Path, tolerance: float, min_agreement: float = 1.0,
                     steps: int = 8) -> list[Check]:
     from dynllava.runtime.batch import OnnxRuntimeModel
 
-    ref, ort = loaded.model, OnnxRuntimeModel(export_dir)
+    return compare_models(loaded.model, OnnxRuntimeModel(export_dir), loaded.tokenizer, loaded.image_processor,
+                          loaded.image_aspect_ratio, export_dir, tolerance, min_agreement, steps)
+
+
+@torch.no_grad()
+def compare_models(ref, other, tokenizer, image_processor, image_aspect_ratio: str, scratch_dir: Path,
+                   tolerance: float, min_agreement: float = 1.0, steps: int = 8) -> list[Check]:
+    """Every graph's calls on `ref` and `other` (vision, prefill of a mixed and a text-only batch, `steps` decode
+    steps over the paged KV, Eq. 12 decoding) with the same inputs; scratch_dir briefly holds the example image."""
     check = lambda graph, what, diff, agreed=0, decisions=0: Check(  # noqa: E731
         graph, what, diff, agreed, decisions, tolerance, min_agreement)
-    size = ref.config.vision_config.image_size
-    image_path = write_example_image(export_dir / ".validation.png")
-    real = preprocess_image(loaded.image_processor, load_image(image_path), loaded.image_aspect_ratio)
+    image_path = write_example_image(Path(scratch_dir) / ".validation.png")
+    real = preprocess_image(image_processor, load_image(image_path), image_aspect_ratio)
     image_path.unlink()
-    noise = torch.randn(3, size, size, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
     pixels = torch.stack([real, noise])
-    checks = [check("vision", "real + random image", _diff(ref.encode_images(pixels), ort.encode_images(pixels)))]
+    checks = [check("vision", "real + random image", _diff(ref.encode_images(pixels), other.encode_images(pixels)))]
 
-    tok = loaded.tokenizer
+    tok = tokenizer
     prompts = [tokenize_prompt(tok, chat_prompt([("user", "What is in this picture?")], True)),
                tokenize_prompt(tok, chat_prompt([("user", "Tell me a story about a boat.")], False)),
                tokenize_prompt(tok, chat_prompt([("user", "Describe it.")], True))]
     features = [*ref.encode_images(torch.stack([real, noise]))]
     features = [features[0], None, features[1]]
     capacity = max(map(len, prompts)) + ref.num_image_tokens + steps
-    ref_pre, ort_pre = ref.prefill(prompts, features, capacity), ort.prefill(prompts, features, capacity)
-    agree = [a is None or torch.equal(a, b) for a, b in zip(ref_pre.kept_image_indices, ort_pre.kept_image_indices)]
+    ref_pre, other_pre = ref.prefill(prompts, features, capacity), other.prefill(prompts, features, capacity)
+    agree = [a is None or torch.equal(a, b) for a, b in zip(ref_pre.kept_image_indices, other_pre.kept_image_indices)]
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in
-                  zip(ref_pre.kept_image_indices, ort_pre.kept_image_indices) if a is not None)
+                  zip(ref_pre.kept_image_indices, other_pre.kept_image_indices) if a is not None)
     total = sum(len(a) for a in ref_pre.kept_image_indices if a is not None)
-    checks.append(check("prefill", "2 images + text-only", _diff(ref_pre.logits, ort_pre.logits, agree),
+    checks.append(check("prefill", "2 images + text-only", _diff(ref_pre.logits, other_pre.logits, agree),
                         overlap, total))
 
     worst, agreed, compared, tokens = 0.0, 0, 0, []
@@ -80,12 +88,12 @@ def validate_export(loaded: LoadedModel, export_dir: Path, tolerance: float, min
         token = ref_logits.argmax(-1)
         tokens.append(token)
         ref_logits, ref_keep = ref.decode_step(token, ref_pre.cache)
-        ort_logits, ort_keep = ort.decode_step(token, ort_pre.cache)
-        worst = max(worst, _diff(ref_logits, ort_logits, agree))
+        other_logits, other_keep = other.decode_step(token, other_pre.cache)
+        worst = max(worst, _diff(ref_logits, other_logits, agree))
         for b in range(len(prompts)):
             if agree[b]:
                 compared += 1
-                same = bool(ref_keep[b] == ort_keep[b])
+                same = bool(ref_keep[b] == other_keep[b])
                 agreed += same
                 agree[b] = same
     checks.append(check("decode", f"{steps} steps, paged KV", worst, agreed, compared))
@@ -93,12 +101,12 @@ def validate_export(loaded: LoadedModel, export_dir: Path, tolerance: float, min
     generated = [[int(t[b]) for t in tokens] for b in range(len(prompts))]
     seqs = [p + g for p, g in zip(prompts, generated)]
     starts = [len(p) for p in prompts]
-    ref_nc, ort_nc = ref.forward_no_cache(seqs, features, starts), ort.forward_no_cache(seqs, features, starts)
-    same_nc = [a == b for a, b in zip(ref_nc.generated_kept, ort_nc.generated_kept)]
-    checks.append(check("nocache", f"Eq. 12 after {steps} tokens", _diff(ref_nc.logits, ort_nc.logits, agree),
+    ref_nc, other_nc = ref.forward_no_cache(seqs, features, starts), other.forward_no_cache(seqs, features, starts)
+    same_nc = [a == b for a, b in zip(ref_nc.generated_kept, other_nc.generated_kept)]
+    checks.append(check("nocache", f"Eq. 12 after {steps} tokens", _diff(ref_nc.logits, other_nc.logits, agree),
                         sum(same_nc), len(same_nc)))
 
     text_only = [prompts[1]]
     checks.append(check("prefill", "text-only batch", _diff(ref.prefill(text_only, [None], capacity).logits,
-                                                             ort.prefill(text_only, [None], capacity).logits)))
+                                                             other.prefill(text_only, [None], capacity).logits)))
     return checks
