@@ -43,10 +43,14 @@ class BuildOptions:
     verbose: bool = False
 
 
-def network_mode(trt_major: int, export_dtype: str, precision: str) -> tuple[bool, list[str]]:
-    """(strongly typed?, builder precision flags) for building an export of `export_dtype` at `precision`."""
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+
+
+def network_mode(trt_major: int, export_dtype: str, precision: str) -> tuple[bool, list[str]]:
+    """(strongly typed?, builder precision flags) for building an export of `export_dtype` at `precision`."""
+    check_precision(precision)
     if precision == export_dtype:
         return True, []
     if trt_major >= 11:
@@ -131,8 +135,8 @@ class EngineBuilder:
 
         if options.plugins not in ("aot", "jit"):  # option errors first, whatever is installed
             raise ConfigError(f"unknown plugin implementation {options.plugins!r}", hint="choose aot or jit")
-        if options.precision not in (None, *PRECISIONS):
-            raise ConfigError(f"unknown precision {options.precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+        if options.precision is not None:
+            check_precision(options.precision)
         self.export_dir, self.options = Path(export_dir), options
         self.manifest = Manifest.read(self.export_dir)
         self.trt = trt = require_tensorrt()
