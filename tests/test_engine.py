@@ -164,6 +164,44 @@ def test_stream_yields_the_tokens_generate_gives(official_dir):
     assert engine.cache.used_bytes == 0
 
 
+def test_incremental_text_is_the_full_decode_at_every_step(official_dir):
+    """The engine detokenizes a few tokens per step; at every step its text must be what decoding the whole
+    answer gives (less a trailing partial character), and the final text exactly that."""
+    engine = Engine.from_path(official_dir)
+    tok = engine.tokenizer
+    ids = [engine.add_request(Request(prompt=p), SamplingParams(max_new_tokens=30, temperature=1.0, seed=s,
+                                                                 ignore_eos=True))
+           for s, p in enumerate(["Tell me a story.", "What?", "Describe the colors."])]
+    seqs = [engine.sequences[i] for i in ids]
+    while engine.has_unfinished():
+        engine.step()
+        for seq in seqs:
+            full = tok.decode(seq.generated, skip_special_tokens=True)
+            assert seq.text == (full if seq.status == Status.FINISHED else full.rstrip("\ufffd"))
+
+
+def test_incremental_text_keeps_spaces_and_waits_for_whole_characters():
+    """Llama's decoder pipeline (sentencepiece "▁" spaces, byte fallback, the first space stripped): decoding the
+    newest token alone would lose its word's space and emit half a character."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from dynllava.runtime.sequence import Sequence
+
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "!": 3, "<0xC3>": 4, "<0xA9>": 5}  # C3 A9 = "é"
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    seq = Sequence("r", [], None, None, SamplingParams(), None)
+    texts = []
+    for token in [1, 2, 4, 5, 3, 2]:
+        seq.generated.append(token)
+        seq.extend_text(tok)
+        texts.append(seq.text)
+    assert texts == ["Hello", "Hello world", "Hello world", "Hello worldé", "Hello worldé!", "Hello worldé! world"]
+
+
 def test_seed_reproduces_sampling_whatever_the_batch(official_dir):
     engine = Engine.from_path(official_dir)
     params = SamplingParams(max_new_tokens=16, temperature=1.3, top_k=50, top_p=0.9, repetition_penalty=1.2,

@@ -228,10 +228,9 @@ class Engine:
         seq.generated.append(token)
         p = seq.params
         eos = self.tokenizer.eos_token_id
-        seq.text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        stop_at = min((seq.text.find(s) for s in p.stop if s in seq.text), default=-1)
-        if stop_at >= 0:
-            seq.text, seq.finish_reason = seq.text[:stop_at], "stop"
+        seq.extend_text(self.tokenizer)
+        if any(s in seq.text for s in p.stop):
+            seq.finish_reason = "stop"
         elif token in p.stop_token_ids or (token == eos and not p.ignore_eos):
             seq.finish_reason = "stop"
         elif len(seq.generated) >= p.max_new_tokens:
@@ -241,6 +240,7 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         seq.finished_at = time.perf_counter()
+        seq.text = seq.final_text(self.tokenizer)
         st = seq.stats
         st.generated_tokens = len(seq.generated)
         if seq.first_token_at is not None and len(seq.generated) > 1:
@@ -280,8 +280,7 @@ class Engine:
                 for s, token in self.step():
                     if s is seq:
                         done = seq.status == Status.FINISHED
-                        stable = seq.stable_text()
-                        delta, sent = stable[len(sent):], stable
+                        delta, sent = seq.text[len(sent):], seq.text
                         yield StreamDelta(request_id, token, delta, done, seq.output() if done else None)
         finally:
             if seq.status != Status.FINISHED:  # the consumer stopped early: free the blocks

@@ -78,11 +78,15 @@ class Sequence:
     kv: SeqKV = field(default_factory=SeqKV)
     swapped: SwappedKV | None = None
     generated: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # while running: complete characters only (safe to stream); when finished: the final text
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     first_token_at: float | None = None
     finished_at: float | None = None
+    # incremental detokenization: text holds generated[:_read_offset]; generated[_prefix_offset:_read_offset] is
+    # decoded again with each new token so a word's leading space comes out as in a full decode
+    _prefix_offset: int = 0
+    _read_offset: int = 0
 
     @staticmethod
     def new_id() -> str:
@@ -92,10 +96,20 @@ class Sequence:
     def has_image(self) -> bool:
         return self.pixel_values is not None
 
-    def stable_text(self) -> str:
-        """Text safe to stream: a trailing partial UTF-8 character (U+FFFD until its bytes arrive) is held back
-        while the sequence runs."""
-        return self.text if self.status == Status.FINISHED else self.text.rstrip("\ufffd")
+    def extend_text(self, tokenizer: Any) -> None:
+        """Add the newest tokens' text (vLLM's incremental detokenization: a few tokens are decoded per step, not
+        the whole answer). Tokens ending in a partial UTF-8 character (U+FFFD until its bytes arrive) wait."""
+        prefix = tokenizer.decode(self.generated[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        window = tokenizer.decode(self.generated[self._prefix_offset:], skip_special_tokens=True)
+        if window.endswith("\ufffd"):
+            return
+        self.text += window[len(prefix):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.generated)
+
+    def final_text(self, tokenizer: Any) -> str:
+        """The whole answer decoded at once (exact, once per request), cut before the first stop string."""
+        text = tokenizer.decode(self.generated, skip_special_tokens=True)
+        return text[:min((text.find(s) for s in self.params.stop if s in text), default=len(text))]
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, list(self.prompt_ids), list(self.generated), self.text,

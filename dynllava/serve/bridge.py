@@ -101,9 +101,8 @@ class EngineLoop:
                     self.on_token(now - pending.last_token_at)
                 pending.last_token_at = now
                 done = seq.status == Status.FINISHED
-                stable = seq.stable_text()
-                self._send(pending, Delta(token, stable[len(pending.sent):]))
-                pending.sent = stable
+                self._send(pending, Delta(token, seq.text[len(pending.sent):]))
+                pending.sent = seq.text
                 if done:
                     self._finish(seq.request_id)
 
