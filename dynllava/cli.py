@@ -73,6 +73,11 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _check_empty(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+
+
 def _dir_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
@@ -98,8 +103,7 @@ def init_tiny_cmd(
     """Write a small deterministic Dynamic-LLaVA checkpoint (real structure, random weights) and an example image."""
     from dynllava.model.tiny import init_tiny, write_example_image
 
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    _check_empty(out, force)
     with console.status(f"building the {preset} model"):
         path = init_tiny(out, fmt=fmt, seed=seed, preset=preset, image_size=image_size, patch_size=patch_size,
                          hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
@@ -291,8 +295,7 @@ def export(
 
     cfg = ExportConfig(dtype=dtype, opset=opset, max_batch=max_batch, max_seq_len=max_seq_len, atol=atol,
                        validate=not no_validate)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    _check_empty(out, force)
     with console.status("loading the model"):
         loaded = load_model(model, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense))
@@ -365,11 +368,9 @@ def build_engine(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dynllava.engine.builder import BuildOptions, EngineBuilder
-    from dynllava.export.manifest import GRAPHS, Manifest
+    from dynllava.export.manifest import GRAPHS
 
-    Manifest.read(export_dir)  # a clear error for a wrong directory, before TensorRT is even looked for
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    _check_empty(out, force)
     options = BuildOptions(precision, max_batch, opt_batch, max_seq_len, block_size, timing_cache, workspace,
                            plugins, verbose)
     builder = EngineBuilder(export_dir, options)

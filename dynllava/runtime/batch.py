@@ -53,6 +53,15 @@ def decode_feeds(cache: PagedKVCache, seqs: list[SeqKV], tokens: np.ndarray) -> 
             "dense_block_tables": cache.table(seqs, "dense"), "sparse_block_tables": cache.table(seqs, "sparse")}
 
 
+def run_decode(executor, cache: PagedKVCache, seqs: list[SeqKV], tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One decode step (the new rows' slots already reserved): logits [B, V] and keep [B]; each sequence takes the
+    graph's new lengths (dense + 1, sparse + keep) and moves to the next position."""
+    logits, keep, dense_out, sparse_out = executor.decode(decode_feeds(cache, seqs, tokens), cache)
+    for b, seq in enumerate(seqs):
+        seq.dense_len, seq.sparse_len, seq.position = int(dense_out[b]), int(sparse_out[b]), seq.position + 1
+    return logits, keep
+
+
 def write_prefill(cache: PagedKVCache, seqs: list[SeqKV], lengths: np.ndarray, sparse_lengths: np.ndarray,
                   presents: list[np.ndarray]) -> None:
     """Copy each sequence's prompt K/V (presents [B, Hkv, S, Dh]) into its blocks."""
@@ -160,9 +169,7 @@ class BatchRunner:
         cache, seqs = batch.cache, batch.seqs
         for seq in seqs:
             cache.reserve(seq, seq.dense_len + 1, seq.sparse_len + 1)  # the slot the new row goes to
-        logits, keep, dense_out, sparse_out = self.executor.decode(decode_feeds(cache, seqs, token_ids.numpy()), cache)
-        for b, seq in enumerate(seqs):
-            seq.dense_len, seq.sparse_len, seq.position = int(dense_out[b]), int(sparse_out[b]), seq.position + 1
+        logits, keep = run_decode(self.executor, cache, seqs, token_ids.numpy())
         return torch.from_numpy(logits), torch.from_numpy(keep)
 
     def forward_no_cache(self, input_ids: list[list[int]], features: list[torch.Tensor | None],

@@ -20,7 +20,7 @@ import torch
 
 from dynllava.errors import ConfigError, InputError
 from dynllava.flops import kv_bytes
-from dynllava.runtime.batch import decode_feeds, executor_shape, prompt_feeds, write_prefill
+from dynllava.runtime.batch import executor_shape, prompt_feeds, run_decode, write_prefill
 from dynllava.runtime.kv_cache import PagedKVCache
 from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
 from dynllava.runtime.sampling import Sampler, SamplingParams
@@ -212,10 +212,8 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> np.ndarray:
         tokens = np.array([s.generated[-1] for s in seqs], dtype=np.int64)
-        logits, keep, dense_out, sparse_out = self.executor.decode(
-            decode_feeds(self.cache, [s.kv for s in seqs], tokens), self.cache)
+        logits, keep = run_decode(self.executor, self.cache, [s.kv for s in seqs], tokens)
         for b, s in enumerate(seqs):
-            s.kv.dense_len, s.kv.sparse_len, s.kv.position = int(dense_out[b]), int(sparse_out[b]), s.kv.position + 1
             s.stats.decided_tokens += 1
             s.stats.kept_tokens += int(keep[b])
         return logits
