@@ -107,6 +107,7 @@ class ExportConfig:
     max_seq_len: int = 4096
     atol: float | None = None  # validation tolerance; None = the dtype's default
     validate: bool = True
+    target: str = "onnxruntime"  # "onnxruntime": built graphs with ORT's fused ops; "tensorrt": portable graphs
 
     def __post_init__(self) -> None:
         if self.dtype not in _EXPORT_DTYPES:
@@ -115,6 +116,8 @@ class ExportConfig:
             raise ConfigError(f"opset must be in [17, 21], got {self.opset}")
         if self.max_batch < 1 or self.max_seq_len < 2:
             raise ConfigError("max_batch must be >= 1 and max_seq_len >= 2")
+        if self.target not in ("onnxruntime", "tensorrt"):
+            raise ConfigError(f"export target must be onnxruntime or tensorrt, got {self.target!r}")
         if self.atol is not None and not self.atol > 0:
             raise ConfigError(f"atol must be > 0, got {self.atol}")
 

@@ -45,10 +45,22 @@ def loaded(official_dir):
 
 @pytest.fixture(scope="session")
 def export_dir(loaded, tmp_path_factory):
+    """The portable graphs (target tensorrt: standard ops + our plugin ops, paged KV), run here by ONNX Runtime."""
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
 
     out = tmp_path_factory.mktemp("export") / "tiny"
+    export_model(loaded, out, ExportConfig(target="tensorrt"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fast_export_dir(loaded, tmp_path_factory):
+    """The default export (target onnxruntime: built graphs with ORT's fused ops, KV in per-sequence slots)."""
+    from dynllava.config import ExportConfig
+    from dynllava.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("export") / "tiny-fast"
     export_model(loaded, out, ExportConfig())
     return out
 

@@ -56,20 +56,26 @@ def _staggered(engine: Engine, arrivals: dict[int, list[int]], params: SamplingP
 ARRIVALS = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5], 11: [6, 7]}
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_continuous_batching_equals_each_request_alone(loaded, official_dir, export_dir, backend):
-    engine = Engine.from_path(official_dir if backend == "torch" else export_dir, backend)
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "onnxruntime-fast"])
+def test_continuous_batching_equals_each_request_alone(loaded, official_dir, export_dir, fast_export_dir, backend):
+    # onnxruntime: the portable graphs over the paged pool; onnxruntime-fast: the built graphs over per-sequence
+    # slots, where finished sequences make the engine move others into lower slots
+    path = {"torch": official_dir, "onnxruntime": export_dir, "onnxruntime-fast": fast_export_dir}[backend]
+    engine = Engine.from_path(path, backend.removesuffix("-fast"))
     got = _staggered(engine, ARRIVALS)
     for i, (text, seed) in enumerate(REQUESTS):
         assert got[i] == _alone(loaded, text, seed, GREEDY.max_new_tokens), f"request {i}"
     assert engine.stats().blocks_used == {"dense": 0, "sparse": 0}
 
 
-def test_preemption_by_swapping_keeps_outputs_exact(loaded, official_dir):
+@pytest.mark.parametrize("layout", ["paged", "slots"])
+def test_preemption_by_swapping_keeps_outputs_exact(loaded, official_dir, fast_export_dir, layout):
     # room for about two sequences, and admission told to expect no kept tokens: the engine over-admits, must
     # preempt (swap out) and resume, and that must not change a token
     params = SamplingParams(max_new_tokens=48, ignore_eos=True)
-    engine = Engine.from_path(official_dir, kv_cache_bytes=4 * 200 * 512, expected_keep_rate=0.0, block_size=4)
+    engine = Engine.from_path(official_dir if layout == "paged" else fast_export_dir,
+                              kv_cache_bytes=4 * 200 * 512, expected_keep_rate=0.0, block_size=4)
+    assert type(engine.cache).__name__ == {"paged": "PagedKVCache", "slots": "SlotKVCache"}[layout]
     row_bytes = engine.cache.block_bytes["sparse"] // (4 * 2)  # one layer's K+V row
     assert row_bytes == 512  # the budget above is ~200 rows in all 4 layers for each of ~2 sequences
     got = _staggered(engine, ARRIVALS, params)

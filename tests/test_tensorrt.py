@@ -140,7 +140,7 @@ def test_profiles_cover_real_feeds_and_order_min_opt_max(export_dir, ort_model, 
             for lo, opt, hi in graph_profile(manifest.graphs[graph], limits, label).values():
                 assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
     e = ort_model.executor
-    features = np.zeros((e.num_image_tokens, e.hidden_size), dtype=e.np_dtype)
+    features = np.zeros((e.info.num_image_tokens, e.info.hidden_size), dtype=e.info.np_dtype)
     with_image = [prompt_ids(loaded.tokenizer, "what is it?", True), prompt_ids(loaded.tokenizer, "hi", False)]
     text_only = [prompt_ids(loaded.tokenizer, "hello there", False)]
     for label, prompts, feats in (("image", with_image, [features, None]), ("text", text_only, [None])):

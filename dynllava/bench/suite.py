@@ -88,7 +88,7 @@ def kv_trace(make: Callable[[], Engine], new_tokens: int) -> list[tuple[int, int
     while engine.has_unfinished():
         engine.step()
         trace.append((len(seq.generated), kv_bytes(engine.shape, seq.kv.dense_len, seq.kv.sparse_len,
-                                                   engine.executor.np_dtype.itemsize)))
+                                                   engine.info.np_dtype.itemsize)))
     return trace
 
 
@@ -231,7 +231,7 @@ def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchC
     log("capacity under one KV budget")
     answer = cfg.answers[0]
     per_dense_seq = kv_bytes(shape, 64 + shape.num_image_tokens + answer, 64 + shape.num_image_tokens + answer,
-                             engines["dense"]().executor.np_dtype.itemsize)
+                             engines["dense"]().info.np_dtype.itemsize)
     budget = int(per_dense_seq * max(4, cfg.capacity_requests // 4))
     results["capacity"] = {"budget_bytes": budget, "requests": cfg.capacity_requests, "answer_tokens": answer,
                            **{m: capacity(engines[m], cfg.capacity_requests, answer, budget)

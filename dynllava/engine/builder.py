@@ -139,6 +139,10 @@ class EngineBuilder:
             check_precision(options.precision)
         self.export_dir, self.options = Path(export_dir), options
         self.manifest = Manifest.read(self.export_dir)
+        if self.manifest.target != "tensorrt":
+            raise ConfigError(f"{self.export_dir} holds graphs built for {self.manifest.target} (ONNX Runtime's fused "
+                              "ops); TensorRT builds from the portable graphs",
+                              hint="export again with `dynllava export MODEL -o OUT --target tensorrt`")
         self.trt = trt = require_tensorrt()
         self.major = major_version(trt)
         self.precision = options.precision or self.manifest.dtype

@@ -26,6 +26,7 @@ from dynllava.errors import DynLlavaError
 from dynllava.export.graphs import DecodeGraph, PrefillGraph, VisionGraph
 from dynllava.export.manifest import GRAPHS, GraphSpec, Manifest, TensorSpec
 from dynllava.export.ops import attach_functions
+from dynllava.export.ort_graphs import build_decode, build_prefill
 from dynllava.model.checkpoint import LoadedModel
 from dynllava.model.sparse_llama import DynamicLlava
 
@@ -123,6 +124,25 @@ def export_graph(plan: GraphPlan, path: Path, opset: int) -> GraphSpec:
     return GraphSpec(path.name, inputs, outs)
 
 
+def _value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    t = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+    return TensorSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims)
+
+
+def save_built_graph(proto: onnx.ModelProto, path: Path) -> GraphSpec:
+    """A graph built from the weights (export/ort_graphs.py): functions attached, saved."""
+    opset = next(o.version for o in proto.opset_import if o.domain == "")
+    attach_functions(proto, opset)
+    large = proto.ByteSize() > EXTERNAL_DATA_BYTES
+    onnx.save(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+              location=path.name + ".data")
+    # no onnx.checker here: it rejects ONNX Runtime's contrib ops in the default domain (SimplifiedLayerNormalization);
+    # export validation loads and runs the graph in ONNX Runtime instead
+    return GraphSpec(path.name, [_value_spec(v) for v in proto.graph.input],
+                     [_value_spec(v) for v in proto.graph.output], flavour="built")
+
+
 def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
                  on_graph: Callable[[str, float], None] | None = None) -> Manifest:
     """Write vision/prefill/nocache/decode graphs, tokenizer, processor and dynllava.json to OUT."""
@@ -135,9 +155,15 @@ def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     specs = {}
+    built = {"prefill": build_prefill, "decode": build_decode} if cfg.target == "onnxruntime" else {}
     for plan in plan_graphs(model):
         start = time.perf_counter()
-        specs[plan.name] = export_graph(plan, out / f"{plan.name}.onnx", cfg.opset)
+        path = out / f"{plan.name}.onnx"
+        if plan.name in built:  # ORT's fused ops; opset 18 at least (ReduceMean takes axes as an input)
+            proto = built[plan.name](model, np.dtype(_NP_DTYPES[cfg.torch_dtype]), max(cfg.opset, 18))
+            specs[plan.name] = save_built_graph(proto, path)
+        else:
+            specs[plan.name] = export_graph(plan, path, cfg.opset)
         if on_graph:
             on_graph(plan.name, time.perf_counter() - start)
     assert set(specs) == set(GRAPHS)
@@ -151,17 +177,28 @@ def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
                "patch_size": vision.patch_size, "num_image_tokens": model.num_image_tokens,
                "source": str(loaded.path), "source_layout": loaded.layout},
         sparse_config=model.sparse.to_dict(), dtype=cfg.dtype, opset=cfg.opset,
-        kv_cache={"layout": "paged", "groups": {"dense": list(range(model.sparse_layer)),
-                                                 "sparse": list(range(model.sparse_layer, model.num_layers))},
-                  "pool_shape": ["pool_blocks", "block_size", model.kv_heads, model.head_dim],
-                  "append": "KVCacheAppend writes at lengths[b]; lengths_out = lengths + keep (dense: + 1)",
-                  "in_place": "bind past.{i}.* and present.{i}.* to one buffer"},
+        kv_cache=_kv_layout(model, cfg.target),
         limits={"max_batch": cfg.max_batch, "max_seq_len": cfg.max_seq_len},
         graphs=specs,
         tokenizer={"dir": "tokenizer", "processor_dir": "processor", "chat_template": "vicuna_v1",
                    "image_aspect_ratio": loaded.image_aspect_ratio, "eos_token_id": loaded.tokenizer.eos_token_id,
                    "bos_token_id": loaded.tokenizer.bos_token_id, "image_placeholder": -200},
         producer={"name": "dynllava", "version": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
+        target=cfg.target,
     )
     manifest.write(out)
     return manifest
+
+
+def _kv_layout(model: DynamicLlava, target: str) -> dict:
+    groups = {"dense": list(range(model.sparse_layer)), "sparse": list(range(model.sparse_layer, model.num_layers))}
+    if target == "onnxruntime":
+        return {"layout": "slots", "groups": groups,
+                "buffer_shape": ["batch", model.kv_heads, "capacity", model.head_dim],
+                "append": "GroupQueryAttention writes the new row at {group}_seqlens[b]; lengths_out = seqlens + "
+                          "keep (dense: + 1)",
+                "in_place": "bind past.{i}.* and present.{i}.* to one buffer (slots 0..B-1 of the sequences)"}
+    return {"layout": "paged", "groups": groups,
+            "pool_shape": ["pool_blocks", "block_size", model.kv_heads, model.head_dim],
+            "append": "KVCacheAppend writes at lengths[b]; lengths_out = lengths + keep (dense: + 1)",
+            "in_place": "bind past.{i}.* and present.{i}.* to one buffer"}

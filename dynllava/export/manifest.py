@@ -11,9 +11,13 @@ from typing import Any
 
 from dynllava.errors import CheckpointError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 (no `target`, no graph `flavour`) is a portable export
 MANIFEST = "dynllava.json"
 GRAPHS = ("vision", "prefill", "nocache", "decode")
+# export targets: the graphs ONNX Runtime runs fastest (built with its fused ops, KV in per-sequence slots), or the
+# portable graphs (standard ops + our two plugin ops, paged KV) that `dynllava build-engine` turns into TensorRT
+TARGETS = ("onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class GraphSpec:
     file: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    flavour: str = "traced"  # "traced" (portable, from the torch modules) or "built" (ONNX Runtime's fused ops)
 
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -48,6 +53,11 @@ class Manifest:
     tokenizer: dict[str, Any]  # eos/bos/pad ids, chat template, image aspect ratio
     schema_version: int = SCHEMA_VERSION
     producer: dict[str, str] = field(default_factory=dict)
+    target: str = "tensorrt"  # see TARGETS
+
+    @property
+    def np_dtype(self) -> str:
+        return {"fp32": "float32", "fp16": "float16"}[self.dtype]
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST
@@ -68,12 +78,14 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
         version = raw.get("schema_version") if isinstance(raw, dict) else None
-        if version != SCHEMA_VERSION:
-            raise CheckpointError(f"{path} has schema_version {version!r}; this dynllava reads version "
-                                  f"{SCHEMA_VERSION}", hint="re-export the model with this version of dynllava")
+        if version not in READABLE_VERSIONS:
+            raise CheckpointError(f"{path} has schema_version {version!r}; this dynllava reads versions "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}",
+                                  hint="re-export the model with this version of dynllava")
         try:
             graphs = {name: GraphSpec(g["file"], [TensorSpec(**t) for t in g["inputs"]],
-                                      [TensorSpec(**t) for t in g["outputs"]]) for name, g in raw["graphs"].items()}
+                                      [TensorSpec(**t) for t in g["outputs"]], g.get("flavour", "traced"))
+                      for name, g in raw["graphs"].items()}
             manifest = cls(**{**raw, "graphs": graphs})
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{path} is malformed: {exc}") from exc

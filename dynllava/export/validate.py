@@ -96,7 +96,7 @@ def compare_models(ref, other, tokenizer, image_processor, image_aspect_ratio: s
                 same = bool(ref_keep[b] == other_keep[b])
                 agreed += same
                 agree[b] = same
-    checks.append(check("decode", f"{steps} steps, paged KV", worst, agreed, compared))
+    checks.append(check("decode", f"{steps} steps over the KV cache", worst, agreed, compared))
 
     generated = [[int(t[b]) for t in tokens] for b in range(len(prompts))]
     seqs = [p + g for p, g in zip(prompts, generated)]

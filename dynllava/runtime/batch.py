@@ -13,13 +13,14 @@ import torch
 from dynllava.errors import InputError
 from dynllava.flops import ModelShape
 from dynllava.model.sparse_llama import IMAGE_PLACEHOLDER, PrefillOutput
-from dynllava.runtime.kv_cache import PagedKVCache, SeqKV
+from dynllava.runtime.kv_ledger import KVLedger, SeqKV
 
 
 def prompt_feeds(executor, prompts: list[list[int]], features: list[np.ndarray | None]) -> dict[str, np.ndarray]:
     """Right-padded full-length ids, image rows and offsets for prefill/nocache. A text-only row must fit the
     reduced width S - N + k, so a mixed batch is padded by N - k; a text-only batch passes N = 0 image tokens."""
-    n = executor.num_image_tokens
+    info = executor.info
+    n = info.num_image_tokens
     any_image = any(f is not None for f in features)
     rows, offsets = [], []
     for ids, feat in zip(prompts, features):
@@ -34,11 +35,11 @@ def prompt_feeds(executor, prompts: list[list[int]], features: list[np.ndarray |
     lengths = [len(r) for r in rows]
     width = max(lengths)
     if any_image:
-        width = max([width] + [ln + n - executor.kept_image_tokens for ln, off in zip(lengths, offsets) if off < 0])
+        width = max([width] + [ln + n - info.kept_image_tokens for ln, off in zip(lengths, offsets) if off < 0])
     input_ids = np.zeros((len(rows), width), dtype=np.int64)
     for b, r in enumerate(rows):
         input_ids[b, : len(r)] = r
-    image_embeds = np.zeros((len(rows), n if any_image else 0, executor.hidden_size), dtype=executor.np_dtype)
+    image_embeds = np.zeros((len(rows), n if any_image else 0, info.hidden_size), dtype=info.np_dtype)
     for b, feat in enumerate(features):
         if feat is not None:
             image_embeds[b] = feat
@@ -46,23 +47,17 @@ def prompt_feeds(executor, prompts: list[list[int]], features: list[np.ndarray |
             "image_offsets": np.asarray(offsets, dtype=np.int64), "lengths": np.asarray(lengths, dtype=np.int64)}
 
 
-def decode_feeds(cache: PagedKVCache, seqs: list[SeqKV], tokens: np.ndarray) -> dict[str, np.ndarray]:
-    return {"input_ids": tokens.astype(np.int64), "positions": np.array([s.position for s in seqs], dtype=np.int64),
-            "dense_lengths": np.array([s.dense_len for s in seqs], dtype=np.int64),
-            "sparse_lengths": np.array([s.sparse_len for s in seqs], dtype=np.int64),
-            "dense_block_tables": cache.table(seqs, "dense"), "sparse_block_tables": cache.table(seqs, "sparse")}
-
-
-def run_decode(executor, cache: PagedKVCache, seqs: list[SeqKV], tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One decode step (the new rows' slots already reserved): logits [B, V] and keep [B]; each sequence takes the
-    graph's new lengths (dense + 1, sparse + keep) and moves to the next position."""
-    logits, keep, dense_out, sparse_out = executor.decode(decode_feeds(cache, seqs, tokens), cache)
+def run_decode(executor, cache: KVLedger, seqs: list[SeqKV], tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One decode step (the new rows' room already reserved; seqs in `cache.batch_order`): logits [B, V] and keep
+    [B], valid until the next step; each sequence takes the graph's new lengths (dense + 1, sparse + keep) and moves
+    to the next position."""
+    logits, keep, dense_out, sparse_out = executor.decode(tokens, seqs, cache)
     for b, seq in enumerate(seqs):
         seq.dense_len, seq.sparse_len, seq.position = int(dense_out[b]), int(sparse_out[b]), seq.position + 1
     return logits, keep
 
 
-def write_prefill(cache: PagedKVCache, seqs: list[SeqKV], lengths: np.ndarray, sparse_lengths: np.ndarray,
+def write_prefill(cache: KVLedger, seqs: list[SeqKV], lengths: np.ndarray, sparse_lengths: np.ndarray,
                   presents: list[np.ndarray]) -> None:
     """Copy each sequence's prompt K/V (presents [B, Hkv, S, Dh]) into its blocks."""
     for b, seq in enumerate(seqs):
@@ -77,15 +72,16 @@ def write_prefill(cache: PagedKVCache, seqs: list[SeqKV], lengths: np.ndarray, s
 
 def executor_shape(executor) -> ModelShape:
     """What the cost accounting (dynllava.flops) needs to know about the model an executor runs."""
-    e = executor
-    return ModelShape(e.name, e.hidden_size, e.num_layers, e.kv_heads, e.head_dim, e.num_image_tokens,
-                      e.sparse_layer, e.vision_keep_rate, e.output_text_keep_rate)
+    i = executor.info
+    return ModelShape(executor.name, i.hidden_size, i.num_layers, i.kv_heads, i.head_dim, i.num_image_tokens,
+                      i.sparse_layer, i.vision_keep_rate, i.output_text_keep_rate)
 
 
 def kv_budget(executor, sequences: int, rows: int) -> int:
     """Bytes that hold `sequences` sequences of `rows` rows in both layer groups (+ a block of room each)."""
-    layer_block = executor.kv_heads * executor.head_dim * 2 * executor.np_dtype.itemsize
-    return sequences * (rows + 16) * executor.num_layers * layer_block
+    i = executor.info
+    layer_block = i.kv_heads * i.head_dim * 2 * i.np_dtype.itemsize
+    return sequences * (rows + 16) * i.num_layers * layer_block
 
 
 @dataclass
@@ -97,7 +93,7 @@ class BatchCache:
     """A fixed batch's KV: the shared paged cache and one SeqKV per row (`.dense.lengths` / `.sparse.lengths` as
     the reference cache has them, for the statistics)."""
 
-    def __init__(self, cache: PagedKVCache, seqs: list[SeqKV]):
+    def __init__(self, cache: KVLedger, seqs: list[SeqKV]):
         self.cache, self.seqs = cache, seqs
 
     @property
@@ -123,21 +119,21 @@ class BatchRunner:
 
     def __init__(self, executor):
         self.executor = executor
-        e = executor
-        self.num_layers, self.sparse_layer, self.kv_heads, self.head_dim = (e.num_layers, e.sparse_layer,
-                                                                            e.kv_heads, e.head_dim)
-        self.hidden_size, self.num_image_tokens = e.hidden_size, e.num_image_tokens
-        self.dtype = torch.float16 if e.np_dtype == np.float16 else torch.float32
-        self.cost_shape = executor_shape(e)
+        i = executor.info
+        self.num_layers, self.sparse_layer, self.kv_heads, self.head_dim = (i.num_layers, i.sparse_layer,
+                                                                            i.kv_heads, i.head_dim)
+        self.hidden_size, self.num_image_tokens = i.hidden_size, i.num_image_tokens
+        self.dtype = torch.float16 if i.np_dtype == np.float16 else torch.float32
+        self.cost_shape = executor_shape(executor)
 
     def check_limits(self, batch: int, tokens: int) -> None:
         """The limits the model was exported for (dynllava.json), as clear errors."""
-        limits = self.executor.limits
-        if batch > limits["max_batch"]:
-            raise InputError(f"batch of {batch} exceeds the export's max_batch {limits['max_batch']}",
+        info = self.executor.info
+        if batch > info.max_batch:
+            raise InputError(f"batch of {batch} exceeds the export's max_batch {info.max_batch}",
                              hint="send fewer requests at once or re-export with a larger --max-batch")
-        if tokens > limits["max_seq_len"]:
-            raise InputError(f"{tokens} tokens exceed the export's max_seq_len {limits['max_seq_len']}",
+        if tokens > info.max_seq_len:
+            raise InputError(f"{tokens} tokens exceed the export's max_seq_len {info.max_seq_len}",
                              hint="shorten the prompt, lower --max-new-tokens or re-export with --max-seq-len")
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -156,9 +152,8 @@ class BatchRunner:
         feeds = prompt_feeds(self.executor, prompts, self._np(features))
         logits, kept, sparse_lengths, *presents = self.executor.prefill(feeds)
         e = self.executor
-        cache = PagedKVCache(e.num_layers, e.sparse_layer, e.kv_heads, e.head_dim,
-                             getattr(e, "block_size", self.block_size), kv_budget(e, len(prompts), capacity),
-                             e.np_dtype, getattr(e, "new_pool", None), getattr(e, "max_pool_blocks", None))
+        cache = e.new_kv_cache(e.info.block_size or self.block_size, kv_budget(e, len(prompts), capacity),
+                               len(prompts), capacity + 1)
         seqs = [SeqKV() for _ in prompts]
         write_prefill(cache, seqs, feeds["lengths"], sparse_lengths, presents)
         n_img = [self.num_image_tokens if off >= 0 else 0 for off in feeds["image_offsets"]]
@@ -168,9 +163,12 @@ class BatchRunner:
     def decode_step(self, token_ids: torch.Tensor, batch: BatchCache) -> tuple[torch.Tensor, torch.Tensor]:
         cache, seqs = batch.cache, batch.seqs
         for seq in seqs:
-            cache.reserve(seq, seq.dense_len + 1, seq.sparse_len + 1)  # the slot the new row goes to
-        logits, keep = run_decode(self.executor, cache, seqs, token_ids.numpy())
-        return torch.from_numpy(logits), torch.from_numpy(keep)
+            cache.reserve(seq, seq.dense_len + 1, seq.sparse_len + 1)  # room for the new row
+        order = cache.batch_order(seqs)  # a fixed batch keeps its slots: the identity
+        tokens = token_ids.numpy()[order]
+        logits, keep = run_decode(self.executor, cache, [seqs[i] for i in order], tokens)
+        undo = np.argsort(order)
+        return torch.from_numpy(logits[undo].copy()), torch.from_numpy(keep[undo].copy())
 
     def forward_no_cache(self, input_ids: list[list[int]], features: list[torch.Tensor | None],
                          generated_from: list[int]) -> NoCacheResult:

@@ -21,7 +21,6 @@ import torch
 from dynllava.errors import ConfigError, InputError
 from dynllava.flops import kv_bytes
 from dynllava.runtime.batch import executor_shape, prompt_feeds, run_decode, write_prefill
-from dynllava.runtime.kv_cache import PagedKVCache
 from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
 from dynllava.runtime.sampling import Sampler, SamplingParams
 from dynllava.runtime.scheduler import Scheduler
@@ -69,7 +68,8 @@ class Engine:
             if not 0 < kv_memory_fraction < 1:
                 raise ConfigError(f"kv_memory_fraction must be in (0, 1), got {kv_memory_fraction}")
             kv_cache_bytes = int(_memory_bytes() * kv_memory_fraction)
-        fixed = getattr(executor, "block_size", None)  # TensorRT engines are built for one block size
+        info = executor.info
+        fixed = info.block_size  # TensorRT engines are built for one block size
         if fixed is not None and block_size not in (None, fixed):
             raise ConfigError(f"the engine was built for KV blocks of {fixed} rows, not {block_size}",
                               hint="drop block_size or rebuild the engine with --block-size")
@@ -79,33 +79,34 @@ class Engine:
             raise ConfigError("max_batch, max_prefill_tokens and block_size must be >= 1")
         self.executor, self.tokenizer, self.image_processor = executor, tokenizer, image_processor
         self.image_aspect_ratio = image_aspect_ratio
-        e = executor
-        self.cache = PagedKVCache(e.num_layers, e.sparse_layer, e.kv_heads, e.head_dim, block_size,
-                                  kv_cache_bytes or DEFAULT_KV_BYTES, e.np_dtype, getattr(e, "new_pool", None),
-                                  getattr(e, "max_pool_blocks", None))
-        self.scheduler = Scheduler(self.cache, min(max_batch, e.limits["max_batch"]), max_prefill_tokens,
-                                   self._prompt_rows, self._final_rows)
+        self.info = info
+        max_batch = min(max_batch, info.max_batch)
+        self.cache = executor.new_kv_cache(block_size, kv_cache_bytes or DEFAULT_KV_BYTES, max_batch)
+        self.scheduler = Scheduler(self.cache, max_batch, max_prefill_tokens, self._prompt_rows, self._final_rows)
         # running estimate of the share of generated tokens the output predictor keeps (for admission)
-        self.keep_rate = e.output_text_keep_rate if e.output_predictor_on else 1.0
+        self.keep_rate = info.output_text_keep_rate if info.output_predictor_on else 1.0
         self._learn_keep_rate = expected_keep_rate is None
         if expected_keep_rate is not None:
             if not 0.0 <= expected_keep_rate <= 1.0:
                 raise ConfigError(f"expected_keep_rate must be in [0, 1], got {expected_keep_rate}")
             self.keep_rate = expected_keep_rate
         self._kept_total, self._decided_total = 0, 0
-        self.shape = executor_shape(e)
+        self.shape = executor_shape(executor)
         self.sequences: dict[str, Sequence] = {}
         self.throughput = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
     @classmethod
     def from_path(cls, path: str | Path, backend: str = "auto", *, predictors=None, vision_tower=None,
-                  sparse_overrides: dict[str, Any] | None = None, **engine_kwargs: Any) -> Engine:
+                  sparse_overrides: dict[str, Any] | None = None, threads: int | None = None,
+                  spinning: bool | None = None, **engine_kwargs: Any) -> Engine:
         """A checkpoint directory (torch backend), an export directory (onnxruntime backend) or an engine
-        directory from `dynllava build-engine` (tensorrt backend); "auto" picks by what the directory holds."""
+        directory from `dynllava build-engine` (tensorrt backend); "auto" picks by what the directory holds.
+        threads / spinning: ONNX Runtime's intra-op threads (default: the CPUs available) and whether idle threads
+        spin (default off)."""
         from dynllava.runtime.loading import open_model
 
         opened = open_model(path, backend, predictors=predictors, vision_tower=vision_tower,
-                            sparse_overrides=sparse_overrides)
+                            sparse_overrides=sparse_overrides, ort_options={"threads": threads, "spinning": spinning})
         return cls(opened.executor, opened.tokenizer, opened.image_processor, opened.image_aspect_ratio,
                    **engine_kwargs)
 
@@ -130,9 +131,9 @@ class Engine:
         if request_id in self.sequences:
             raise InputError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, None, pixels, params, Sampler(params))
-        full = len(ids) + (self.executor.num_image_tokens - 1 if has_image else 0)
+        full = len(ids) + (self.info.num_image_tokens - 1 if has_image else 0)
         total = full + params.max_new_tokens
-        limit = min(self.executor.max_positions, self.executor.limits["max_seq_len"])
+        limit = min(self.info.max_positions, self.info.max_seq_len)
         if total > limit:
             raise InputError(f"prompt ({full} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"model's {limit} positions", hint="shorten the prompt or lower max_new_tokens")
@@ -140,7 +141,7 @@ class Engine:
             raise InputError(f"a request of {total} tokens does not fit the KV budget of "
                              f"{self.cache.budget_bytes} bytes even alone", hint="raise the KV budget")
         seq.stats.prompt_tokens = full
-        seq.stats.image_tokens = self.executor.num_image_tokens if has_image else 0
+        seq.stats.image_tokens = self.info.num_image_tokens if has_image else 0
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -173,22 +174,34 @@ class Engine:
         start = time.perf_counter()
         if kind == "prefill":
             logits = self._prefill(seqs)
-            self.throughput["prefill_tokens"] += sum(s.stats.prompt_tokens for s in seqs)
-            self.throughput["prefill_s"] += time.perf_counter() - start
         else:
-            logits = self._decode(seqs)
-            self.throughput["decode_tokens"] += len(seqs)
-            self.throughput["decode_s"] += time.perf_counter() - start
-        events = []
-        for seq, row in zip(seqs, logits):
-            token = seq.sampler(torch.from_numpy(row), seq.prompt_ids + seq.generated)
+            seqs, logits = self._decode(seqs)
+        events = [(seq, token) for seq, token in zip(seqs, self._sample(seqs, logits))]
+        for seq, token in events:
             self._append(seq, token)
-            events.append((seq, token))
+        # the step's whole time (graphs, sampling, detokenization), as a serving loop sees it
+        done = time.perf_counter() - start
+        if kind == "prefill":
+            self.throughput["prefill_tokens"] += sum(s.stats.prompt_tokens for s in seqs)
+            self.throughput["prefill_s"] += done
+        else:
+            self.throughput["decode_tokens"] += len(seqs)
+            self.throughput["decode_s"] += done
         return events
+
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits: np.ndarray) -> list[int]:
+        """Next tokens: one vectorised argmax for the plain greedy rows, each sequence's sampler for the rest."""
+        tokens = logits.argmax(-1).tolist()
+        for b, seq in enumerate(seqs):
+            p = seq.params
+            if not (p.greedy and p.repetition_penalty == 1.0):
+                tokens[b] = seq.sampler(torch.from_numpy(logits[b]), seq.prompt_ids + seq.generated)
+        return tokens
 
     def _prompt_rows(self, seq: Sequence) -> tuple[int, int]:
         full = seq.stats.prompt_tokens
-        drop = (self.executor.num_image_tokens - self.executor.kept_image_tokens) if seq.has_image else 0
+        drop = (self.info.num_image_tokens - self.info.kept_image_tokens) if seq.has_image else 0
         return full, full - drop
 
     def _final_rows(self, seq: Sequence) -> tuple[int, int]:
@@ -210,13 +223,15 @@ class Engine:
             s.features = None  # no longer needed; a preempted sequence is swapped, not recomputed
         return logits
 
-    def _decode(self, seqs: list[Sequence]) -> np.ndarray:
-        tokens = np.array([s.generated[-1] for s in seqs], dtype=np.int64)
+    def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], np.ndarray]:
+        """One decode step over the running sequences, in the order the cache runs them; (that order, logits)."""
+        seqs = [seqs[i] for i in self.cache.batch_order([s.kv for s in seqs])]
+        tokens = np.fromiter((s.generated[-1] for s in seqs), np.int64, len(seqs))
         logits, keep = run_decode(self.executor, self.cache, [s.kv for s in seqs], tokens)
-        for b, s in enumerate(seqs):
+        for s, kept in zip(seqs, keep.tolist()):
             s.stats.decided_tokens += 1
-            s.stats.kept_tokens += int(keep[b])
-        return logits
+            s.stats.kept_tokens += kept
+        return seqs, logits
 
     def _append(self, seq: Sequence, token: int) -> None:
         now = time.perf_counter()
@@ -244,7 +259,7 @@ class Engine:
         if seq.first_token_at is not None and len(seq.generated) > 1:
             st.decode_tokens_per_s = (len(seq.generated) - 1) / max(seq.finished_at - seq.first_token_at, 1e-9)
         if seq.status != Status.SWAPPED and seq.kv.dense_len:
-            itemsize = self.executor.np_dtype.itemsize
+            itemsize = self.info.np_dtype.itemsize
             st.kv_bytes = kv_bytes(self.shape, seq.kv.dense_len, seq.kv.sparse_len, itemsize)
             st.kv_bytes_dense = kv_bytes(self.shape, seq.kv.dense_len, seq.kv.dense_len, itemsize)
         if st.decided_tokens and self._learn_keep_rate:

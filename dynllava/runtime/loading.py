@@ -47,8 +47,10 @@ def _open_graphs(path: Path, runner: Any, backend: str) -> OpenModel:
                      info["image_aspect_ratio"], manifest.model["max_position_embeddings"], backend)
 
 
-def open_model(path: str | Path, backend: str = "auto", **load_kwargs: Any) -> OpenModel:
-    """load_kwargs (predictors, vision_tower, sparse_overrides) apply to checkpoints on the torch backend."""
+def open_model(path: str | Path, backend: str = "auto", ort_options: dict[str, Any] | None = None,
+               **load_kwargs: Any) -> OpenModel:
+    """load_kwargs (predictors, vision_tower, sparse_overrides) apply to checkpoints on the torch backend;
+    ort_options (threads, spinning) to ONNX Runtime sessions."""
     path = Path(path)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
@@ -64,7 +66,7 @@ def open_model(path: str | Path, backend: str = "auto", **load_kwargs: Any) -> O
                              "backend runs exported graphs", hint=f"run `dynllava export {path} -o OUT` first")
         from dynllava.runtime.batch import OnnxRuntimeModel
 
-        return _open_graphs(path, OnnxRuntimeModel(path), backend)
+        return _open_graphs(path, OnnxRuntimeModel(path, **(ort_options or {})), backend)
     if backend == "tensorrt":
         if not engine:
             raise InputError(f"{path} is not an engine directory (no engine.json); the tensorrt backend runs "

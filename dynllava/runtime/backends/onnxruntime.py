@@ -1,21 +1,34 @@
 """Executes an export directory's graphs with ONNX Runtime. Every graph and tensor name comes from dynllava.json.
 
-The KV pools live in host memory (runtime/kv_cache.py). ONNX Runtime reads them without a copy, and the decode
-graph's KVCacheAppend (a ScatterND) writes the new rows in place because past.{i}.* and present.{i}.* are bound to
-the same buffer with IOBinding. The CUDA execution provider is chosen when onnxruntime-gpu sees a GPU (the pools
-then still live in host memory).
+Two KV layouts, as the export's target says (`kv_cache.layout`):
+* "slots" (target onnxruntime, the default): the built graphs with GroupQueryAttention read and write one
+  contiguous slot per sequence (runtime/kv_slots.py); past.{i}.* and present.{i}.* are bound to `buffer[:B]`.
+* "paged" (target tensorrt, the portable graphs): block pools (runtime/kv_cache.py); the decode graph's
+  KVCacheAppend (a ScatterND) writes the new rows in place because past and present are bound to one buffer.
+
+The step loop is lean: the KV buffers are wrapped and bound once per batch size, only the small inputs are rebound
+each step, and the small outputs land in preallocated arrays (the KV outputs are never fetched). The CUDA execution
+provider is chosen when onnxruntime-gpu sees a GPU (the KV buffers then still live in host memory).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from dynllava.errors import CheckpointError
+from dynllava.errors import CheckpointError, ConfigError
 from dynllava.export.manifest import Manifest
-from dynllava.runtime.backends.facts import set_model_facts
-from dynllava.runtime.kv_cache import PagedKVCache
+from dynllava.runtime.kv_cache import PagedKVCache, paged_decode_feeds
+from dynllava.runtime.kv_ledger import KVLedger, SeqKV
+from dynllava.runtime.kv_slots import SlotKVCache
+from dynllava.runtime.model_info import SLOTS, ModelInfo
+
+# Measured on the 7B-shaped preset, 2-core CPU (../shared/ort-fast-path-notes.md): spinning threads lost 2.3x when
+# the machine had other load and gained little when idle, so they are off by default.
+DEFAULT_SPINNING = False
 
 
 def _providers() -> list[str]:
@@ -24,19 +37,41 @@ def _providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def session_options(threads: int | None = None, spinning: bool | None = None):
+    """ONNX Runtime session options: intra-op threads (default: the CPUs this process may use) and spinning."""
+    import onnxruntime as ort
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"ORT threads must be >= 1, got {threads}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    spin = DEFAULT_SPINNING if spinning is None else spinning
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return options
+
+
+class _Bound:
+    """One batch size's decode binding: KV buffers bound once, small outputs in preallocated arrays."""
+
+    def __init__(self, binding: Any, outputs: list[np.ndarray], values: list[Any]):
+        self.binding, self.outputs, self.values = binding, outputs, values
+
+
 class OrtExecutor:
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 spinning: bool | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
         self.manifest = Manifest.read(self.path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        self.info = ModelInfo.from_manifest(self.manifest)
         self.providers = providers or _providers()
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self.spinning = DEFAULT_SPINNING if spinning is None else spinning
+        options = session_options(threads, spinning)
         self.sessions = {}
         for name, spec in self.manifest.graphs.items():
             file = self.path / spec.file
@@ -46,14 +81,27 @@ class OrtExecutor:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise CheckpointError(f"cannot load graph {file}: {first}",
                                       hint="the file may be truncated or corrupt; re-export the model") from exc
-        set_model_facts(self, self.manifest)
-        names = self.manifest.graphs["decode"]
-        self._past = [t.name for t in names.inputs if t.name.startswith("past.")]
-        self._present = [t.name for t in names.outputs if t.name.startswith("present.")]
-        self._small_outputs = [n for n in names.output_names() if not n.startswith("present.")]
+        decode = self.manifest.graphs["decode"]
+        self._past = [t.name for t in decode.inputs if t.name.startswith("past.")]
+        self._present = [t.name for t in decode.outputs if t.name.startswith("present.")]
+        self._small = [t for t in decode.outputs if not t.name.startswith("present.")]
+        self._vocab = self.manifest.model["vocab_size"]
+        self._bound: dict[int, _Bound] = {}
+        self._bound_cache: KVLedger | None = None
+
+    def new_kv_cache(self, block_size: int, budget_bytes: int, max_sequences: int,
+                     max_rows: int | None = None) -> KVLedger:
+        """The cache this export's decode graph runs on; max_rows: rows one sequence may hold (default: the
+        export's max_seq_len + 1; sizes a slot)."""
+        i = self.info
+        if i.kv_layout == SLOTS:
+            return SlotKVCache(i.num_layers, i.sparse_layer, i.kv_heads, i.head_dim, block_size, budget_bytes,
+                               i.np_dtype, min(max_sequences, i.max_batch), max_rows or i.max_seq_len + 1)
+        return PagedKVCache(i.num_layers, i.sparse_layer, i.kv_heads, i.head_dim, block_size, budget_bytes,
+                            i.np_dtype)
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.sessions["vision"].run(None, {"pixel_values": pixel_values.astype(self.np_dtype)})[0]
+        return self.sessions["vision"].run(None, {"pixel_values": pixel_values.astype(self.info.np_dtype)})[0]
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions["prefill"].run(None, feeds)
@@ -61,19 +109,52 @@ class OrtExecutor:
     def nocache(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions["nocache"].run(None, feeds)
 
-    def decode(self, feeds: dict[str, np.ndarray], cache: PagedKVCache) -> list[np.ndarray]:
-        """logits, keep, dense_lengths_out, sparse_lengths_out; the pools are updated in place."""
+    def decode(self, tokens: np.ndarray, seqs: list[SeqKV], cache: KVLedger) -> list[np.ndarray]:
+        """logits, keep, dense_lengths_out, sparse_lengths_out for a batch in `cache.batch_order`; the KV is
+        updated in place. The arrays are reused by the next step: read them before."""
+        if isinstance(cache, SlotKVCache):
+            feeds = _slot_feeds(seqs, tokens)
+        else:
+            feeds = paged_decode_feeds(cache, seqs, tokens)
+        bound = self._bind(cache, len(seqs))
+        for name, value in feeds.items():
+            bound.binding.bind_cpu_input(name, value)
+        self.sessions["decode"].run_with_iobinding(bound.binding)
+        return bound.outputs
+
+    def _bind(self, cache: KVLedger, batch: int) -> _Bound:
         import onnxruntime as ort
 
-        session = self.sessions["decode"]
-        binding = session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self._small_outputs:  # bound first: get_outputs() keeps binding order
-            binding.bind_output(name, "cpu")
-        values = cache.__dict__.setdefault("ort_values", [ort.OrtValue.ortvalue_from_numpy(p) for p in cache.pools])
+        if cache is not self._bound_cache:  # a new cache: forget the old buffers
+            self._bound, self._bound_cache = {}, cache
+        if batch in self._bound:
+            return self._bound[batch]
+        binding = self.sessions["decode"].io_binding()
+        if isinstance(cache, SlotKVCache):
+            views = [buffer[:batch] for buffer in cache.buffers]  # slots 0..B-1: contiguous
+        else:
+            views = cache.pools
+        values = [ort.OrtValue.ortvalue_from_numpy(v) for v in views]
         for p_in, p_out, value in zip(self._past, self._present, values):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)
-        session.run_with_iobinding(binding)
-        return [v.numpy() for v in binding.get_outputs()[: len(self._small_outputs)]]
+        outputs = []
+        for spec in self._small:
+            shape = [batch, self._vocab] if spec.name == "logits" else [batch]
+            array = np.empty(shape, dtype=spec.dtype)
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            binding.bind_ortvalue_output(spec.name, value)
+            values.append(value)
+            outputs.append(array)
+        self._bound[batch] = _Bound(binding, outputs, values)
+        return self._bound[batch]
+
+
+def _slot_feeds(seqs: list[SeqKV], tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """The built decode graph's small inputs: GroupQueryAttention's seqlens (rows held) and totals per group."""
+    dense = np.fromiter((s.dense_len for s in seqs), np.int32, len(seqs))
+    sparse = np.fromiter((s.sparse_len for s in seqs), np.int32, len(seqs))
+    positions = np.fromiter((s.position for s in seqs), np.int64, len(seqs))[:, None]
+    return {"input_ids": tokens.astype(np.int64, copy=False), "position_ids": positions,
+            "dense_seqlens": dense, "dense_total": np.array(dense.max() + 1, np.int32),
+            "sparse_seqlens": sparse, "sparse_total": np.array(sparse.max() + 1, np.int32)}

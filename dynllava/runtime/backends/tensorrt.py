@@ -5,7 +5,7 @@ executor. TensorRT is imported when an executor is created, never at module impo
   with / without an image), vision and decode one each.
 * Bindings are torch CUDA tensors; the small outputs come back to the host as numpy, the prefill K/V stay on the
   GPU and are copied into the pools there.
-* The KV pools are torch CUDA tensors owned by this executor (`new_pool`); the decode engine's past.{i}.* input and
+* The KV pools are torch CUDA tensors owned by this executor (`new_kv_cache`); the decode engine's past.{i}.* input and
   present.{i}.* output are bound to the same pool, and KVCacheAppend (aliased plugin I/O) writes one row per
   sequence into it in place.
 * Engines built with JIT plugins need dynllava's Python plugins registered first; AOT engines carry their kernels.
@@ -22,13 +22,12 @@ from dynllava.engine.engine_manifest import EngineManifest
 from dynllava.engine.shapes import PROFILES
 from dynllava.errors import CheckpointError, MissingDependency
 from dynllava.export.manifest import Manifest
-from dynllava.runtime.backends.facts import set_model_facts
-from dynllava.runtime.kv_cache import PagedKVCache
+from dynllava.runtime.kv_cache import PagedKVCache, SeqKV, paged_decode_feeds
+from dynllava.runtime.model_info import ModelInfo
 
 
 class TensorRTExecutor:
     name = "tensorrt"
-    np_dtype: np.dtype  # set with the other model facts by set_model_facts
 
     def __init__(self, path: str | Path):
         import torch
@@ -46,10 +45,10 @@ class TensorRTExecutor:
 
             register_plugins()
         self.manifest = Manifest.read(self.path, check_files=False)
-        set_model_facts(self, self.manifest)
         limits = self.engine_manifest.limits
-        self.limits = {"max_batch": limits["max_batch"], "max_seq_len": limits["max_seq_len"]}
-        self.block_size, self.max_pool_blocks = limits["block_size"], limits["max_pool_blocks"]
+        self.info = ModelInfo.from_manifest(self.manifest, max_batch=limits["max_batch"],
+                                            max_seq_len=limits["max_seq_len"], block_size=limits["block_size"],
+                                            max_pool_blocks=limits["max_pool_blocks"])
         self.device = torch.device("cuda")
         self.stream = torch.cuda.Stream()
         self._dtypes = torch_dtypes(trt)
@@ -75,9 +74,14 @@ class TensorRTExecutor:
         self._present = [t.name for t in names.outputs if t.name.startswith("present.")]
 
     # ------------------------------------------------------------------ pools
-    def new_pool(self, shape: tuple, dtype: np.dtype) -> Any:
-        """A KV pool on the GPU (PagedKVCache's pool_factory; PagedKVCache keeps it within max_pool_blocks, the
-        decode engine's profile)."""
+    def new_kv_cache(self, block_size: int, budget_bytes: int, max_sequences: int,
+                     max_rows: int | None = None) -> PagedKVCache:
+        """Paged KV with the pools on the GPU, within max_pool_blocks (the decode engine's profile)."""
+        i = self.info
+        return PagedKVCache(i.num_layers, i.sparse_layer, i.kv_heads, i.head_dim, block_size, budget_bytes,
+                            i.np_dtype, self._new_pool, i.max_pool_blocks)
+
+    def _new_pool(self, shape: tuple, dtype: np.dtype) -> Any:
         import torch
 
         return torch.zeros(shape, dtype=torch.float16 if dtype == np.float16 else torch.float32, device=self.device)
@@ -114,7 +118,7 @@ class TensorRTExecutor:
         return outputs
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        out = self._run("vision", "default", {"pixel_values": pixel_values.astype(self.np_dtype)})
+        out = self._run("vision", "default", {"pixel_values": pixel_values.astype(self.info.np_dtype)})
         return out[0].cpu().numpy()
 
     def _prompt(self, graph: str, feeds: dict[str, np.ndarray], to_host: int) -> list:
@@ -131,9 +135,9 @@ class TensorRTExecutor:
     def nocache(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._prompt("nocache", feeds, 3)
 
-    def decode(self, feeds: dict[str, np.ndarray], cache: PagedKVCache) -> list[np.ndarray]:
+    def decode(self, tokens: np.ndarray, seqs: list[SeqKV], cache: PagedKVCache) -> list[np.ndarray]:
         """logits, keep, dense_lengths_out, sparse_lengths_out; the pools are updated in place."""
-        inputs: dict[str, Any] = dict(feeds)
+        inputs: dict[str, Any] = dict(paged_decode_feeds(cache, seqs, tokens))
         inputs.update(zip(self._past, cache.pools))
         outs = self._run("decode", "default", inputs, dict(zip(self._present, cache.pools)))
         return [o.cpu().numpy() for o in outs[:4]]

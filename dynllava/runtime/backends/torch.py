@@ -7,12 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynllava.config import keep_count
 from dynllava.export.graphs import DecodeGraph, PrefillGraph, VisionGraph
 from dynllava.model.sparse_llama import DynamicLlava
-from dynllava.runtime.kv_cache import PagedKVCache
-
-_NP = {torch.float32: np.float32, torch.float16: np.float16}
+from dynllava.runtime.kv_cache import PagedKVCache, SeqKV, paged_decode_feeds
+from dynllava.runtime.model_info import ModelInfo
 
 
 class TorchExecutor:
@@ -22,16 +20,14 @@ class TorchExecutor:
         self.model = model.eval()
         self.graphs = {"vision": VisionGraph(model), "prefill": PrefillGraph(model, with_cache=True),
                        "nocache": PrefillGraph(model, with_cache=False), "decode": DecodeGraph(model, in_place=True)}
-        text = model.config.text_config
-        self.num_layers, self.sparse_layer = model.num_layers, model.sparse_layer
-        self.kv_heads, self.head_dim, self.hidden_size = model.kv_heads, model.head_dim, text.hidden_size
-        self.num_image_tokens, self.max_positions = model.num_image_tokens, text.max_position_embeddings
-        self.np_dtype = np.dtype(_NP[model.dtype])
-        self.vision_keep_rate = model.sparse.vision_keep_rate if model.sparse.use_vision_predictor else 1.0
-        self.kept_image_tokens = keep_count(self.vision_keep_rate, self.num_image_tokens)
-        self.output_text_keep_rate = model.sparse.output_text_keep_rate
-        self.output_predictor_on = model.output_predictor_on
-        self.limits = {"max_batch": 1 << 30, "max_seq_len": self.max_positions}
+        self.info = ModelInfo.from_model(model)
+        self._views: tuple[PagedKVCache, list[torch.Tensor]] | None = None
+
+    def new_kv_cache(self, block_size: int, budget_bytes: int, max_sequences: int,
+                     max_rows: int | None = None) -> PagedKVCache:
+        i = self.info
+        return PagedKVCache(i.num_layers, i.sparse_layer, i.kv_heads, i.head_dim, block_size, budget_bytes,
+                            i.np_dtype)
 
     @torch.no_grad()
     def _run(self, name: str, *args: np.ndarray) -> list[np.ndarray]:
@@ -39,7 +35,7 @@ class TorchExecutor:
         return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._run("vision", pixel_values.astype(self.np_dtype))[0]
+        return self._run("vision", pixel_values.astype(self.info.np_dtype))[0]
 
     def prefill(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._run("prefill", *(feeds[n] for n in self.graphs["prefill"].input_names))
@@ -48,9 +44,12 @@ class TorchExecutor:
         return self._run("nocache", *(feeds[n] for n in self.graphs["nocache"].input_names))
 
     @torch.no_grad()
-    def decode(self, feeds: dict[str, np.ndarray], cache: PagedKVCache) -> list[np.ndarray]:
+    def decode(self, tokens: np.ndarray, seqs: list[SeqKV], cache: PagedKVCache) -> list[np.ndarray]:
+        """logits, keep, dense_lengths_out, sparse_lengths_out; the pools are written in place."""
         graph = self.graphs["decode"]
-        pools = cache.__dict__.setdefault("torch_views", [torch.from_numpy(p) for p in cache.pools])
+        if self._views is None or self._views[0] is not cache:  # torch views of the pools, made once per cache
+            self._views = (cache, [torch.from_numpy(p) for p in cache.pools])
+        feeds = paged_decode_feeds(cache, seqs, tokens)
         small = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in graph.input_names[:6]]
-        out = graph(*small, *pools)
+        out = graph(*small, *self._views[1])
         return [t.numpy() for t in out[:4]]

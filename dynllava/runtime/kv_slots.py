@@ -1,0 +1,115 @@
+"""KV in one contiguous slot per sequence per layer (the layout ONNX Runtime's GroupQueryAttention reads: batch row b
+is buffer row b), with memory that still follows what the predictors keep (the idea of vAttention: contiguous
+virtual KV, physical memory on demand).
+
+* Each layer's K and V buffer `[max_slots, Hkv, capacity, Dh]` is reserved as virtual memory (an anonymous mapping,
+  no swap reserved); the OS maps a page when a row is first written, so a sequence costs the rows it holds, and the
+  sparse layers hold only the kept tokens.
+* A freed slot's pages go back to the OS at once (`madvise(MADV_DONTNEED)`); slots are handed out lowest first.
+* A decode batch of B sequences must sit in slots 0..B-1 (the graph's past is `buffer[:B]`, one contiguous view):
+  `batch_order` moves a sequence from a higher slot into a free low one (copying its live rows, only when the
+  running set changed) and returns the batch order.
+* The byte budget and admission are the ledger's (runtime/kv_ledger.py), as for the paged cache.
+"""
+
+from __future__ import annotations
+
+import heapq
+import mmap
+import sys
+
+import numpy as np
+
+from dynllava.runtime.kv_ledger import KVCacheFull, KVLedger, SeqKV
+
+PAGE = mmap.PAGESIZE
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+
+
+class VirtualArray:
+    """A zero-initialised numpy array over an anonymous mapping whose pages can be handed back."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype):
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self._map = mmap.mmap(-1, max(nbytes, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+        self.array = np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def release(self, start: int, length: int) -> None:
+        """Give the pages of bytes [start, start + length) back to the OS (they read as zeros afterwards)."""
+        first, last = -(-start // PAGE) * PAGE, (start + length) // PAGE * PAGE
+        if last > first and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+class SlotKVCache(KVLedger):
+    def __init__(self, num_layers: int, sparse_layer: int, kv_heads: int, head_dim: int, block_size: int,
+                 budget_bytes: int, dtype: np.dtype, max_slots: int, capacity: int):
+        """capacity: rows a slot holds per layer (the longest sequence); rounded up to whole pages per head."""
+        dtype = np.dtype(dtype)
+        super().__init__(num_layers, sparse_layer, block_size * kv_heads * head_dim * 2 * dtype.itemsize,
+                         block_size, budget_bytes)
+        page_rows = max(1, PAGE // (head_dim * dtype.itemsize))
+        self.capacity = -(-capacity // page_rows) * page_rows
+        self.max_slots = max_slots
+        self.slot_bytes = kv_heads * self.capacity * head_dim * dtype.itemsize
+        shape = (max_slots, kv_heads, self.capacity, head_dim)
+        self._memory = [VirtualArray(shape, dtype) for _ in range(2 * num_layers)]
+        self.buffers = [m.array for m in self._memory]  # per layer: K, V
+        self._free_slots = list(range(max_slots))  # a heap: lowest slot first
+
+    def can_reserve(self, seq: SeqKV, dense_rows: int, sparse_rows: int) -> bool:
+        return (seq.slot is not None or bool(self._free_slots)) and max(dense_rows, sparse_rows) <= self.capacity \
+            and super().can_reserve(seq, dense_rows, sparse_rows)
+
+    def reserve(self, seq: SeqKV, dense_rows: int, sparse_rows: int) -> None:
+        if seq.slot is None and not self._free_slots:
+            raise KVCacheFull(f"all {self.max_slots} sequence slots are in use", hint="lower the batch size")
+        if max(dense_rows, sparse_rows) > self.capacity:
+            raise KVCacheFull(f"{max(dense_rows, sparse_rows)} rows exceed a slot's {self.capacity}",
+                              hint="shorten the request or re-export with a larger --max-seq-len")
+        super().reserve(seq, dense_rows, sparse_rows)
+        if seq.slot is None:
+            seq.slot = heapq.heappop(self._free_slots)
+
+    def free(self, seq: SeqKV) -> None:
+        super().free(seq)
+        if seq.slot is not None:
+            self._release(seq.slot)
+            seq.slot = None
+
+    def _release(self, slot: int) -> None:
+        for memory in self._memory:
+            memory.release(slot * self.slot_bytes, self.slot_bytes)
+        heapq.heappush(self._free_slots, slot)
+
+    def batch_order(self, seqs: list[SeqKV]) -> list[int]:
+        """Move sequences so that exactly slots 0..B-1 hold these B sequences; return their order by slot."""
+        b = len(seqs)
+        held = {s.slot for s in seqs}
+        if None in held:
+            raise KVCacheFull("a sequence in the decode batch holds no slot")
+        for seq, hole in zip([s for s in seqs if s.slot >= b], sorted(set(range(b)) - held)):
+            self._move(seq, hole)
+        return sorted(range(b), key=lambda i: seqs[i].slot)
+
+    def _move(self, seq: SeqKV, slot: int) -> None:
+        if slot not in self._free_slots:
+            raise KVCacheFull(f"slot {slot} is held by a sequence outside the decode batch")
+        self._free_slots.remove(slot)
+        heapq.heapify(self._free_slots)
+        for layer in range(self.num_layers):
+            rows = self.rows_held(seq, layer)
+            for buffer in self.buffers[2 * layer: 2 * layer + 2]:
+                buffer[slot, :, :rows] = buffer[seq.slot, :, :rows]
+        old, seq.slot = seq.slot, slot
+        self._release(old)
+
+    def write_rows(self, layer: int, seq: SeqKV, key: np.ndarray, value: np.ndarray) -> None:
+        # key/value: [rows, Hkv, Dh] -> the first rows of the sequence's slot
+        for buffer, rows in zip(self.buffers[2 * layer: 2 * layer + 2], (key, value)):
+            buffer[seq.slot, :, : rows.shape[0]] = np.asarray(rows).swapaxes(0, 1)
+
+    def read_rows(self, layer: int, seq: SeqKV) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.rows_held(seq, layer)
+        key, value = (b[seq.slot, :, :rows].swapaxes(0, 1).copy() for b in self.buffers[2 * layer: 2 * layer + 2])
+        return key, value
