@@ -499,21 +499,33 @@ def serve(
 def bench(
     model: str = typer.Option("llava-1.5-7b-shape", help="A tiny-model preset (tiny, llava-1.5-7b-shape), written "
                               "to OUT/models/ on first use, or a checkpoint directory."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime (exports dense and sparse graphs to OUT/exports/ "
-                                "first) or torch."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime (exports dense and sparse graphs to "
+                                "OUT/work/MODEL-HASH/exports/ first, once per checkpoint) or torch."),
     out: Path = typer.Option(Path("bench-out"), help="Where results.json, results.md and the PNG plots go."),
     quick: bool = typer.Option(False, "--quick", help="Small workloads (a few minutes on 2 cores)."),
+    only: str | None = typer.Option(None, "--only", metavar="WORKLOADS",
+                                    help="Run only these workloads, comma-separated: ttft (time to first token, dense "
+                                    "vs sparse), decode (decode tok/s, dense vs sparse), kv (KV bytes while "
+                                    "generating), capacity (sequences per KV budget), peers (ONNX Runtime GenAI and "
+                                    "transformers on the same weights and image prompt: TTFT at batch 1, decode at "
+                                    "batch 1 and 8, 256 new tokens). E.g. --only peers for the headline ratios "
+                                    "(a few minutes on the 7B-shaped preset). Default: all."),
     kv_capacity: bool = typer.Option(False, "--kv-capacity", help="Also time decode steps at KV capacities 512 and "
                                      "4096 (the same live length must cost the same)."),
 ) -> None:
     """Dense (keep-all) vs sparse on one machine in one run: TTFT, decode tokens/s, KV bytes while generating,
-    sequences per KV budget, peers (transformers generate, ONNX Runtime GenAI) and the paper's FLOPs beside the
-    measured times. Ratios are the headline; absolute numbers are for this machine only."""
+    sequences per KV budget, peers (ONNX Runtime GenAI fed the same prompt embeddings, transformers generate) and the
+    paper's FLOPs beside the measured times. Ratios are the headline; absolute numbers are for this machine only."""
     from dynllava.bench import suite
     from dynllava.model.tiny import PRESETS, init_tiny
 
     if backend not in ("torch", "onnxruntime"):
         raise InputError(f"unknown backend {backend!r}", hint="choose torch or onnxruntime")
+    workloads = suite.WORKLOADS if only is None else tuple(w.strip() for w in only.split(",") if w.strip())
+    try:
+        cfg = suite.BenchConfig.make(quick, workloads)
+    except ValueError as exc:
+        raise InputError(str(exc), hint="e.g. --only peers,ttft") from None
     out.mkdir(parents=True, exist_ok=True)
     if model in PRESETS:
         checkpoint = out / "models" / model
@@ -522,20 +534,28 @@ def bench(
                 init_tiny(checkpoint, preset=model)
     else:
         checkpoint = Path(model)
-    engines = _bench_engines(checkpoint, backend, out)
-    cfg = suite.BenchConfig.make(quick)
-    results = suite.run(checkpoint, engines, cfg, out, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    work = out / "work" / _bench_key(checkpoint)
+    engines = _bench_engines(checkpoint, backend, work)
+    results = suite.run(checkpoint, engines, cfg, work, log=lambda msg: console.print(f"[dim]{msg}[/]"))
     results.update(model_path=str(checkpoint), backend=backend)
     if kv_capacity:
         from dynllava.bench.decode import decode_suite
 
         live, caps = (16, [64, 256]) if quick else (256, [512, 4096])
         console.print("[dim]decode cost against KV capacity[/]")
-        export_dir = _bench_export(checkpoint, out / "exports" / "sparse", None)
+        export_dir = _bench_export(checkpoint, work / "exports" / "sparse", None)
         results["kv_capacity"] = decode_suite(checkpoint, export_dir, [1, 8], live, caps, 3 if quick else 7)
     files = suite.write(results, out)
     console.print(suite.markdown(results), markup=False, highlight=False)
     console.print("wrote " + ", ".join(str(f) for f in files))
+
+
+def _bench_key(checkpoint: Path) -> str:
+    """A folder name per checkpoint, so exports and GenAI builds of one model are never reused for another."""
+    import hashlib
+
+    resolved = str(Path(checkpoint).resolve())
+    return f"{Path(resolved).name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
 
 
 def _bench_export(checkpoint: Path, target: Path, overrides: dict | None) -> Path:
@@ -549,7 +569,7 @@ def _bench_export(checkpoint: Path, target: Path, overrides: dict | None) -> Pat
     return target
 
 
-def _bench_engines(checkpoint: Path, backend: str, out: Path) -> dict:
+def _bench_engines(checkpoint: Path, backend: str, work: Path) -> dict:
     import functools
 
     from dynllava.bench.suite import DENSE
@@ -558,8 +578,8 @@ def _bench_engines(checkpoint: Path, backend: str, out: Path) -> dict:
     if backend == "torch":
         return {"dense": functools.partial(Engine.from_path, checkpoint, "torch", sparse_overrides=DENSE),
                 "sparse": functools.partial(Engine.from_path, checkpoint, "torch")}
-    dirs = {"dense": _bench_export(checkpoint, out / "exports" / "dense", DENSE),
-            "sparse": _bench_export(checkpoint, out / "exports" / "sparse", None)}
+    dirs = {"dense": _bench_export(checkpoint, work / "exports" / "dense", DENSE),
+            "sparse": _bench_export(checkpoint, work / "exports" / "sparse", None)}
     return {mode: functools.partial(Engine.from_path, path, "onnxruntime") for mode, path in dirs.items()}
 
 

@@ -1,10 +1,17 @@
-"""`dynllava bench --quick` on the tiny model: the files and the JSON fields (speed itself is never asserted)."""
+"""`dynllava bench --quick` on the tiny model: the files, the JSON fields, every peer measured (none skipped on the
+dev set-up), ratios that are the recorded numbers divided, and `--only` (speed itself is never asserted)."""
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
+from dynllava.bench import suite
 from dynllava.cli import app
+
+
+def _close(ratio, num, den):
+    return abs(ratio - num / den) <= 1e-9 * max(1.0, abs(ratio))
 
 
 def test_bench_quick_writes_results_tables_and_plots(tmp_path):
@@ -13,21 +20,95 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert data["machine"]["cpus"] >= 1 and data["quick"] is True and data["backend"] == "onnxruntime"
+    assert data["workloads"] == list(suite.WORKLOADS)
     assert [r["batch"] for r in data["ttft"]] == [1, 4]
     for r in data["ttft"] + data["decode"]:
-        assert r["dense"] > 0 and r["sparse"] > 0 and abs(r["sparse_over_dense"] - r["sparse"] / r["dense"]) < 1e-9
+        assert r["dense"] > 0 and r["sparse"] > 0 and _close(r["sparse_over_dense"], r["sparse"], r["dense"])
     assert {(r["batch"], r["answer_tokens"]) for r in data["decode"]} == {(1, 32), (4, 32), (1, 64), (4, 64)}
     dense, sparse = data["kv_trace"]["dense"], data["kv_trace"]["sparse"]
     assert len(dense) == len(sparse) == 64
     assert all(s <= d for (_, s), (_, d) in zip(sparse, dense)), "the sparse cache never holds more than dense"
     cap = data["capacity"]
-    assert cap["sparse"]["peak_running"] >= cap["dense"]["peak_running"] >= 1
-    for p in data["peers"]:
-        assert p["hf_generate_tok_s"] > 0 and p["ours_over_hf"] > 0
-        assert isinstance(p["ort_genai_text_tok_s"], float) or p["ort_genai_text_tok_s"].startswith("skipped")
+    assert cap["sparse"]["peak_running"] > cap["dense"]["peak_running"] >= 1, "sparse must hold more sequences"
+    assert _close(cap["peak_ratio"], cap["sparse"]["peak_running"], cap["dense"]["peak_running"])
     assert 0 < data["flops_vs_time"]["predicted_prefill_flops_ratio"] < 1
     assert {(r["backend"], r["capacity"]) for r in data["kv_capacity"]} == \
         {(b, c) for b in ("torch", "onnxruntime") for c in (64, 256)}
-    assert (out / "results.md").read_text().count("|") > 20
+
+    # versions and ONNX Runtime settings are recorded; GenAI runs with ours
+    assert data["versions"]["onnxruntime"] and data["versions"]["onnxruntime_genai"]
+    assert set(data["ort"]) == {"intra_op_num_threads", "allow_spinning"}
+
+    # the peers: none skipped on the dev set-up (onnxruntime-genai and onnx-ir are dev dependencies)
+    peers = data["peers"]
+    assert "genai_skipped" not in peers, peers.get("genai_skipped")
+    assert peers["answer_tokens"] == 32 and peers["image_tokens"] > 0
+    assert peers["prompt_tokens"] > peers["image_tokens"]
+    ours_ort, genai_ort = peers["ours_ort"], peers["genai_ort"]
+    assert genai_ort["intra_op_num_threads"] == ours_ort["intra_op_num_threads"]
+    assert str(genai_ort["allow_spinning"]).split()[0] == str(ours_ort["allow_spinning"]).split()[0]
+    t = peers["ttft"]
+    for key in ("ours_sparse_s", "ours_dense_s", "genai_s", "genai_vision_and_embeds_s"):
+        assert isinstance(t[key], float) and t[key] > 0, (key, t[key])
+    assert t["genai_vision_and_embeds_s"] < t["genai_s"]  # the vision graph is counted inside GenAI's TTFT
+    assert _close(t["genai_over_ours_sparse"], t["genai_s"], t["ours_sparse_s"])
+    assert [r["batch"] for r in peers["decode"]] == [1, 4]
+    for r in peers["decode"]:
+        for key in ("ours_sparse_tok_s", "ours_dense_tok_s", "genai_tok_s", "genai_ids_tok_s", "hf_generate_tok_s"):
+            assert isinstance(r[key], float) and r[key] > 0, (key, r[key])
+        assert _close(r["ours_sparse_over_genai"], r["ours_sparse_tok_s"], r["genai_tok_s"])
+        assert _close(r["ours_dense_over_genai"], r["ours_dense_tok_s"], r["genai_tok_s"])
+        assert _close(r["ours_sparse_over_hf"], r["ours_sparse_tok_s"], r["hf_generate_tok_s"])
+        # GenAI was fed the embeddings our dense prefill sees: the same greedy tokens (fp32 both)
+        assert r["genai_tokens_agree_with_ours_dense"] >= 8, r
+
+    md = (out / "results.md").read_text()
+    assert md.count("|") > 20
+    for text in ("ONNX Runtime GenAI, dense, fed our embeddings", "ours sparse / GenAI", "GenAI / ours sparse",
+                 f"onnxruntime-genai {data['versions']['onnxruntime_genai']}"):
+        assert text in md
+    assert "skipped" not in md
     for png in ("kv_bytes.png", "throughput.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_only_runs_the_named_workloads(tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--quick", "--out", str(out), "--only", "ttft"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["workloads"] == ["ttft"] and [r["batch"] for r in data["ttft"]] == [1, 4]
+    assert not {"decode", "kv_trace", "capacity", "peers"} & set(data)
+    assert "TTFT batch 1" in (out / "results.md").read_text()
+    assert not (out / "kv_bytes.png").exists() and not (out / "throughput.png").exists()
+
+
+def test_bench_only_rejects_an_unknown_workload(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--quick", "--out", str(tmp_path),
+                                      "--only", "peers,speed"])
+    assert result.exit_code != 0
+    assert "speed" in result.output and "peers" in result.output
+    help_text = CliRunner().invoke(app, ["bench", "--help"]).output
+    assert "--only" in help_text and "peers" in help_text
+
+
+@pytest.mark.parametrize("skipped", [False, True])
+def test_peers_table_shows_ratios_or_why_a_peer_is_missing(skipped):
+    genai = "skipped: onnxruntime-genai is not installed" if skipped else 100.0
+    row = {"batch": 1, "ours_sparse_tok_s": 150.0, "ours_dense_tok_s": 120.0, "genai_tok_s": genai,
+           "genai_ids_tok_s": genai, "hf_generate_tok_s": 30.0, "ours_sparse_over_hf": 5.0,
+           "ours_sparse_over_genai": None if skipped else 1.5, "ours_dense_over_genai": None if skipped else 1.2,
+           "genai_tokens_agree_with_ours_dense": None if skipped else 32}
+    peers = {"answer_tokens": 32, "prompt_tokens": 100, "image_tokens": 64, "decode": [row],
+             "ttft": {"ours_sparse_s": 0.1, "ours_dense_s": 0.2, "genai_s": genai if skipped else 0.3,
+                      "genai_over_ours_sparse": None if skipped else 3.0},
+             "ours_ort": {"intra_op_num_threads": 0, "allow_spinning": "0"}}
+    if skipped:
+        peers["genai_skipped"] = genai
+    else:
+        peers["genai_ort"] = {"intra_op_num_threads": 0, "allow_spinning": "0"}
+    md = "\n".join(suite.peers_markdown(peers))
+    if skipped:
+        assert md.count("skipped") >= 2 and "| **ours sparse / GenAI** | - |" in md
+    else:
+        assert "| **ours sparse / GenAI** | 1.50 |" in md and "| 3.00 |" in md and "skipped" not in md

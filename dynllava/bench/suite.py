@@ -1,6 +1,10 @@
 """`dynllava bench`: fixed workloads, dense (keep-all) vs sparse side by side on one machine in one run, peers on
 the same weights, the paper's FLOPs accounting beside the measured times. Ratios are the headline; absolute numbers
-are for this machine only."""
+are for this machine only.
+
+Every decode rate here, ours and the peers', is wall-clock over the generation loop after the first token: for ours
+that is `Engine.step` (graph, sampling, detokenization, bookkeeping), for ONNX Runtime GenAI its
+`generate_next_token` loop with a `TokenizerStream` per sequence, as its examples run it."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dynllava.bench import peers as peer_lib
 from dynllava.flops import cost_report, kv_bytes
 from dynllava.runtime.engine import Engine
 from dynllava.runtime.sampling import SamplingParams
@@ -24,6 +29,9 @@ from dynllava.runtime.sequence import Request
 
 DENSE = {"use_vision_predictor": False, "use_output_text_predictor": False}
 PROMPT = "Describe this picture in detail."
+
+
+WORKLOADS = ("ttft", "decode", "kv", "capacity", "peers")
 
 
 @dataclass
@@ -34,14 +42,24 @@ class BenchConfig:
     answers: tuple[int, ...] = (256, 1024)
     capacity_requests: int = 32
     repeats: int = 3
+    peer_batches: tuple[int, ...] = (1, 8)
+    peer_answer: int = 256
+    hf_batches: tuple[int, ...] = (1,)  # transformers generate (torch eager) is timed at these peer batches
+    workloads: tuple[str, ...] = WORKLOADS
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def make(cls, quick: bool) -> BenchConfig:
+    def make(cls, quick: bool, workloads: tuple[str, ...] = WORKLOADS) -> BenchConfig:
+        unknown = [w for w in workloads if w not in WORKLOADS]
+        if unknown or not workloads:
+            raise ValueError(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; "
+                             f"choose from {', '.join(WORKLOADS)}")
+        ordered = tuple(w for w in WORKLOADS if w in workloads)
         if quick:
             return cls(quick=True, prefill_batches=(1, 4), decode_batches=(1, 4), answers=(32, 64),
-                       capacity_requests=8, repeats=2)
-        return cls()
+                       capacity_requests=8, repeats=2, peer_batches=(1, 4), peer_answer=32, hf_batches=(1, 4),
+                       workloads=ordered)
+        return cls(workloads=ordered)
 
 
 def _image(seed: int) -> Image.Image:
@@ -60,9 +78,9 @@ def _median(fn: Callable[[], float], repeats: int) -> float:
 
 
 # ---------------------------------------------------------------------- workloads
-def ttft(make: Callable[[], Engine], batch: int, repeats: int) -> float:
+def ttft(make: Callable[[], Engine] | Engine, batch: int, repeats: int) -> float:
     """Median time to first token (s) of a batch of image requests arriving together."""
-    engine = make()
+    engine = make if isinstance(make, Engine) else make()
 
     def once() -> float:
         outs = engine.generate(_requests(batch, 1), progress=False)
@@ -71,13 +89,35 @@ def ttft(make: Callable[[], Engine], batch: int, repeats: int) -> float:
     return _median(once, repeats)
 
 
-def decode_rate(make: Callable[[], Engine], batch: int, new_tokens: int) -> float:
-    """Decode tokens per second over a batch generating `new_tokens` each."""
-    engine = make()
-    engine.generate(_requests(batch, 4), progress=False)  # warm-up
-    engine.throughput.update(decode_tokens=0, decode_s=0.0)
-    engine.generate(_requests(batch, new_tokens), progress=False)
-    return engine.throughput["decode_tokens"] / engine.throughput["decode_s"]
+@dataclass
+class DecodeRun:
+    tok_s: float  # tokens generated after every request's first token / wall-clock time of those steps
+    token_ids: list[list[int]]
+
+
+def generate_timed(engine: Engine, requests: list[Request]) -> DecodeRun:
+    """Run `requests` (arriving together) on an idle engine, timing the steps after every request has its first
+    token: what a caller of `Engine.step` waits for per token (graph, sampling, detokenization, bookkeeping)."""
+    ids = [engine.add_request(r) for r in requests]
+    started, first, start, tokens = set(ids), set(), None, 0
+    while engine.has_unfinished():
+        events = engine.step()
+        if start is None:
+            first.update(seq.request_id for seq, _ in events)
+            if first >= started:
+                start = time.perf_counter()
+        else:
+            tokens += len(events)
+    elapsed = time.perf_counter() - start if start is not None else 0.0
+    outs = [engine.take(i) for i in ids]
+    return DecodeRun(tokens / elapsed if elapsed > 0 else float("nan"), [o.token_ids for o in outs])
+
+
+def decode_rate(make: Callable[[], Engine] | Engine, batch: int, new_tokens: int, image: bool = True) -> float:
+    """Decode tokens per second over a batch generating `new_tokens` each (wall-clock, after a warm-up)."""
+    engine = make if isinstance(make, Engine) else make()
+    engine.generate(_requests(batch, 4, image), progress=False)  # warm-up
+    return generate_timed(engine, _requests(batch, new_tokens, image)).tok_s
 
 
 def kv_trace(make: Callable[[], Engine], new_tokens: int) -> list[tuple[int, int]]:
@@ -106,96 +146,145 @@ def capacity(make: Callable[..., Engine], requests: int, new_tokens: int, budget
             "preemptions": engine.scheduler.preemptions}
 
 
-# ---------------------------------------------------------------------- peers
-def hf_generate_rate(checkpoint, batch: int, new_tokens: int) -> float:
-    """transformers' LlavaForConditionalGeneration.generate (torch eager, dense) on the same weights: tok/s."""
-    from dynllava.model.checkpoint import load_model
-    from dynllava.model.sparse_llama import IMAGE_PLACEHOLDER
-    from dynllava.model.tiny import as_transformers_llava
-    from dynllava.runtime.processor import chat_prompt, preprocess_image, tokenize_prompt
-
-    loaded = load_model(checkpoint)
-    hf = as_transformers_llava(loaded.model)
-    image_token = loaded.tokenizer.convert_tokens_to_ids("<image>")
-    if image_token is None or image_token == loaded.tokenizer.unk_token_id:
-        image_token = loaded.tokenizer.unk_token_id  # any id in the vocabulary: HF embeds it, then overwrites it
-    hf.config.image_token_index = hf.config.image_token_id = image_token
-    ids = tokenize_prompt(loaded.tokenizer, chat_prompt([("user", PROMPT)], True))
-    n = loaded.model.num_image_tokens
-    row = [t for i in ids for t in ([hf.config.image_token_index] * n if i == IMAGE_PLACEHOLDER else [i])]
-    input_ids = torch.tensor([row] * batch)
-    pixels = torch.stack([preprocess_image(loaded.image_processor, _image(i)) for i in range(batch)])
-
-    def once(tokens: int) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            hf.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
-                        max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                        pad_token_id=loaded.tokenizer.pad_token_id)
-        return time.perf_counter() - start
-
-    once(2)
-    # decode rate: the time of new_tokens minus the time of 1 token (the prefill), per generated token
-    return batch * (new_tokens - 1) / max(once(new_tokens) - once(1), 1e-9)
-
-
-def ort_genai_rate(checkpoint, out: Path, batch: int, new_tokens: int) -> float | str:
-    """ONNX Runtime GenAI on the dense text path (its builder converts the LLM of the same weights)."""
+# ---------------------------------------------------------------------- ONNX Runtime settings
+def ort_settings(engine: Engine) -> dict:
+    """Intra-op threads and spinning of our ONNX Runtime sessions (empty for a backend without them)."""
+    sessions = getattr(engine.executor, "sessions", None)
+    if not sessions:
+        return {}
+    options = next(iter(sessions.values())).get_session_options()
     try:
-        import onnxruntime_genai as og
-    except ImportError:
-        return "skipped: onnxruntime-genai is not installed"
-    import subprocess
-    import sys
-
-    from dynllava.model.checkpoint import load_model
-
-    model_dir = out / "ort-genai"
-    if not (model_dir / "genai_config.json").is_file():
-        loaded = load_model(checkpoint)
-        hf_dir = out / "hf-llama"
-        _save_llama(loaded, hf_dir)
-        proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o",
-                               str(model_dir), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return f"skipped: the genai builder failed: {proc.stderr.strip().splitlines()[-1:]}"
-    model = og.Model(str(model_dir))
-    tokenizer = og.Tokenizer(model)
-    prompt = tokenizer.encode(PROMPT)
-
-    def once(tokens: int) -> float:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + tokens, min_length=len(prompt) + tokens,
-                                  batch_size=batch, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.array([prompt] * batch, dtype=np.int32))
-        start = time.perf_counter()
-        while not generator.is_done():
-            generator.generate_next_token()
-        return time.perf_counter() - start
-
-    once(4)
-    return batch * new_tokens / once(new_tokens)
+        spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+    except Exception:  # not set: ONNX Runtime's default
+        spinning = None
+    return {"intra_op_num_threads": options.intra_op_num_threads,
+            "allow_spinning": spinning if spinning is not None else "1 (default)"}
 
 
-def _save_llama(loaded, out: Path) -> None:
-    """The language model alone as a transformers LlamaForCausalLM directory (what the genai builder reads)."""
-    from transformers import LlamaForCausalLM
+def versions() -> dict:
+    import onnxruntime as ort
 
-    model = loaded.model
-    llama = LlamaForCausalLM(model.config.text_config).eval()
-    llama.model.load_state_dict(model.language_model.state_dict())
-    llama.lm_head.load_state_dict(model.lm_head.state_dict())
-    llama.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
+    return {"onnxruntime": ort.__version__, "onnxruntime_genai": peer_lib.genai_version(),
+            "torch": torch.__version__}
 
 
-def ours_text_rate(make: Callable[[], Engine], batch: int, new_tokens: int) -> float:
-    engine = make()
-    engine.generate(_requests(batch, 4, image=False), progress=False)
-    engine.throughput.update(decode_tokens=0, decode_s=0.0)
-    engine.generate(_requests(batch, new_tokens, image=False), progress=False)
-    return engine.throughput["decode_tokens"] / engine.throughput["decode_s"]
+# ---------------------------------------------------------------------- peers
+class ImagePrompt:
+    """The image prompt our prefill sees (text tokens, the image's N rows at the placeholder), for a batch of
+    images, as token ids and as embeddings for GenAI: text rows from the embedding table, image rows from our
+    vision graph."""
+
+    def __init__(self, engine: Engine, images: list[Image.Image], table: np.ndarray | None = None):
+        from dynllava.model.sparse_llama import IMAGE_PLACEHOLDER
+        from dynllava.runtime.processor import chat_prompt, preprocess_image, tokenize_prompt
+
+        ids = tokenize_prompt(engine.tokenizer, chat_prompt([("user", PROMPT)], True))
+        slot = ids.index(IMAGE_PLACEHOLDER)
+        self.engine, self.table, self.n = engine, table, engine.info.num_image_tokens
+        self.before, self.after = ids[:slot], ids[slot + 1:]
+        filler = engine.tokenizer.unk_token_id or 0  # any id: GenAI is given the image rows instead
+        row = self.before + [filler] * self.n + self.after
+        self.ids = np.array([row] * len(images), dtype=np.int32)
+        self.pixels = np.stack([preprocess_image(engine.image_processor, im.convert("RGB"),
+                                                 engine.image_aspect_ratio).numpy() for im in images])
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def embeds(self) -> np.ndarray:
+        """[B, S, D]: our vision graph on the images, the text rows around them."""
+        assert self.table is not None
+        features = np.asarray(self.engine.executor.vision(self.pixels), dtype=np.float32)
+        batch = features.shape[0]
+        parts = [np.broadcast_to(self.table[self.before], (batch, len(self.before), features.shape[2])), features,
+                 np.broadcast_to(self.table[self.after], (batch, len(self.after), features.shape[2]))]
+        return np.concatenate(parts, axis=1)
+
+
+def _agreeing_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if int(x) != int(y):
+            break
+        n += 1
+    return n
+
+
+def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, out: Path,
+          log: Callable[[str], None] = print) -> dict:
+    """The headline comparison on one image prompt (same text, same images, same length): time to first token at
+    batch 1 and decode tok/s at each peer batch for ours (sparse, dense), ONNX Runtime GenAI fed the same
+    embeddings, GenAI's standard graph on token ids of the same length, and transformers' generate."""
+    answer = cfg.peer_answer
+    ours = {m: engines[m]() for m in ("sparse", "dense")}
+    settings = ort_settings(ours["sparse"])
+    result: dict = {"answer_tokens": answer, "ours_ort": settings, "versions": versions()}
+    models = peer_lib.build_genai(checkpoint, out / "genai", log)
+    genai: dict[str, peer_lib.GenAIPeer] = {}
+    if isinstance(models, str):
+        result["genai_skipped"] = models
+        log(f"  ONNX Runtime GenAI {models}")
+    else:
+        threads = settings.get("intra_op_num_threads") or None
+        spinning = settings.get("allow_spinning")
+        spinning = None if spinning is None else str(spinning).split()[0]
+        try:
+            for kind, path in (("embeds", models.embeds_dir), ("ids", models.ids_dir)):
+                result["genai_ort"] = peer_lib.set_session_options(path, threads, spinning)
+                genai[kind] = peer_lib.GenAIPeer(path)
+        except Exception as exc:  # GenAI raises its own errors for a model it cannot load
+            genai.clear()
+            result["genai_skipped"] = f"skipped: GenAI cannot load {path}: {str(exc).strip()[:300]}"
+            log(f"  ONNX Runtime GenAI {result['genai_skipped']}")
+    table = None if isinstance(models, str) else models.embed_table
+    prompt1 = ImagePrompt(ours["sparse"], [_image(0)], table)
+    result["prompt_tokens"], result["image_tokens"] = prompt1.length, prompt1.n
+
+    log("  time to first token, image prompt, batch 1")
+    ttft_row: dict = {"batch": 1, **{f"ours_{m}_s": ttft(ours[m], 1, cfg.repeats) for m in ("sparse", "dense")}}
+    if genai:
+        runs = [genai["embeds"].generate(prompt1.ids, 1, prompt1.embeds) for _ in range(cfg.repeats + 1)][1:]
+        ttft_row["genai_s"] = statistics.median(r.ttft_s for r in runs)
+        ttft_row["genai_vision_and_embeds_s"] = statistics.median(r.prompt_s for r in runs)
+        ttft_row["genai_over_ours_sparse"] = ttft_row["genai_s"] / ttft_row["ours_sparse_s"]
+    else:
+        ttft_row["genai_s"] = result["genai_skipped"]
+        ttft_row["genai_over_ours_sparse"] = None
+    result["ttft"] = ttft_row
+
+    result["decode"] = []
+    for b in cfg.peer_batches:
+        log(f"  decode, batch {b}, {answer} new tokens: ours, GenAI"
+            + (", transformers generate" if b in cfg.hf_batches else ""))
+        row: dict = {"batch": b}
+        runs = {}
+        for m in ("sparse", "dense"):
+            ours[m].generate(_requests(b, 4), progress=False)  # warm-up
+            runs[m] = generate_timed(ours[m], _requests(b, answer))
+            row[f"ours_{m}_tok_s"] = runs[m].tok_s
+        if genai:
+            prompt = ImagePrompt(ours["sparse"], [_image(i) for i in range(b)], table)
+            genai["embeds"].generate(prompt.ids, 4, prompt.embeds)  # warm-up
+            run = genai["embeds"].generate(prompt.ids, answer, prompt.embeds)
+            row["genai_tok_s"] = run.decode_tok_s
+            genai["ids"].generate(prompt.ids, 4)
+            row["genai_ids_tok_s"] = genai["ids"].generate(prompt.ids, answer).decode_tok_s
+            row["genai_tokens_agree_with_ours_dense"] = min(
+                _agreeing_prefix(run.tokens[i], runs["dense"].token_ids[i]) for i in range(b))
+            row["ours_sparse_over_genai"] = row["ours_sparse_tok_s"] / row["genai_tok_s"]
+            row["ours_dense_over_genai"] = row["ours_dense_tok_s"] / row["genai_tok_s"]
+        else:
+            row["genai_tok_s"] = row["genai_ids_tok_s"] = result["genai_skipped"]
+            row["ours_sparse_over_genai"] = row["ours_dense_over_genai"] = None
+        if b in cfg.hf_batches:
+            row["hf_generate_tok_s"] = peer_lib.hf_generate_rate(checkpoint, PROMPT, [_image(i) for i in range(b)],
+                                                                 answer)
+            row["ours_sparse_over_hf"] = row["ours_sparse_tok_s"] / row["hf_generate_tok_s"]
+        else:
+            row["hf_generate_tok_s"] = row["ours_sparse_over_hf"] = None  # torch eager is slow: batch 1 only
+        result["decode"].append(row)
+    return result
 
 
 # ---------------------------------------------------------------------- the run
@@ -204,65 +293,79 @@ def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchC
     """engines: {"dense": factory, "sparse": factory} for the backend under test."""
     results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-                     "quick": cfg.quick, "note": "absolute numbers are for this machine only; compare ratios"}
-    shape = engines["sparse"]().shape
+                     "quick": cfg.quick, "workloads": list(cfg.workloads), "versions": versions(),
+                     "note": "absolute numbers are for this machine only; compare ratios"}
+    sparse = engines["sparse"]()
+    shape = sparse.shape
+    results["ort"] = ort_settings(sparse)
     results["model"] = {"layers": shape.num_layers, "hidden": shape.hidden_size, "image_tokens": shape.num_image_tokens,
                         "sparse_layer": shape.sparse_layer, "vision_keep_rate": shape.vision_keep_rate}
-
-    log("prefill: time to first token, dense vs sparse")
-    results["ttft"] = [{"batch": b, **{m: ttft(engines[m], b, cfg.repeats) for m in ("dense", "sparse")}}
-                       for b in cfg.prefill_batches]
-    for row in results["ttft"]:
-        row["sparse_over_dense"] = row["sparse"] / row["dense"]
-
-    log("decode: tokens/s, dense vs sparse")
-    results["decode"] = []
-    for answer in cfg.answers:
-        for b in cfg.decode_batches:
-            row = {"batch": b, "answer_tokens": answer,
-                   **{m: decode_rate(engines[m], b, answer) for m in ("dense", "sparse")}}
-            row["sparse_over_dense"] = row["sparse"] / row["dense"]
-            results["decode"].append(row)
-            log(f"  batch {b}, {answer} tokens: sparse/dense {row['sparse_over_dense']:.2f}")
-
-    log("KV bytes against generated tokens")
-    results["kv_trace"] = {m: kv_trace(engines[m], max(cfg.answers)) for m in ("dense", "sparse")}
-
-    log("capacity under one KV budget")
+    itemsize = sparse.info.np_dtype.itemsize
+    del sparse
     answer = cfg.answers[0]
-    per_dense_seq = kv_bytes(shape, 64 + shape.num_image_tokens + answer, 64 + shape.num_image_tokens + answer,
-                             engines["dense"]().info.np_dtype.itemsize)
-    budget = int(per_dense_seq * max(4, cfg.capacity_requests // 4))
-    results["capacity"] = {"budget_bytes": budget, "requests": cfg.capacity_requests, "answer_tokens": answer,
-                           **{m: capacity(engines[m], cfg.capacity_requests, answer, budget)
-                              for m in ("dense", "sparse")}}
-    cap = results["capacity"]
-    cap["peak_ratio"] = cap["sparse"]["peak_running"] / cap["dense"]["peak_running"]
-    cap["throughput_ratio"] = cap["sparse"]["completed_per_s"] / cap["dense"]["completed_per_s"]
+    seconds = results["workload_seconds"] = {}
+    clock = time.perf_counter()
 
-    log("peers on the same weights")
-    peers = []
-    for b in cfg.prefill_batches:
-        hf = hf_generate_rate(checkpoint, b, answer)
-        ours_dense = decode_rate(engines["dense"], b, answer)
-        ours_sparse = decode_rate(engines["sparse"], b, answer)
-        genai = ort_genai_rate(checkpoint, out, b, answer)
-        text = ours_text_rate(engines["dense"], b, answer)
-        peers.append({"batch": b, "answer_tokens": answer, "hf_generate_tok_s": hf, "ours_dense_tok_s": ours_dense,
-                      "ours_sparse_tok_s": ours_sparse, "ours_over_hf": ours_sparse / hf,
-                      "ort_genai_text_tok_s": genai, "ours_text_tok_s": text,
-                      "ours_over_ort_genai": text / genai if isinstance(genai, float) else None})
-    results["peers"] = peers
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
+    if "ttft" in cfg.workloads:
+        log("prefill: time to first token, dense vs sparse")
+        results["ttft"] = [{"batch": b, **{m: ttft(engines[m], b, cfg.repeats) for m in ("dense", "sparse")}}
+                           for b in cfg.prefill_batches]
+        for row in results["ttft"]:
+            row["sparse_over_dense"] = row["sparse"] / row["dense"]
+        lap("ttft")
+
+    if "decode" in cfg.workloads:
+        log("decode: tokens/s, dense vs sparse")
+        results["decode"] = []
+        for answer_tokens in cfg.answers:
+            for b in cfg.decode_batches:
+                row = {"batch": b, "answer_tokens": answer_tokens,
+                       **{m: decode_rate(engines[m], b, answer_tokens) for m in ("dense", "sparse")}}
+                row["sparse_over_dense"] = row["sparse"] / row["dense"]
+                results["decode"].append(row)
+                log(f"  batch {b}, {answer_tokens} tokens: sparse/dense {row['sparse_over_dense']:.2f}")
+        lap("decode")
+
+    if "kv" in cfg.workloads:
+        log("KV bytes against generated tokens")
+        results["kv_trace"] = {m: kv_trace(engines[m], max(cfg.answers)) for m in ("dense", "sparse")}
+        lap("kv")
+
+    if "capacity" in cfg.workloads:
+        log("capacity under one KV budget")
+        per_dense_seq = kv_bytes(shape, 64 + shape.num_image_tokens + answer, 64 + shape.num_image_tokens + answer,
+                                 itemsize)
+        budget = int(per_dense_seq * max(4, cfg.capacity_requests // 4))
+        results["capacity"] = {"budget_bytes": budget, "requests": cfg.capacity_requests, "answer_tokens": answer,
+                               **{m: capacity(engines[m], cfg.capacity_requests, answer, budget)
+                                  for m in ("dense", "sparse")}}
+        cap = results["capacity"]
+        cap["peak_ratio"] = cap["sparse"]["peak_running"] / cap["dense"]["peak_running"]
+        cap["throughput_ratio"] = cap["sparse"]["completed_per_s"] / cap["dense"]["completed_per_s"]
+        lap("capacity")
+
+    if "peers" in cfg.workloads:
+        log("peers on the same weights and prompt")
+        results["peers"] = peers(checkpoint, engines, cfg, out, log)
+        lap("peers")
 
     report = cost_report(shape, prompt_text_tokens=64, answer_tokens=answer)
-    measured = [r["sparse_over_dense"] for r in results["ttft"]]
     results["flops_vs_time"] = {
         "predicted_prefill_flops_ratio": report.prefill_tflops_sparse / report.prefill_tflops_dense,
-        "measured_ttft_ratio": {r["batch"]: r["sparse_over_dense"] for r in results["ttft"]},
-        "measured_ttft_ratio_median": statistics.median(measured),
         "note": "Eq. 13 counts image-token FLOPs in the LLM only; TTFT also holds the vision tower, text tokens "
                 "and overheads",
     }
+    if "ttft" in results:
+        measured = [r["sparse_over_dense"] for r in results["ttft"]]
+        results["flops_vs_time"].update(
+            measured_ttft_ratio={r["batch"]: r["sparse_over_dense"] for r in results["ttft"]},
+            measured_ttft_ratio_median=statistics.median(measured))
     return results
 
 
@@ -273,34 +376,82 @@ def write(results: dict, out: Path) -> list[Path]:
     return [out / "results.json", out / "results.md", *plots(results, out)]
 
 
+def _num(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
+
+
 def markdown(r: dict) -> str:
+    v = r.get("versions", {})
     lines = [f"machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs (absolute numbers: this machine "
-             f"only)", "", "| workload | dense | sparse | sparse/dense |", "|---|---|---|---|"]
-    for row in r["ttft"]:
-        lines.append(f"| TTFT batch {row['batch']} (s) | {row['dense']:.3f} | {row['sparse']:.3f} | "
-                     f"{row['sparse_over_dense']:.2f} |")
-    for row in r["decode"]:
-        lines.append(f"| decode tok/s batch {row['batch']}, {row['answer_tokens']} tokens | {row['dense']:.1f} | "
-                     f"{row['sparse']:.1f} | {row['sparse_over_dense']:.2f} |")
-    cap = r["capacity"]
-    lines.append(f"| sequences at once under {cap['budget_bytes'] / 2**20:.1f} MiB KV | {cap['dense']['peak_running']} "
-                 f"| {cap['sparse']['peak_running']} | {cap['peak_ratio']:.2f} |")
-    lines.append(f"| requests completed / s, same budget | {cap['dense']['completed_per_s']:.2f} | "
-                 f"{cap['sparse']['completed_per_s']:.2f} | {cap['throughput_ratio']:.2f} |")
+             f"only); ONNX Runtime {v.get('onnxruntime')}, onnxruntime-genai {v.get('onnxruntime_genai')}"]
+    if r.get("ort"):
+        lines.append(f"ONNX Runtime sessions: intra-op threads {r['ort']['intra_op_num_threads']} (0 = one per "
+                     f"physical core), spinning {r['ort']['allow_spinning']}")
+    rows = []
+    for row in r.get("ttft", []):
+        rows.append(f"| TTFT batch {row['batch']} (s) | {row['dense']:.3f} | {row['sparse']:.3f} | "
+                    f"{row['sparse_over_dense']:.2f} |")
+    for row in r.get("decode", []):
+        rows.append(f"| decode tok/s batch {row['batch']}, {row['answer_tokens']} tokens | {row['dense']:.1f} | "
+                    f"{row['sparse']:.1f} | {row['sparse_over_dense']:.2f} |")
+    if "capacity" in r:
+        cap = r["capacity"]
+        rows.append(f"| sequences at once under {cap['budget_bytes'] / 2**20:.1f} MiB KV | "
+                    f"{cap['dense']['peak_running']} | {cap['sparse']['peak_running']} | {cap['peak_ratio']:.2f} |")
+        rows.append(f"| requests completed / s, same budget | {cap['dense']['completed_per_s']:.2f} | "
+                    f"{cap['sparse']['completed_per_s']:.2f} | {cap['throughput_ratio']:.2f} |")
+    if rows:
+        lines += ["", "| workload | dense | sparse | sparse/dense |", "|---|---|---|---|", *rows]
     fv = r["flops_vs_time"]
-    lines += ["", f"Paper Eq. 13: prefill image FLOPs sparse/dense = {fv['predicted_prefill_flops_ratio']:.2f}; "
-              f"measured TTFT sparse/dense = {fv['measured_ttft_ratio_median']:.2f}.", "",
-              "| peers (same weights) | batch | tok/s | ratio |", "|---|---|---|---|"]
-    for p in r["peers"]:
-        lines.append(f"| HF transformers generate (dense) | {p['batch']} | {p['hf_generate_tok_s']:.1f} | ours sparse "
-                     f"/ HF = {p['ours_over_hf']:.2f} |")
-        genai = p["ort_genai_text_tok_s"]
-        if isinstance(genai, float):
-            lines.append(f"| ONNX Runtime GenAI (text path) | {p['batch']} | {genai:.1f} | ours / GenAI = "
-                         f"{p['ours_over_ort_genai']:.2f} |")
-        else:
-            lines.append(f"| ONNX Runtime GenAI (text path) | {p['batch']} | {genai} | - |")
+    if "measured_ttft_ratio_median" in fv:
+        lines += ["", f"Paper Eq. 13: prefill image FLOPs sparse/dense = {fv['predicted_prefill_flops_ratio']:.2f}; "
+                  f"measured TTFT sparse/dense = {fv['measured_ttft_ratio_median']:.2f}."]
+    if "peers" in r:
+        lines += ["", *peers_markdown(r["peers"])]
+    if r.get("workload_seconds"):
+        lines += ["", "Wall time per workload (s): " + ", ".join(f"{k} {v}" for k, v in r["workload_seconds"].items())]
     return "\n".join(lines) + "\n"
+
+
+def peers_markdown(p: dict) -> list[str]:
+    """The headline table: ours against ONNX Runtime GenAI and transformers on the same weights and prompt."""
+    rows = p["decode"]
+    head = " | ".join(f"batch {row['batch']}" for row in rows)
+    sep = "|".join("---" for _ in range(len(rows) + 1))
+    lines = [f"Peers on the same weights and the same image prompt ({p['prompt_tokens']} tokens, {p['image_tokens']} "
+             f"of them the image's), greedy, {p['answer_tokens']} new tokens. GenAI is fed our prompt embeddings "
+             f"(text rows + our vision graph's image rows); decode tok/s is wall-clock after the first token, "
+             f"sampling and detokenization included for ours and GenAI.", "",
+             f"| decode tok/s | {head} |", f"|{sep}|"]
+
+    def line(label: str, key: str, fmt: str = ".1f") -> None:
+        lines.append(f"| {label} | " + " | ".join(_num(row.get(key), fmt) for row in rows) + " |")
+
+    line("ours sparse", "ours_sparse_tok_s")
+    line("ours dense (predictors off)", "ours_dense_tok_s")
+    line("ONNX Runtime GenAI, dense, fed our embeddings", "genai_tok_s")
+    line("ONNX Runtime GenAI, its standard graph on token ids (same length)", "genai_ids_tok_s")
+    line("transformers generate (torch eager, dense)", "hf_generate_tok_s")
+    line("**ours sparse / GenAI**", "ours_sparse_over_genai", ".2f")
+    line("**ours dense / GenAI**", "ours_dense_over_genai", ".2f")
+    line("**ours sparse / transformers**", "ours_sparse_over_hf", ".2f")
+    line("greedy tokens GenAI = ours dense (leading, of all)", "genai_tokens_agree_with_ours_dense", "d")
+    t = p["ttft"]
+    lines += ["", "| TTFT, image prompt, batch 1 (s) | ours sparse | ours dense | GenAI dense (our vision graph + "
+              "its prefill) | **GenAI / ours sparse** |", "|---|---|---|---|---|",
+              f"| | {t['ours_sparse_s']:.3f} | {t['ours_dense_s']:.3f} | {_num(t['genai_s'], '.3f')} | "
+              f"{_num(t['genai_over_ours_sparse'], '.2f')} |"]
+    ours, genai = p.get("ours_ort", {}), p.get("genai_ort")
+    if ours:
+        lines += ["", f"ONNX Runtime settings: ours intra-op threads {ours['intra_op_num_threads']}, spinning "
+                  f"{ours['allow_spinning']}; GenAI " + (f"intra-op threads {genai['intra_op_num_threads']}, "
+                                                        f"spinning {genai['allow_spinning']}" if genai else "-")
+                  + " (0 threads = one per physical core)."]
+    if p.get("genai_skipped"):
+        lines += ["", f"ONNX Runtime GenAI {p['genai_skipped']}"]
+    return lines
 
 
 def plots(r: dict, out: Path) -> list[Path]:
@@ -310,6 +461,14 @@ def plots(r: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    if "kv_trace" in r:
+        paths.append(_plot_kv(plt, r, out))
+    if "decode" in r and "ttft" in r:
+        paths.append(_plot_throughput(plt, r, out))
+    return paths
+
+
+def _plot_kv(plt, r: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, style in (("dense", "-"), ("sparse", "--")):
         trace = r["kv_trace"][mode]
@@ -319,10 +478,12 @@ def plots(r: dict, out: Path) -> list[Path]:
     ax.set_title("KV bytes held while generating (one request)")
     ax.legend()
     fig.tight_layout()
-    paths.append(out / "kv_bytes.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(out / "kv_bytes.png", dpi=120)
     plt.close(fig)
+    return out / "kv_bytes.png"
 
+
+def _plot_throughput(plt, r: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     rows = r["decode"]
     labels = [f"b{row['batch']}\n{row['answer_tokens']}t" for row in rows]
@@ -342,7 +503,6 @@ def plots(r: dict, out: Path) -> list[Path]:
     axes[1].set_title("prefill")
     axes[1].legend()
     fig.tight_layout()
-    paths.append(out / "throughput.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(out / "throughput.png", dpi=120)
     plt.close(fig)
-    return paths
+    return out / "throughput.png"
