@@ -78,6 +78,7 @@ class Engine:
         if max_batch < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ConfigError("max_batch, max_prefill_tokens and block_size must be >= 1")
         self.executor, self.tokenizer, self.image_processor = executor, tokenizer, image_processor
+        self.eos_token_id = tokenizer.eos_token_id  # read once: the tokenizer looks it up by name on every access
         self.image_aspect_ratio = image_aspect_ratio
         self.info = info
         max_batch = min(max_batch, info.max_batch)
@@ -240,7 +241,7 @@ class Engine:
             seq.stats.ttft_s = now - seq.arrival
         seq.generated.append(token)
         p = seq.params
-        eos = self.tokenizer.eos_token_id
+        eos = self.eos_token_id
         seq.extend_text(self.tokenizer)
         if any(s in seq.text for s in p.stop):
             seq.finish_reason = "stop"
