@@ -2,8 +2,11 @@
 
 Inputs (per request, no Triton-side batching: the engine batches continuously across concurrent requests):
 `prompt` (bytes [1]), optional `image` (encoded image bytes [1]), `max_tokens` (int32 [1]), `temperature`
-(float32 [1]). Each response carries one token: `text` (bytes [1], the new text) and `token_id` (int64 [1]).
+(float32 [1]), `seed` (int64 [1]). Each response carries one token: `text` (bytes [1], the new text) and
+`token_id` (int64 [1]).
 Call it with a decoupled client (gRPC streaming), e.g. pytriton's DecoupledModelClient or tritonclient.grpc.
+A refused or failed request ends with one error line (never a Python traceback); the engine loop is the same
+guarded one as the HTTP server's (an engine fault fails only the requests of its step).
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ def _request(req) -> Request:
     max_tokens = int(_scalar(req, "max_tokens", 64))
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise InputError(f"input 'max_tokens' must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}")
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=float(_scalar(req, "temperature", 0.0)))
+    seed = _scalar(req, "seed", None)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=float(_scalar(req, "temperature", 0.0)),
+                            seed=None if seed is None else int(seed))
     return Request(prompt=prompt, image=image, params=params)
 
 
@@ -140,7 +145,8 @@ def start_triton(engine: Engine, http_port: int, grpc_port: int, metrics_port: i
         inputs=[Tensor(name="prompt", dtype=np.bytes_, shape=(1,)),
                 Tensor(name="image", dtype=np.bytes_, shape=(1,), optional=True),
                 Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
-                Tensor(name="temperature", dtype=np.float32, shape=(1,), optional=True)],
+                Tensor(name="temperature", dtype=np.float32, shape=(1,), optional=True),
+                Tensor(name="seed", dtype=np.int64, shape=(1,), optional=True)],
         outputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,)), Tensor(name="token_id", dtype=np.int64, shape=(1,))],
         config=ModelConfig(batching=False, decoupled=True),
         strict=False,
