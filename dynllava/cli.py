@@ -178,6 +178,25 @@ def _sparse_overrides(vision_keep_rate: float | None, sparse_layer: int | None, 
     return {k: v for k, v in overrides.items() if v is not None}
 
 
+def _check_predictors(model: Path, predictors: Path | None) -> None:
+    """--predictors must name a file, and only a llava-hf checkpoint takes one (an official checkpoint carries its
+    own predictors; silently ignoring the flag would run other weights than the user asked for)."""
+    if predictors is None:
+        return
+    if not predictors.is_file():
+        raise InputError(f"predictor file {predictors} not found", hint="pass --predictors FILE.safetensors")
+    from dynllava.errors import CheckpointError
+    from dynllava.model.checkpoint import detect_layout
+
+    try:
+        official = (model / "config.json").is_file() and detect_layout(model) == "official"
+    except (CheckpointError, OSError, ValueError):
+        return  # not a checkpoint we recognise: loading will say so
+    if official:
+        raise InputError(f"{model} is an official Dynamic-LLaVA checkpoint, which carries its own predictors; "
+                         "--predictors is for llava-hf checkpoints", hint="drop --predictors")
+
+
 @app.command()
 @handle_errors
 def generate(
@@ -438,6 +457,12 @@ def serve(
     allowed_media_dir: Path | None = typer.Option(None, help="Directory file:// image URLs may read from "
                                                      "(off by default; data: URLs always work)."),
     max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
+    default_max_tokens: int = typer.Option(256, min=1, help="max_tokens of a request that sets none."),
+    max_waiting: int = typer.Option(256, min=0, help="Requests queued before new ones get 429 + Retry-After."),
+    drain_timeout: float = typer.Option(30.0, min=0.0, help="On SIGTERM / Ctrl-C: seconds the requests in flight "
+                                        "may take to finish (new ones get 503) before they are stopped."),
+    served_model_name: str | None = typer.Option(None, help="The model id clients send and /v1/models lists "
+                                                 "(default: MODEL's directory name)."),
     predictors: Path | None = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
     vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
     triton: bool = typer.Option(False, "--triton", help="Serve through NVIDIA Triton (PyTriton) as a decoupled "
@@ -445,36 +470,53 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
     /v1/models, /health, /metrics) with continuous batching in the background."""
-    import uvicorn
-
     from dynllava.runtime.engine import Engine
     from dynllava.serve.openai import ServerConfig, build_app
+    from dynllava.serve.server import run
 
     if allowed_media_dir is not None and not allowed_media_dir.is_dir():
         raise InputError(f"--allowed-media-dir {allowed_media_dir} is not a directory")
+    _check_predictors(model, predictors)
     with console.status("loading the model"):
         engine = Engine.from_path(model, backend, predictors=predictors, vision_tower=vision_tower,
                                   kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch)
     if triton:
-        import threading
-
-        from dynllava.serve.triton import MODEL_NAME, start_triton
-
-        server, loop = start_triton(engine, port, port + 1, port + 2)
-        console.print(f"Triton serving model [bold]{MODEL_NAME}[/] (decoupled): gRPC 127.0.0.1:{port + 1}, "
-                      f"HTTP :{port}, metrics :{port + 2}; Ctrl-C stops")
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.stop()
-            loop.stop()
+        _serve_triton(engine, port, drain_timeout)
         return
-    cfg = ServerConfig(model_name=model.name, api_key=api_key, allowed_media_dir=allowed_media_dir,
-                       max_tokens_limit=max_tokens_limit)
-    console.print(f"serving [bold]{model}[/] on http://{host}:{port}/v1 (OpenAI-compatible; metrics at /metrics)")
-    uvicorn.run(build_app(engine, cfg), host=host, port=port, log_level="warning")
+    cfg = ServerConfig(model_name=served_model_name or model.name, api_key=api_key,
+                       allowed_media_dir=allowed_media_dir, max_tokens_limit=max_tokens_limit,
+                       default_max_tokens=min(default_max_tokens, max_tokens_limit), max_waiting=max_waiting)
+    console.print(f"serving [bold]{model}[/] as [bold]{cfg.model_name}[/] on http://{host}:{port}/v1 "
+                  "(OpenAI-compatible; metrics at /metrics)")
+    run(build_app(engine, cfg), host, port, drain_timeout)
+
+
+def _serve_triton(engine, port: int, drain_seconds: float) -> None:
+    import signal
+    import threading
+    import time
+
+    from dynllava.serve.triton import MODEL_NAME, start_triton
+
+    server, loop = start_triton(engine, port, port + 1, port + 2)
+    console.print(f"Triton serving model [bold]{MODEL_NAME}[/] (decoupled): gRPC 127.0.0.1:{port + 1}, "
+                  f"HTTP :{port}, metrics :{port + 2}; Ctrl-C or SIGTERM stops (after a {drain_seconds:g} s drain)")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        loop.drain()  # new requests are refused; those in flight get drain_seconds
+        deadline = time.monotonic() + drain_seconds
+        while loop.in_flight and time.monotonic() < deadline:
+            time.sleep(0.1)
+        loop.cancel_all()
+        server.stop()
+        loop.stop()
 
 
 # ---------------------------------------------------------------------- bench

@@ -17,11 +17,11 @@ from PIL import Image
 
 
 @contextlib.contextmanager
-def running_server(app, **config):
-    """Serve `app` on 127.0.0.1 (a free port) in a thread; yields its base URL."""
-    import uvicorn
+def running_server(app, drain_seconds: float = 5.0, **config):
+    """Serve `app` on 127.0.0.1 (a free port) in a thread, as `dynllava serve` does; yields (base URL, server)."""
+    from dynllava.serve.server import make_server
 
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
+    srv = make_server(app, "127.0.0.1", 0, drain_seconds, **config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 60

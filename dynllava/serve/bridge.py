@@ -77,6 +77,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._closed = False
+        self.draining = False  # set by drain(): new requests are refused (503), those in flight carry on
         self._lock = threading.Lock()  # submit vs. the final drain on stop
         self._thread = threading.Thread(target=self._run, name="dynllava-engine", daemon=True)
 
@@ -89,9 +90,24 @@ class EngineLoop:
         self._wake.set()
         self._thread.join(timeout=timeout)
 
+    def drain(self) -> None:
+        """Refuse new requests from now on (503); those in flight carry on."""
+        self.draining = True
+
+    def cancel_all(self, message: str = "the server is shutting down; the request was stopped") -> None:
+        """Stop every request in flight or queued; each ends with a 503 error Delta and its KV blocks are freed.
+        Thread-safe and returns at once (the loop thread does the work)."""
+        self._cancel.put(RequestError(message, 503))
+        self._wake.set()
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet ended."""
+        return self._submit.qsize() + len(self._active)
 
     @property
     def waiting(self) -> int:
@@ -102,8 +118,8 @@ class EngineLoop:
         """Queue a request; its Deltas (tagged with `index`) arrive on `out` (a new queue if None), returned."""
         out = out if out is not None else asyncio.Queue()
         with self._lock:
-            if not self.alive or self._closed:
-                raise RequestError("the server is shutting down" if self._stop.is_set() else
+            if not self.alive or self._closed or self.draining:
+                raise RequestError("the server is shutting down" if self._stop.is_set() or self.draining else
                                    "the engine loop is not running", 503)
             self._submit.put(_Pending(request, asyncio.get_running_loop(), out, index))
         self._wake.set()
@@ -155,7 +171,9 @@ class EngineLoop:
             self._admit(self._submit.get())
         while not self._cancel.empty():
             rid = self._cancel.get()
-            if rid in self._active:
+            if isinstance(rid, RequestError):  # cancel_all
+                self._stop_all(rid)
+            elif rid in self._active:
                 if rid in engine.sequences:
                     engine.cancel(rid)
                 self._end(rid)
@@ -243,9 +261,11 @@ class EngineLoop:
 
     def _close(self) -> None:
         """On stop: requests not yet admitted and requests in flight end with a 503; their KV is freed."""
-        stopping = RequestError("the server is shutting down; the request was stopped", 503)
         with self._lock:
             self._closed = True
+        self._stop_all(RequestError("the server is shutting down; the request was stopped", 503))
+
+    def _stop_all(self, stopping: RequestError) -> None:
         while not self._submit.empty():
             pending = self._submit.get()
             self._send(pending, Delta(None, "", error=stopping, index=pending.index))

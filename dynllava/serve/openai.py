@@ -572,10 +572,11 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health():
         stats = loop.stats
-        body = {"status": "ok" if loop.alive else "error", "running": stats.running, "waiting": loop.waiting,
-                "swapped": stats.swapped, "kv_blocks_used": stats.blocks_used, "kv_bytes_used": stats.kv_bytes_used,
-                "errors": loop.errors, "last_error": loop.last_error}
-        return JSONResponse(body, status_code=200 if loop.alive else 503)
+        status = "error" if not loop.alive else "draining" if loop.draining else "ok"
+        body = {"status": status, "running": stats.running, "waiting": loop.waiting, "swapped": stats.swapped,
+                "kv_blocks_used": stats.blocks_used, "kv_bytes_used": stats.kv_bytes_used, "errors": loop.errors,
+                "last_error": loop.last_error}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus():
