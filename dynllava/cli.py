@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -48,10 +49,13 @@ def _main(
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """One clear line and a non-zero exit for errors; the traceback only with --debug."""
+    """One clear line and a non-zero exit for errors; the traceback only with --debug (which every command takes,
+    before or after its name: `dynllava --debug generate ...` or `dynllava generate ... --debug`)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        if debug:
+            _state["debug"] = True
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -63,19 +67,51 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except OSError as exc:  # a file the user named cannot be read or written: their environment, one line
+            if _state["debug"]:
+                raise
+            if exc.filename is None:
+                _internal_error(exc)
+            err_console.print(f"[bold red]error:[/] {escape(exc.strerror or type(exc).__name__)}: "
+                              f"{escape(str(exc.filename))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except Exception as exc:  # a bug or an environment problem: still no raw traceback by default
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
-                              "  run again with --debug for the traceback", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _internal_error(exc)
 
+    signature = inspect.signature(fn)
+    debug = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                              default=typer.Option(False, "--debug", help="Show Python tracebacks on errors."))
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), debug])
+    wrapper.__annotations__ = {**fn.__annotations__, "debug": bool}
     return wrapper
 
 
+def _internal_error(exc: BaseException) -> NoReturn:
+    err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
+                      "  run again with --debug for the traceback", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
+
+
 def _check_empty(out: Path, force: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    """OUT must be a directory we can write, empty unless --force: checked before any work is done."""
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a directory", hint="give a directory path for the output")
+        if any(out.iterdir()) and not force:
+            raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    target = out
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise InputError(f"cannot create {out}: {target} is not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {out}: {target} is not writable (read-only or permission denied)")
 
 
 def _dir_mib(path: Path) -> float:
@@ -123,7 +159,12 @@ def _read_requests(prompt: str | None, image: Path | None, batch: Path | None) -
     if not batch.is_file():
         raise InputError(f"batch file {batch} not found")
     requests = []
-    for n, line in enumerate(batch.read_text().splitlines(), start=1):
+    for n, raw in enumerate(batch.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{batch}:{n}: not UTF-8 text (byte {exc.start + 1} of the line)",
+                             hint="save the batch file as UTF-8") from exc
         if not line.strip():
             continue
         try:
@@ -229,6 +270,7 @@ def generate(
     from dynllava.runtime.sampling import SamplingParams
 
     requests = _read_requests(prompt, image, batch)
+    _check_predictors(model, predictors)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
     with console.status("loading the model"):
@@ -265,15 +307,20 @@ def _generate_without_cache(opened, requests: list[dict], params) -> list:
 
     if not params.greedy:
         raise InputError("--no-kv-cache decodes greedily", hint="drop --temperature or the KV-cache flag")
+    if params.repetition_penalty != 1.0:
+        raise InputError("--no-kv-cache decodes greedily without a repetition penalty",
+                         hint="drop --repetition-penalty or --no-kv-cache")
     tok = opened.tokenizer
     prompts = [tokenize_prompt(tok, chat_prompt([("user", r["prompt"])], r["image"] is not None)) for r in requests]
     pixels = [preprocess_image(opened.image_processor, load_image(r["image"]), opened.image_aspect_ratio)
               if r["image"] is not None else None for r in requests]
+    limit = min(opened.max_positions, opened.executor.limits["max_seq_len"])  # an export's max_seq_len too
     for ids, px in zip(prompts, pixels):
         total = len(ids) + (opened.model.num_image_tokens - 1 if px is not None else 0) + params.max_new_tokens
-        if total > opened.max_positions:
-            raise InputError(f"prompt plus --max-new-tokens needs {total} positions; the model has "
-                             f"{opened.max_positions}", hint="shorten the prompt or lower --max-new-tokens")
+        if total > limit:
+            raise InputError(f"prompt plus --max-new-tokens needs {total} positions; the model "
+                             f"{'has' if limit == opened.max_positions else 'was exported for'} {limit}",
+                             hint="shorten the prompt or lower --max-new-tokens")
     stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     with console.status("generating without a KV cache"):
         gens = greedy_generate(opened.model, prompts, pixels, params.max_new_tokens, stop, use_kv_cache=False)
@@ -309,34 +356,66 @@ def export(
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
     from dynllava.export.manifest import GRAPHS
-    from dynllava.export.validate import validate_export
     from dynllava.model.checkpoint import load_model
 
     cfg = ExportConfig(dtype=dtype, opset=opset, max_batch=max_batch, max_seq_len=max_seq_len, atol=atol,
                        validate=not no_validate)
     _check_empty(out, force)
+    _check_predictors(model, predictors)
     with console.status("loading the model"):
         loaded = load_model(model, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense))
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in GRAPHS}
-        progress.start_task(tasks[GRAPHS[0]])
+    existed = out.exists()
+    fresh = not existed or not any(out.iterdir())  # then a failure removes what this command wrote
+    try:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in GRAPHS}
+            progress.start_task(tasks[GRAPHS[0]])
 
-        def done(name: str, seconds: float) -> None:
-            progress.update(tasks[name], description=f"{name}.onnx [green]written[/] ({seconds:.1f}s)")
-            progress.stop_task(tasks[name])
-            nxt = GRAPHS.index(name) + 1
-            if nxt < len(GRAPHS):
-                progress.start_task(tasks[GRAPHS[nxt]])
+            def done(name: str, seconds: float) -> None:
+                progress.update(tasks[name], description=f"{name}.onnx [green]written[/] ({seconds:.1f}s)")
+                progress.stop_task(tasks[name])
+                nxt = GRAPHS.index(name) + 1
+                if nxt < len(GRAPHS):
+                    progress.start_task(tasks[GRAPHS[nxt]])
 
-        export_model(loaded, out, cfg, on_graph=done)
-    console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB)")
-    if not cfg.validate:
-        return
-    with console.status("validating with ONNX Runtime against the reference model"):
-        checks = validate_export(loaded, out, cfg.tolerance, cfg.min_agreement)
-    _report_checks(checks, "ONNX Runtime vs reference")
+            export_model(loaded, out, cfg, on_graph=done)
+        console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB)")
+        if not cfg.validate:
+            return
+        with console.status("validating with ONNX Runtime against the reference model"):
+            checks = _validate_export(loaded, out, cfg)
+        _report_checks(checks, "ONNX Runtime vs reference")
+    except BaseException:
+        if fresh and out.is_dir() and not _state["debug"]:  # no half-written or unvalidated export left behind
+            _remove_contents(out)
+            if not existed:
+                out.rmdir()
+            err_console.print(f"[dim]removed the incomplete export in {out}[/]", highlight=False)
+        raise
+
+
+def _validate_export(loaded, out: Path, cfg) -> list:
+    """validate_export, on a runner that takes the validation's inputs (3 prompts, ~130 tokens) whatever max_batch
+    and max_seq_len the export was written with: those are what the runtime will send, not what the graphs take."""
+    from dynllava.export.validate import compare_models
+    from dynllava.runtime.batch import OnnxRuntimeModel
+
+    runner = OnnxRuntimeModel(out)
+    runner.executor.limits = dict(runner.executor.limits, max_batch=1 << 30, max_seq_len=1 << 30)
+    return compare_models(loaded.model, runner, loaded.tokenizer, loaded.image_processor, loaded.image_aspect_ratio,
+                          out, cfg.tolerance, cfg.min_agreement)
+
+
+def _remove_contents(path: Path) -> None:
+    import shutil
+
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _report_checks(checks: list, title: str) -> None:
@@ -540,6 +619,9 @@ def bench(
 
     if backend not in ("torch", "onnxruntime"):
         raise InputError(f"unknown backend {backend!r}", hint="choose torch or onnxruntime")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory", hint="give a directory path with --out")
+    _check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     if model in PRESETS:
         checkpoint = out / "models" / model
