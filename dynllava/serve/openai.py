@@ -28,6 +28,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dynllava.errors import DynLlavaError
 from dynllava.runtime.engine import Engine
@@ -56,6 +57,7 @@ class ServerConfig:
     max_choices: int = 16  # n x prompts in one request
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string
+    max_prompt_chars: int = 256 * 1024  # text per request, refused before it is tokenized (on the engine thread)
     image_decoders: int = 4  # images decoded at once, in threads (off the event loop)
 
 
@@ -281,6 +283,10 @@ def parse_job(body: dict, cfg: ServerConfig, chat: bool) -> Job:
     prompts = 1 if chat else len(texts)
     if type(n) is not int or not 1 <= n or n * prompts > cfg.max_choices:
         raise APIError(400, f"n must be an integer >= 1 with n x prompts <= {cfg.max_choices}, got n={n!r}", "n")
+    chars = sum(len(m["content"]) for m in messages) if chat else max(map(len, texts))
+    if chars > cfg.max_prompt_chars:
+        raise APIError(400, f"the prompt has {chars} characters; at most {cfg.max_prompt_chars} are accepted (and "
+                            "the model's context is shorter still)", "messages" if chat else "prompt")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     requests = []
     for p in range(prompts):
@@ -388,11 +394,14 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
 
     async def _body(request: HttpRequest) -> dict:
         chunks, size = [], 0
-        async for chunk in request.stream():  # bounded even without a Content-Length (chunked bodies)
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                raise APIError(413, f"request body larger than {cfg.max_body_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():  # bounded even without a Content-Length (chunked bodies)
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise APIError(413, f"request body larger than {cfg.max_body_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect as exc:  # nobody will read the answer
+            raise APIError(400, "the client went away before sending the whole body") from exc
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
