@@ -72,8 +72,14 @@ def test_edge_values_the_sampler_can_compute_run(official_dir):
 
 
 # ---------------------------------------------------------------------- the engine
+_REFERENCE: dict = {}
+
+
 def _alone(official_dir, prompt: str, n: int = 12) -> list[int]:
-    engine = Engine.from_path(official_dir)
+    """The greedy tokens of a prompt generated alone (on an engine of its own)."""
+    if official_dir not in _REFERENCE:
+        _REFERENCE[official_dir] = Engine.from_path(official_dir)
+    engine = _REFERENCE[official_dir]
     return engine.generate([Request(prompt=prompt)], SamplingParams(max_new_tokens=n, ignore_eos=True),
                            progress=False)[0].token_ids
 
@@ -209,3 +215,26 @@ def test_a_bug_in_the_loop_itself_fails_the_requests_in_flight_and_the_loop_live
     monkeypatch.undo()
     wait_idle(url)
     assert _post(url, {"messages": chat("Why?"), "max_tokens": 4}).status_code == 200
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread is meant to die
+def test_a_dead_loop_is_reported_and_nobody_waits_for_it(official_dir, monkeypatch):
+    from dynllava.serve.openai import ServerConfig, build_app
+
+    engine = Engine.from_path(official_dir)
+    step = engine.guarded_step
+
+    def dying():
+        if any(s.params.max_new_tokens == 13 for s in engine.sequences.values()):
+            raise SystemExit("the loop thread dies")  # not an Exception: the thread really ends
+        return step()
+
+    monkeypatch.setattr(engine, "guarded_step", dying)
+    with running_server(build_app(engine, ServerConfig(model_name="tiny"))) as (url, _):
+        assert _post(url, {"messages": chat("Why?"), "max_tokens": 4}).status_code == 200
+        response = _post(url, {"messages": chat("Why?"), "max_tokens": 13})  # in flight when the loop dies
+        assert response.status_code == 503 and response.json()["error"]["type"] == "server_error"
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert _post(url, {"messages": chat("Why?"), "max_tokens": 4}).status_code == 503  # at once, no hang
+    assert engine.cache.used_bytes == 0

@@ -51,7 +51,7 @@ def answer(official_dir):
 
 def test_engine_stream_equals_generate(answer):
     engine, text, stops = answer
-    for stop in stops:
+    for stop in stops[::4]:  # (all 13 go through both HTTP routes below)
         params = SamplingParams(max_new_tokens=TOKENS, ignore_eos=True, stop=[stop])
         want = engine.generate([Request(prompt=PROMPT)], params, progress=False)[0]
         assert want.text == text[:text.find(stop)] if stop in text else want.text == text

@@ -29,6 +29,16 @@ def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _items(value) -> tuple | None:
+    """A list-like as a tuple; None for a string (a common slip: stop="END") or a non-iterable."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return tuple(value)
+    except TypeError:
+        return None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 is greedy (the default, so runs are reproducible without a seed); so is any temperature below
@@ -68,14 +78,13 @@ class SamplingParams:
             raise bad("ignore_eos", "must be true or false")
         if self.logprobs is not None and (not _integer(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
-        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)) or \
-                not all(isinstance(s, str) and s for s in self.stop):
+        stop, stop_ids = _items(self.stop), _items(self.stop_token_ids)
+        if stop is None or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "must be a list of non-empty strings")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, (list, tuple)) or \
-                not all(_integer(t) and t >= 0 for t in self.stop_token_ids):
+        if stop_ids is None or not all(_integer(t) and t >= 0 for t in stop_ids):
             raise bad("stop_token_ids", "must be a list of token ids")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", stop_ids)
 
     @property
     def greedy(self) -> bool:

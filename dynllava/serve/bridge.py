@@ -102,7 +102,7 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._thread.is_alive() and not self._stop.is_set() and not self._closed
 
     @property
     def in_flight(self) -> int:
@@ -154,16 +154,21 @@ class EngineLoop:
             log.exception("metrics hook failed")
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._iterate()
-                self.stats = self.engine.stats()
-            except Exception as exc:  # a fault outside a step (a bug): fail what is in flight, keep serving
-                message = self._error("loop", exc)
-                self._fail_all(RequestError(f"internal error in the engine loop ({message}); the request was "
-                                            "stopped", 500))
-        self._close()
-        self.stats = self.engine.stats()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._iterate()
+                    self.stats = self.engine.stats()
+                except Exception as exc:  # a fault outside a step (a bug): fail what is in flight, keep serving
+                    message = self._error("loop", exc)
+                    self._fail_all(RequestError(f"internal error in the engine loop ({message}); the request was "
+                                                "stopped", 500))
+        except BaseException as exc:  # the thread is dying (SystemExit, ...): nobody may wait on it for ever
+            self._error("loop", exc)
+            raise
+        finally:
+            self._close()
+            self.stats = self.engine.stats()
 
     def _iterate(self) -> None:
         engine = self.engine
@@ -260,10 +265,13 @@ class EngineLoop:
             self._end(rid, error)
 
     def _close(self) -> None:
-        """On stop: requests not yet admitted and requests in flight end with a 503; their KV is freed."""
+        """On stop (or death): requests not yet admitted and those in flight end with a 503; their KV is freed."""
         with self._lock:
             self._closed = True
-        self._stop_all(RequestError("the server is shutting down; the request was stopped", 503))
+        try:
+            self._stop_all(RequestError("the engine loop stopped; the request was stopped", 503))
+        except Exception:
+            log.exception("could not stop the requests in flight")
 
     def _stop_all(self, stopping: RequestError) -> None:
         while not self._submit.empty():
