@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -48,10 +49,13 @@ def _main(
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """One clear line and a non-zero exit for errors; the traceback only with --debug."""
+    """One clear line and a non-zero exit for errors; the traceback only with --debug (which every command takes,
+    before or after its name: `dynllava --debug generate ...` or `dynllava generate ... --debug`)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        if debug:
+            _state["debug"] = True
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -63,19 +67,51 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except OSError as exc:  # a file the user named cannot be read or written: their environment, one line
+            if _state["debug"]:
+                raise
+            if exc.filename is None:
+                _internal_error(exc)
+            err_console.print(f"[bold red]error:[/] {escape(exc.strerror or type(exc).__name__)}: "
+                              f"{escape(str(exc.filename))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except Exception as exc:  # a bug or an environment problem: still no raw traceback by default
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
-                              "  run again with --debug for the traceback", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _internal_error(exc)
 
+    signature = inspect.signature(fn)
+    debug = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                              default=typer.Option(False, "--debug", help="Show Python tracebacks on errors."))
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), debug])
+    wrapper.__annotations__ = {**fn.__annotations__, "debug": bool}
     return wrapper
 
 
+def _internal_error(exc: BaseException) -> NoReturn:
+    err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
+                      "  run again with --debug for the traceback", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
+
+
 def _check_empty(out: Path, force: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    """OUT must be a directory we can write, empty unless --force: checked before any work is done."""
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a directory", hint="give a directory path for the output")
+        if any(out.iterdir()) and not force:
+            raise InputError(f"{out} exists and is not empty", hint="choose another directory or pass --force")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    target = out
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise InputError(f"cannot create {out}: {target} is not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {out}: {target} is not writable (read-only or permission denied)")
 
 
 def _dir_mib(path: Path) -> float:
@@ -123,7 +159,12 @@ def _read_requests(prompt: str | None, image: Path | None, batch: Path | None) -
     if not batch.is_file():
         raise InputError(f"batch file {batch} not found")
     requests = []
-    for n, line in enumerate(batch.read_text().splitlines(), start=1):
+    for n, raw in enumerate(batch.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{batch}:{n}: not UTF-8 text (byte {exc.start + 1} of the line)",
+                             hint="save the batch file as UTF-8") from exc
         if not line.strip():
             continue
         try:
@@ -184,6 +225,25 @@ ORT_SPINNING = typer.Option(False, "--ort-spinning/--no-ort-spinning", help="Let
                             "(off by default: spinning lost 2.3x on a 2-core machine with other load).")
 
 
+def _check_predictors(model: Path, predictors: Path | None) -> None:
+    """--predictors must name a file, and only a llava-hf checkpoint takes one (an official checkpoint carries its
+    own predictors; silently ignoring the flag would run other weights than the user asked for)."""
+    if predictors is None:
+        return
+    if not predictors.is_file():
+        raise InputError(f"predictor file {predictors} not found", hint="pass --predictors FILE.safetensors")
+    from dynllava.errors import CheckpointError
+    from dynllava.model.checkpoint import detect_layout
+
+    try:
+        official = (model / "config.json").is_file() and detect_layout(model) == "official"
+    except (CheckpointError, OSError, ValueError):
+        return  # not a checkpoint we recognise: loading will say so
+    if official:
+        raise InputError(f"{model} is an official Dynamic-LLaVA checkpoint, which carries its own predictors; "
+                         "--predictors is for llava-hf checkpoints", hint="drop --predictors")
+
+
 @app.command()
 @handle_errors
 def generate(
@@ -218,6 +278,7 @@ def generate(
     from dynllava.runtime.sampling import SamplingParams
 
     requests = _read_requests(prompt, image, batch)
+    _check_predictors(model, predictors)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
     with console.status("loading the model"):
@@ -255,15 +316,20 @@ def _generate_without_cache(opened, requests: list[dict], params) -> list:
 
     if not params.greedy:
         raise InputError("--no-kv-cache decodes greedily", hint="drop --temperature or the KV-cache flag")
+    if params.repetition_penalty != 1.0:
+        raise InputError("--no-kv-cache decodes greedily without a repetition penalty",
+                         hint="drop --repetition-penalty or --no-kv-cache")
     tok = opened.tokenizer
     prompts = [tokenize_prompt(tok, chat_prompt([("user", r["prompt"])], r["image"] is not None)) for r in requests]
     pixels = [preprocess_image(opened.image_processor, load_image(r["image"]), opened.image_aspect_ratio)
               if r["image"] is not None else None for r in requests]
+    limit = min(opened.max_positions, opened.executor.info.max_seq_len)  # an export's max_seq_len too
     for ids, px in zip(prompts, pixels):
         total = len(ids) + (opened.model.num_image_tokens - 1 if px is not None else 0) + params.max_new_tokens
-        if total > opened.max_positions:
-            raise InputError(f"prompt plus --max-new-tokens needs {total} positions; the model has "
-                             f"{opened.max_positions}", hint="shorten the prompt or lower --max-new-tokens")
+        if total > limit:
+            raise InputError(f"prompt plus --max-new-tokens needs {total} positions; the model "
+                             f"{'has' if limit == opened.max_positions else 'was exported for'} {limit}",
+                             hint="shorten the prompt or lower --max-new-tokens")
     stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     with console.status("generating without a KV cache"):
         gens = greedy_generate(opened.model, prompts, pixels, params.max_new_tokens, stop, use_kv_cache=False)
@@ -303,34 +369,68 @@ def export(
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
     from dynllava.export.manifest import GRAPHS
-    from dynllava.export.validate import validate_export
     from dynllava.model.checkpoint import load_model
 
     cfg = ExportConfig(dtype=dtype, opset=opset, max_batch=max_batch, max_seq_len=max_seq_len, atol=atol,
                        validate=not no_validate, target=target)
     _check_empty(out, force)
+    _check_predictors(model, predictors)
     with console.status("loading the model"):
         loaded = load_model(model, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense))
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in GRAPHS}
-        progress.start_task(tasks[GRAPHS[0]])
+    existed = out.exists()
+    fresh = not existed or not any(out.iterdir())  # then a failure removes what this command wrote
+    try:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in GRAPHS}
+            progress.start_task(tasks[GRAPHS[0]])
 
-        def done(name: str, seconds: float) -> None:
-            progress.update(tasks[name], description=f"{name}.onnx [green]written[/] ({seconds:.1f}s)")
-            progress.stop_task(tasks[name])
-            nxt = GRAPHS.index(name) + 1
-            if nxt < len(GRAPHS):
-                progress.start_task(tasks[GRAPHS[nxt]])
+            def done(name: str, seconds: float) -> None:
+                progress.update(tasks[name], description=f"{name}.onnx [green]written[/] ({seconds:.1f}s)")
+                progress.stop_task(tasks[name])
+                nxt = GRAPHS.index(name) + 1
+                if nxt < len(GRAPHS):
+                    progress.start_task(tasks[GRAPHS[nxt]])
 
-        export_model(loaded, out, cfg, on_graph=done)
-    console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB)")
-    if not cfg.validate:
-        return
-    with console.status("validating with ONNX Runtime against the reference model"):
-        checks = validate_export(loaded, out, cfg.tolerance, cfg.min_agreement)
-    _report_checks(checks, "ONNX Runtime vs reference")
+            export_model(loaded, out, cfg, on_graph=done)
+        console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB)")
+        if not cfg.validate:
+            return
+        with console.status("validating with ONNX Runtime against the reference model"):
+            checks = _validate_export(loaded, out, cfg)
+        _report_checks(checks, "ONNX Runtime vs reference")
+    except BaseException:
+        if fresh and out.is_dir() and not _state["debug"]:  # no half-written or unvalidated export left behind
+            _remove_contents(out)
+            if not existed:
+                out.rmdir()
+            err_console.print(f"[dim]removed the incomplete export in {out}[/]", highlight=False)
+        raise
+
+
+def _validate_export(loaded, out: Path, cfg) -> list:
+    """validate_export, on a runner that takes the validation's inputs (3 prompts, ~130 tokens) whatever max_batch
+    and max_seq_len the export was written with: those are what the runtime will send, not what the graphs take."""
+    from dataclasses import replace
+
+    from dynllava.export.validate import compare_models
+    from dynllava.runtime.batch import OnnxRuntimeModel
+
+    runner = OnnxRuntimeModel(out)
+    runner.executor.info = replace(runner.executor.info, max_batch=1 << 30, max_seq_len=1 << 30)
+    return compare_models(loaded.model, runner, loaded.tokenizer, loaded.image_processor, loaded.image_aspect_ratio,
+                          out, cfg.tolerance, cfg.min_agreement)
+
+
+def _remove_contents(path: Path) -> None:
+    import shutil
+
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _report_checks(checks: list, title: str) -> None:
@@ -451,6 +551,12 @@ def serve(
     allowed_media_dir: Path | None = typer.Option(None, help="Directory file:// image URLs may read from "
                                                      "(off by default; data: URLs always work)."),
     max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
+    default_max_tokens: int = typer.Option(256, min=1, help="max_tokens of a request that sets none."),
+    max_waiting: int = typer.Option(256, min=0, help="Requests queued before new ones get 429 + Retry-After."),
+    drain_timeout: float = typer.Option(30.0, min=0.0, help="On SIGTERM / Ctrl-C: seconds the requests in flight "
+                                        "may take to finish (new ones get 503) before they are stopped."),
+    served_model_name: str | None = typer.Option(None, help="The model id clients send and /v1/models lists "
+                                                 "(default: MODEL's directory name)."),
     predictors: Path | None = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
     vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
     triton: bool = typer.Option(False, "--triton", help="Serve through NVIDIA Triton (PyTriton) as a decoupled "
@@ -460,37 +566,54 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
     /v1/models, /health, /metrics) with continuous batching in the background."""
-    import uvicorn
-
     from dynllava.runtime.engine import Engine
     from dynllava.serve.openai import ServerConfig, build_app
+    from dynllava.serve.server import run
 
     if allowed_media_dir is not None and not allowed_media_dir.is_dir():
         raise InputError(f"--allowed-media-dir {allowed_media_dir} is not a directory")
+    _check_predictors(model, predictors)
     with console.status("loading the model"):
         engine = Engine.from_path(model, backend, predictors=predictors, vision_tower=vision_tower,
                                   kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch, threads=ort_threads,
                                   spinning=ort_spinning)
     if triton:
-        import threading
-
-        from dynllava.serve.triton import MODEL_NAME, start_triton
-
-        server, loop = start_triton(engine, port, port + 1, port + 2)
-        console.print(f"Triton serving model [bold]{MODEL_NAME}[/] (decoupled): gRPC 127.0.0.1:{port + 1}, "
-                      f"HTTP :{port}, metrics :{port + 2}; Ctrl-C stops")
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.stop()
-            loop.stop()
+        _serve_triton(engine, port, drain_timeout)
         return
-    cfg = ServerConfig(model_name=model.name, api_key=api_key, allowed_media_dir=allowed_media_dir,
-                       max_tokens_limit=max_tokens_limit)
-    console.print(f"serving [bold]{model}[/] on http://{host}:{port}/v1 (OpenAI-compatible; metrics at /metrics)")
-    uvicorn.run(build_app(engine, cfg), host=host, port=port, log_level="warning")
+    cfg = ServerConfig(model_name=served_model_name or model.name, api_key=api_key,
+                       allowed_media_dir=allowed_media_dir, max_tokens_limit=max_tokens_limit,
+                       default_max_tokens=min(default_max_tokens, max_tokens_limit), max_waiting=max_waiting)
+    console.print(f"serving [bold]{model}[/] as [bold]{cfg.model_name}[/] on http://{host}:{port}/v1 "
+                  "(OpenAI-compatible; metrics at /metrics)")
+    run(build_app(engine, cfg), host, port, drain_timeout)
+
+
+def _serve_triton(engine, port: int, drain_seconds: float) -> None:
+    import signal
+    import threading
+    import time
+
+    from dynllava.serve.triton import MODEL_NAME, start_triton
+
+    server, loop = start_triton(engine, port, port + 1, port + 2)
+    console.print(f"Triton serving model [bold]{MODEL_NAME}[/] (decoupled): gRPC 127.0.0.1:{port + 1}, "
+                  f"HTTP :{port}, metrics :{port + 2}; Ctrl-C or SIGTERM stops (after a {drain_seconds:g} s drain)")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        loop.drain()  # new requests are refused; those in flight get drain_seconds
+        deadline = time.monotonic() + drain_seconds
+        while loop.in_flight and time.monotonic() < deadline:
+            time.sleep(0.1)
+        loop.cancel_all()
+        server.stop()
+        loop.stop()
 
 
 # ---------------------------------------------------------------------- bench
@@ -526,6 +649,9 @@ def bench(
         cfg = suite.BenchConfig.make(quick, workloads)
     except ValueError as exc:
         raise InputError(str(exc), hint="e.g. --only peers,ttft") from None
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory", hint="give a directory path with --out")
+    _check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     if model in PRESETS:
         checkpoint = out / "models" / model

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dynllava.config import SparseConfig, keep_count
+from dynllava.errors import ConfigError
 from dynllava.jsonfile import read_json
 
 
@@ -27,6 +28,11 @@ class ModelShape:
     sparse_layer: int = 2
     vision_keep_rate: float = 0.2
     output_text_keep_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sparse_layer < self.num_layers:
+            raise ConfigError(f"{self.name}: sparse_layer {self.sparse_layer} is outside the model's "
+                              f"{self.num_layers} layers (it must be in [0, {self.num_layers - 1}])")
 
     @property
     def kept_image_tokens(self) -> int:

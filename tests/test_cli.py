@@ -80,6 +80,9 @@ def test_generate_without_kv_cache(official_dir):
     (["--prompt", "hi", "--backend", "xla"], "unknown backend 'xla'"),
     ([], "nothing to generate"),
     (["--prompt", "hi", "--max-new-tokens", "5000"], "exceeds the model's 4096 positions"),
+    (["--prompt", "hi", "--seed", "99999999999999999999999"], "invalid sampling parameter seed="),
+    (["--prompt", "hi", "--repetition-penalty", "1e-300"], "invalid sampling parameter repetition_penalty="),
+    (["--prompt", "hi", "--temperature", "nan"], "invalid sampling parameter temperature="),
 ])
 def test_bad_input_is_one_clear_error(official_dir, tmp_path, args, message):
     readme = tmp_path / "notes.png"
@@ -89,6 +92,14 @@ def test_bad_input_is_one_clear_error(official_dir, tmp_path, args, message):
     assert result.exit_code == 1
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_tiny_temperature_is_greedy(official_dir, single):
+    result = runner.invoke(app, ["generate", str(official_dir), "--image", str(official_dir / "example.png"),
+                                 "--prompt", "What is in the picture?", "--max-new-tokens", "12", "--json",
+                                 "--temperature", "1e-300", "--seed", str(2**64 - 1)])
+    assert result.exit_code == 0, result.output
+    assert _json_lines(result.stdout)[0]["token_ids"] == single["token_ids"]
 
 
 def test_malformed_batch_line_names_the_line(official_dir, tmp_path):

@@ -85,34 +85,72 @@ def test_chat_with_an_image_equals_engine_generate(server, client, official_dir,
     assert local.choices[0].message.content == want.text
 
 
-def test_completions_models_health_metrics(server, client):
-    out = client.completions.create(model="tiny", prompt="Tell me a story.", max_tokens=5, temperature=0)
-    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 5
+def test_completions_models_health_metrics(server, client, official_dir):
+    from tests.serve_helpers import metric, wait_idle
+
+    url = server["url"]
+    wait_idle(url)
+    before = httpx.get(url + "/metrics").text
+    out = client.completions.create(model="tiny", prompt="Tell me a story.", max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    want = Engine.from_path(official_dir).generate([Request(prompt="Tell me a story.")], SamplingParams(
+        max_new_tokens=8, ignore_eos=True), progress=False)[0]
+    assert want.text.strip() and out.choices[0].text == want.text  # the answer itself, not just its shape
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
+    assert out.usage.prompt_tokens == want.stats.prompt_tokens
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
-    metrics = httpx.get(server["url"] + "/metrics").text
-    for name in ("dynllava_requests_running", "dynllava_kv_blocks_used", "dynllava_time_to_first_token_seconds",
-                 "dynllava_inter_token_latency_seconds", "dynllava_generation_tokens_total",
-                 "dynllava_image_keep_ratio", "dynllava_text_keep_ratio"):
-        assert name in metrics
+    health = wait_idle(url)
+    assert health["status"] == "ok" and health["running"] == 0
+    after = httpx.get(url + "/metrics").text
+
+    def grew(name: str, **labels) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    # every hook is plugged in: the counters and histograms moved by exactly this request
+    assert grew("dynllava_generation_tokens_total") == 8
+    assert grew("dynllava_prompt_tokens_total") == want.stats.prompt_tokens
+    assert grew("dynllava_requests_finished_total", finish_reason="length") == 1
+    assert grew("dynllava_time_to_first_token_seconds_count") == 1
+    assert grew("dynllava_inter_token_latency_seconds_count") == 7
+    assert grew("dynllava_text_keep_ratio_count") == 1
+    assert metric(after, "dynllava_requests_running") == 0
+    assert metric(after, "dynllava_kv_blocks_used", group="dense") == 0
+    assert metric(after, "dynllava_kv_bytes_budget") == server["engine"].cache.budget_bytes
+    reply = client.chat.completions.create(model="tiny", messages=_chat(f"file://{server['media']}/example.png"),
+                                           max_tokens=4, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    wait_idle(url)
+    final = httpx.get(url + "/metrics").text
+    assert metric(final, "dynllava_image_keep_ratio_count") - metric(after, "dynllava_image_keep_ratio_count") == 1
+    assert metric(final, "dynllava_image_keep_ratio_sum") - metric(after, "dynllava_image_keep_ratio_sum") == \
+        pytest.approx(12 / 64)
 
 
 def test_32_concurrent_streams_and_8_cancelled(server, official_dir):
+    from tests.serve_helpers import metric, wait_idle
+
     texts = [f"Question number {i}: what do you see?" for i in range(32)]
     engine = Engine.from_path(official_dir)
     want = [o.text for o in engine.generate([Request(prompt=t) for t in texts], SamplingParams(max_new_tokens=24),
                                             progress=False)]
+    wait_idle(server["url"])
+    before = httpx.get(server["url"] + "/metrics").text
     results: dict[int, str] = {}
+    cut: dict[int, int] = {}
 
     def run(i: int) -> None:
         cli = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+        cancelled = i % 4 == 0
+        # the 8 clients that hang up ask for 500 tokens: only a working cancellation ends them early
         stream = cli.chat.completions.create(model="tiny", messages=[{"role": "user", "content": texts[i]}],
-                                             max_tokens=24, temperature=0, stream=True)
+                                             max_tokens=500 if cancelled else 24, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True} if cancelled else None)
         text = ""
         for n, chunk in enumerate(stream):
             text += chunk.choices[0].delta.content or "" if chunk.choices else ""
-            if i % 4 == 0 and n == 3:  # 8 clients hang up mid-stream
+            if cancelled and n == 3:  # 8 clients hang up mid-stream
                 stream.close()
+                cut[i] = n
                 return
         results[i] = text
 
@@ -121,14 +159,17 @@ def test_32_concurrent_streams_and_8_cancelled(server, official_dir):
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert sorted(results) == [i for i in range(32) if i % 4]
+    assert sorted(results) == [i for i in range(32) if i % 4] and sorted(cut) == list(range(0, 32, 4))
     for i, text in results.items():
         assert text == want[i], i
     engine = server["engine"]
-    deadline = time.time() + 30
-    while engine.cache.used_bytes and time.time() < deadline:  # cancellations are applied by the engine thread
-        time.sleep(0.05)
+    wait_idle(server["url"], timeout=60)  # cancellations are applied by the engine thread
     assert engine.stats().blocks_used == {"dense": 0, "sparse": 0}
+    after = httpx.get(server["url"] + "/metrics").text
+    assert metric(after, "dynllava_requests_finished_total", finish_reason="cancelled") - \
+        metric(before, "dynllava_requests_finished_total", finish_reason="cancelled") == 8
+    generated = metric(after, "dynllava_generation_tokens_total") - metric(before, "dynllava_generation_tokens_total")
+    assert generated < 24 * 24 + 8 * 250  # the 8 stopped far short of their 500 tokens
 
 
 def _post(server, body, raw: bytes | None = None):
@@ -171,13 +212,41 @@ def test_api_key_is_enforced(official_dir):
         assert http.get("/health").status_code == 200  # health and metrics stay open for probes
 
 
-def test_overload_is_a_429_with_retry_after(official_dir):
-    from fastapi.testclient import TestClient
-
+def test_overload_is_a_429_with_retry_after(official_dir, monkeypatch):
     from dynllava.serve.openai import ServerConfig, build_app
+    from tests.serve_helpers import metric, running_server
 
-    app = build_app(Engine.from_path(official_dir), ServerConfig(model_name="tiny", max_waiting=0))
-    with TestClient(app) as http:
-        response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-    assert response.status_code == 429 and response.headers["retry-after"] == "1"
-    assert response.json()["error"]["type"] == "rate_limit_error"
+    engine = Engine.from_path(official_dir, max_batch=1)
+    gate = threading.Event()
+    step = engine.step
+
+    def held_step():  # the engine is busy: nothing moves until the gate opens
+        gate.wait(timeout=60)
+        return step()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    with running_server(build_app(engine, ServerConfig(model_name="tiny", max_waiting=2))) as (url, _):
+        results = {}
+
+        def call(i: int) -> None:
+            results[i] = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 4})
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while httpx.get(url + "/health").json()["waiting"] < 2:  # both queued: the server is full
+            assert time.time() < deadline
+            time.sleep(0.02)
+        response = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "rate_limit_error"
+        assert metric(httpx.get(url + "/metrics").text, "dynllava_requests_rejected_total", status="429") == 1
+        gate.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert [results[i].status_code for i in range(2)] == [200, 200]  # the queued ones are served
+        again = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                "max_tokens": 2})
+        assert again.status_code == 200

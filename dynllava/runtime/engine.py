@@ -21,7 +21,7 @@ import torch
 from dynllava.errors import ConfigError, InputError
 from dynllava.flops import kv_bytes
 from dynllava.runtime.batch import executor_shape, prompt_feeds, run_decode, write_prefill
-from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, tokenize_prompt
+from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, to_rgb, tokenize_prompt
 from dynllava.runtime.sampling import Sampler, SamplingParams
 from dynllava.runtime.scheduler import Scheduler
 from dynllava.runtime.sequence import Request, RequestOutput, Sequence, Status
@@ -127,7 +127,7 @@ class Engine:
         pixels = None
         if has_image:
             image = request.image if hasattr(request.image, "convert") else load_image(request.image)
-            pixels = preprocess_image(self.image_processor, image.convert("RGB"), self.image_aspect_ratio).numpy()
+            pixels = preprocess_image(self.image_processor, to_rgb(image), self.image_aspect_ratio).numpy()
         request_id = request.request_id or Sequence.new_id()
         if request_id in self.sequences:
             raise InputError(f"request id {request_id!r} is already in use")
@@ -166,6 +166,39 @@ class Engine:
             raise InputError(f"request {request_id!r} is {'unknown' if seq is None else 'not finished'}")
         return self.sequences.pop(request_id).output()
 
+    def fail(self, request_id: str, error: str) -> None:
+        """End a request with finish_reason "error" (whatever state it is in) and free its KV blocks; its output
+        stays until taken. Touches neither the model nor the tokenizer, which may be what failed."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            raise InputError(f"unknown request id {request_id!r}")
+        seq.finish_reason, seq.error = "error", error
+        if seq.status != Status.FINISHED:
+            seq.finished_at = time.perf_counter()
+            seq.stats.generated_tokens = len(seq.generated)
+            self.scheduler.finish(seq)
+
+    def guarded_step(self) -> tuple[list[tuple[Sequence, int]], list[Sequence], BaseException | None]:
+        """step(), except that an exception in it fails only the sequences of that step instead of leaving the
+        engine half-stepped: returns (events, failed sequences, the exception). A failed prefill fails the
+        sequences it admitted; a failed decode (or schedule) the sequences that were running, including any that
+        finished within the step. Each failed sequence ends with finish_reason "error" and its KV blocks freed;
+        waiting, swapped and (for a prefill) already running sequences carry on."""
+        waiting = {s.request_id for s in self.scheduler.waiting if s.status == Status.WAITING}
+        unfinished = [s for s in self.sequences.values() if s.status != Status.FINISHED]
+        try:
+            return self.step(), [], None
+        except Exception as exc:  # the point: one bad step must not take the engine down
+            stepped = (Status.RUNNING, Status.FINISHED)
+            admitted = [s for s in unfinished if s.request_id in waiting and s.status in stepped]
+            failed = admitted or [s for s in unfinished if s.request_id not in waiting and s.status in stepped]
+            if not failed:  # the step failed before touching anyone: fail the head of the queue so we progress
+                failed = list(self.scheduler.waiting)[:1] or unfinished[:1]
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            for seq in failed:
+                self.fail(seq.request_id, message)
+            return [], failed, exc
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one prefill or decode step; returns (sequence, new token) pairs."""
@@ -195,8 +228,7 @@ class Engine:
         """Next tokens: one vectorised argmax for the plain greedy rows, each sequence's sampler for the rest."""
         tokens = logits.argmax(-1).tolist()
         for b, seq in enumerate(seqs):
-            p = seq.params
-            if not (p.greedy and p.repetition_penalty == 1.0):
+            if not seq.params.argmax_only:
                 tokens[b] = seq.sampler(torch.from_numpy(logits[b]), seq.prompt_ids + seq.generated)
         return tokens
 
@@ -294,7 +326,8 @@ class Engine:
                 for s, token in self.step():
                     if s is seq:
                         done = seq.status == Status.FINISHED
-                        delta, sent = seq.text[len(sent):], seq.text
+                        text = seq.stream_text()  # without a tail that may still become a stop string
+                        delta, sent = text[len(sent):], max(sent, text, key=len)
                         yield StreamDelta(request_id, token, delta, done, seq.output() if done else None)
         finally:
             if seq.status != Status.FINISHED:  # the consumer stopped early: free the blocks

@@ -1,17 +1,49 @@
-"""Sampling parameters (vLLM's names) and the per-sequence sampler."""
+"""Sampling parameters (vLLM's names) and the per-sequence sampler.
+
+Every value is checked against what the sampler can compute, so a request either runs or is refused up front:
+temperatures below GREEDY_BELOW are greedy (vLLM's rule: dividing logits by 1e-300 overflows to inf and NaN),
+seeds are 64-bit (torch.Generator's range), the repetition penalty is bounded so penalised logits stay finite.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from dynllava.errors import ConfigError
 
+GREEDY_BELOW = 1e-5  # temperatures in (0, GREEDY_BELOW) sample greedily, as temperature 0 (vLLM's _SAMPLING_EPS)
+MAX_TEMPERATURE = 100.0
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _items(value) -> tuple | None:
+    """A list-like as a tuple; None for a string (a common slip: stop="END") or a non-iterable."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return tuple(value)
+    except TypeError:
+        return None
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy (the default, so runs are reproducible without a seed)."""
+    """temperature 0 is greedy (the default, so runs are reproducible without a seed); so is any temperature below
+    GREEDY_BELOW. logprobs: None, or how many top alternatives to record with each token's log-probability (0 = the
+    chosen token's only), from the model's distribution before penalties and temperature."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -22,46 +54,68 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ConfigError:
             return ConfigError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
 
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _integer(self.max_new_tokens) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
-            raise bad("temperature", "must be in [0, 100] (0 = greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _number(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy; below "
+                                     f"{GREEDY_BELOW:g} is greedy too)")
+        if not _integer(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be an integer >= 0 (0 = off)")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            raise bad("repetition_penalty", "must be > 0 (1 = off)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "must be an integer or None")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+        if not _number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be a number in (0, 1]")
+        low, high = REPETITION_PENALTY_RANGE
+        if not _number(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
+            raise bad("repetition_penalty", f"must be a number in [{low:g}, {high:g}] (1 = off)")
+        if self.seed is not None and (not _integer(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise bad("seed", "must be None or a 64-bit integer (from -2**63 to 2**64 - 1)")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be true or false")
+        if self.logprobs is not None and (not _integer(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        stop, stop_ids = _items(self.stop), _items(self.stop_token_ids)
+        if stop is None or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "must be a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+        if stop_ids is None or not all(_integer(t) and t >= 0 for t in stop_ids):
             raise bad("stop_token_ids", "must be a list of token ids")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", stop_ids)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def argmax_only(self) -> bool:
+        """The pick is the argmax of the raw logits and nothing is recorded: a batch takes these in one call."""
+        return self.greedy and self.repetition_penalty == 1.0 and self.logprobs is None
 
 
 class Sampler:
     """Picks a sequence's next token. Its own generator makes a seeded request reproducible whatever else runs in
-    the same batch."""
+    the same batch. With params.logprobs set it records, per token it picks, (token id, log-probability, [(id,
+    log-probability) of the top params.logprobs alternatives]) in `logprobs`."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
         self.generator = torch.Generator()
         self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = \
+            [] if params.logprobs is not None else None
 
     def __call__(self, logits: torch.Tensor, seen: list[int]) -> int:
         # logits: [V] for one sequence; seen: prompt + generated token ids (for the repetition penalty)
+        token = self._pick(logits, seen)
+        if self.logprobs is not None:
+            self._record(logits, token)
+        return token
+
+    def _pick(self, logits: torch.Tensor, seen: list[int]) -> int:
         p = self.params
         logits = logits.float().clone()
         if p.repetition_penalty != 1.0 and seen:
@@ -80,4 +134,14 @@ class Sampler:
             drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
             logits[order[drop]] = float("-inf")
         probs = logits.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise FloatingPointError("the model's logits are not finite (inf or NaN); cannot sample")
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _record(self, logits: torch.Tensor, token: int) -> None:
+        logprobs = logits.float().log_softmax(-1)
+        top = []
+        if self.params.logprobs:
+            values, ids = logprobs.topk(min(self.params.logprobs, logprobs.shape[0]))
+            top = [(int(i), float(v)) for i, v in zip(ids, values)]
+        self.logprobs.append((token, float(logprobs[token]), top))

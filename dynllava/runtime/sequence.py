@@ -54,8 +54,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop", "length", "cancelled"; None while running
+    finish_reason: str | None  # "stop", "length", "cancelled", "error"; None while running
     stats: RequestStats
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 class Status(enum.Enum):
@@ -80,6 +81,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     text: str = ""  # while running: complete characters only (safe to stream); when finished: the final text
     finish_reason: str | None = None
+    error: str | None = None  # set with finish_reason "error"
     stats: RequestStats = field(default_factory=RequestStats)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -106,6 +108,14 @@ class Sequence:
         self.text += window[len(prefix):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.generated)
 
+    def stream_text(self) -> str:
+        """The text that is safe to hand out while the sequence runs: `text` without a tail that could still grow
+        into a stop string (vLLM's output processor holds such text back), so streamed text is always a prefix of
+        the final, stop-trimmed text. Once finished, the final text."""
+        if self.status == Status.FINISHED or not self.params.stop:
+            return self.text
+        return self.text[:len(self.text) - held_back(self.text, self.params.stop)]
+
     def final_text(self, tokenizer: Any) -> str:
         """The whole answer decoded at once (exact, once per request), cut before the first stop string."""
         text = tokenizer.decode(self.generated, skip_special_tokens=True)
@@ -113,4 +123,15 @@ class Sequence:
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, list(self.prompt_ids), list(self.generated), self.text,
-                             self.finish_reason, self.stats)
+                             self.finish_reason, self.stats, self.error)
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of one of `stops` (0 if none)."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held

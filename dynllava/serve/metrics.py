@@ -10,8 +10,11 @@ _RATIO = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, stats=None):
+        """stats: a callable giving the engine's EngineStats (default engine.stats; the server passes the engine
+        loop's snapshot, since the engine's queues change on another thread)."""
         self.engine = engine
+        self.stats = stats or engine.stats
         self.registry = r = CollectorRegistry()
         self.running = Gauge("dynllava_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("dynllava_requests_waiting", "Requests waiting or swapped out", registry=r)
@@ -25,7 +28,13 @@ class Metrics:
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
         self.prompt_tokens = Counter("dynllava_prompt_tokens", "Prompt tokens (image tokens included)", registry=r)
         self.generation_tokens = Counter("dynllava_generation_tokens", "Generated tokens", registry=r)
-        self.requests = Counter("dynllava_requests_finished", "Finished requests", ["finish_reason"], registry=r)
+        self.requests = Counter("dynllava_requests_finished", "Finished requests (stop, length, cancelled = the "
+                                "client went away, error = failed in the engine)", ["finish_reason"], registry=r)
+        self.errors = Counter("dynllava_engine_errors", "Exceptions caught in the engine loop (step: the requests of "
+                              "that step failed; add: one request; loop: the requests in flight)", ["where"],
+                              registry=r)
+        self.rejected = Counter("dynllava_requests_rejected", "Requests refused before the engine (status 429 "
+                                "overload, 503 shutting down)", ["status"], registry=r)
         self.image_keep = Histogram("dynllava_image_keep_ratio", "Image tokens kept / image tokens", registry=r,
                                     buckets=_RATIO)
         self.text_keep = Histogram("dynllava_text_keep_ratio", "Generated tokens kept in the KV cache / decided",
@@ -33,6 +42,9 @@ class Metrics:
 
     def on_token(self, gap: float) -> None:
         self.itl.observe(gap)
+
+    def on_error(self, where: str) -> None:
+        self.errors.labels(where).inc()
 
     def on_finish(self, out: RequestOutput) -> None:
         st = out.stats
@@ -47,7 +59,7 @@ class Metrics:
             self.text_keep.observe(st.kept_tokens / st.decided_tokens)
 
     def render(self) -> bytes:
-        stats = self.engine.stats()
+        stats = self.stats()
         self.running.set(stats.running)
         self.waiting.set(stats.waiting + stats.swapped)
         for group, n in stats.blocks_used.items():

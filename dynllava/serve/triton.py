@@ -2,13 +2,17 @@
 
 Inputs (per request, no Triton-side batching: the engine batches continuously across concurrent requests):
 `prompt` (bytes [1]), optional `image` (encoded image bytes [1]), `max_tokens` (int32 [1]), `temperature`
-(float32 [1]). Each response carries one token: `text` (bytes [1], the new text) and `token_id` (int64 [1]).
+(float32 [1]), `seed` (int64 [1]). Each response carries one token: `text` (bytes [1], the new text) and
+`token_id` (int64 [1]).
 Call it with a decoupled client (gRPC streaming), e.g. pytriton's DecoupledModelClient or tritonclient.grpc.
+A refused or failed request ends with one error line (never a Python traceback); the engine loop is the same
+guarded one as the HTTP server's (an engine fault fails only the requests of its step).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sysconfig
 from typing import Any
@@ -18,12 +22,30 @@ import numpy as np
 from dynllava.errors import DynLlavaError, InputError
 from dynllava.runtime.engine import Engine
 from dynllava.runtime.sampling import SamplingParams
-from dynllava.runtime.sequence import Request
-from dynllava.serve.bridge import EngineLoop
+from dynllava.runtime.sequence import Request, Sequence
+from dynllava.serve.bridge import EngineLoop, RequestError
 from dynllava.serve.media import MediaError, decode_image
 
 MODEL_NAME = "dynllava"
-MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_PIXELS = 4096 * 4096  # decoded, and padded to a square
+MAX_TOKENS_LIMIT = 4096
+log = logging.getLogger("dynllava.serve")
+
+
+class TritonRequestError(Exception):
+    """The one error a client sees: PyTriton sends `traceback.format_exception(None, e, e.__traceback__)`, so this
+    exception reports no traceback, only its own line."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+    @property
+    def __traceback__(self):  # what PyTriton formats; the interpreter keeps the real one internally
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value) -> None:
+        pass
 
 
 def _scalar(req, name: str, default: Any) -> Any:
@@ -37,38 +59,62 @@ def _scalar(req, name: str, default: Any) -> Any:
 
 def _request(req) -> Request:
     prompt = _scalar(req, "prompt", b"")
-    prompt = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
+    try:
+        prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
+    except UnicodeDecodeError as exc:
+        raise InputError("input 'prompt' is not UTF-8 text") from exc
     if not prompt:
         raise InputError("input 'prompt' is empty")
     image_bytes = _scalar(req, "image", b"")
     image = None
     if image_bytes:
+        if not isinstance(image_bytes, bytes):
+            raise InputError("input 'image' must hold encoded image bytes")
         try:
             image = decode_image(image_bytes, MAX_IMAGE_PIXELS)
         except MediaError as exc:
             raise InputError(str(exc)) from exc
-    params = SamplingParams(max_new_tokens=int(_scalar(req, "max_tokens", 64)),
-                            temperature=float(_scalar(req, "temperature", 0.0)))
+    max_tokens = int(_scalar(req, "max_tokens", 64))
+    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise InputError(f"input 'max_tokens' must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}")
+    seed = _scalar(req, "seed", None)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=float(_scalar(req, "temperature", 0.0)),
+                            seed=None if seed is None else int(seed))
     return Request(prompt=prompt, image=image, params=params)
 
 
 def make_infer_fn(loop: EngineLoop):
     async def infer(requests):
-        # one request per call (batching is off): stream one response per token
+        # one request per call (batching is off): stream one response per token. Every failure reaches the client
+        # as one line (TritonRequestError), never a Python traceback.
         for req in requests:
+            rid = None
+            finished = False
             try:
-                queue = loop.submit(_request(req))
-            except DynLlavaError as exc:
-                raise ValueError(str(exc)) from exc
-            while True:
-                delta = await queue.get()
-                if delta.error is not None:
-                    raise ValueError(str(delta.error))
-                if delta.token_id is not None:
-                    yield [{"text": np.array([delta.text.encode()], dtype=np.object_),
-                            "token_id": np.array([delta.token_id], dtype=np.int64)}]
-                if delta.output is not None:
-                    break
+                request = _request(req)
+                rid = request.request_id = f"triton-{Sequence.new_id()}"
+                queue = loop.submit(request)
+                while True:
+                    delta = await queue.get()
+                    if delta.error is not None:
+                        finished = True
+                        raise TritonRequestError(delta.error.message)
+                    if delta.token_id is not None:
+                        yield [{"text": np.array([delta.text.encode()], dtype=np.object_),
+                                "token_id": np.array([delta.token_id], dtype=np.int64)}]
+                    if delta.output is not None:
+                        finished = True
+                        break
+            except TritonRequestError:
+                raise
+            except (DynLlavaError, RequestError) as exc:
+                raise TritonRequestError(getattr(exc, "message", str(exc))) from None
+            except Exception as exc:  # a bug: the client gets one line, the log the traceback
+                log.error("Triton request failed", exc_info=exc)
+                raise TritonRequestError(f"internal error ({type(exc).__name__}: {exc})") from None
+            finally:
+                if rid is not None and not finished:  # the call was cancelled: free the request's blocks
+                    loop.cancel(rid)
 
     return infer
 
@@ -99,7 +145,8 @@ def start_triton(engine: Engine, http_port: int, grpc_port: int, metrics_port: i
         inputs=[Tensor(name="prompt", dtype=np.bytes_, shape=(1,)),
                 Tensor(name="image", dtype=np.bytes_, shape=(1,), optional=True),
                 Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
-                Tensor(name="temperature", dtype=np.float32, shape=(1,), optional=True)],
+                Tensor(name="temperature", dtype=np.float32, shape=(1,), optional=True),
+                Tensor(name="seed", dtype=np.int64, shape=(1,), optional=True)],
         outputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,)), Tensor(name="token_id", dtype=np.int64, shape=(1,))],
         config=ModelConfig(batching=False, decoupled=True),
         strict=False,
