@@ -81,3 +81,34 @@ def prompt_ids(tokenizer, text: str, image: bool) -> list[int]:
     from dynllava.runtime.processor import chat_prompt, tokenize_prompt
 
     return tokenize_prompt(tokenizer, chat_prompt([("user", text)], image))
+
+
+@pytest.fixture(scope="session")
+def saturated_dir(official_dir, loaded, tmp_path_factory):
+    """The tiny checkpoint with an image predictor whose official score saturates (tests/saturated.py)."""
+    from dynllava.runtime.processor import load_image, preprocess_image
+    from tests.saturated import write_saturated_checkpoint
+
+    example = preprocess_image(loaded.image_processor, load_image(official_dir / "example.png"),
+                               loaded.image_aspect_ratio)
+    images = [random_pixels(seed) for seed in range(30, 40)] + [example]
+    return write_saturated_checkpoint(official_dir, tmp_path_factory.mktemp("saturated") / "ckpt", loaded.model,
+                                      loaded.tokenizer, images)
+
+
+@pytest.fixture(scope="session")
+def saturated(saturated_dir):
+    from dynllava.model.checkpoint import load_model
+
+    return load_model(saturated_dir)
+
+
+@pytest.fixture(scope="session")
+def saturated_export(saturated_dir, tmp_path_factory):
+    """`dynllava export` of the saturating checkpoint, with its validation: (export dir, CLI result)."""
+    from typer.testing import CliRunner
+
+    from dynllava.cli import app
+
+    out = tmp_path_factory.mktemp("saturated-export") / "onnx"
+    return out, CliRunner().invoke(app, ["export", str(saturated_dir), "-o", str(out)])

@@ -54,6 +54,46 @@ def test_official_predictor_key_names_load_by_name():
     assert TextPredictor(4096).output_mlp[7].weight.shape == (2, 128)
 
 
+def _released_keys(layers: int, vision_blocks: int = 2) -> set[str]:
+    """Every tensor name of a released Dynamic-LLaVA checkpoint (LLaVA's original names plus the predictors, as
+    the spec lists them), written out here, not derived from dynllava's key maps."""
+    keys = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(layers):
+        keys |= {f"model.layers.{i}.self_attn.{p}_proj.weight" for p in ("q", "k", "v", "o")}
+        keys |= {f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+        keys |= {f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"}
+    keys |= {f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    image = "model.image_score_predictor."
+    keys |= {f"{image}down_mlp.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+    for blk in range(vision_blocks):
+        keys |= {f"{image}transformer.{blk}.{n}" for n in (
+            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
+            "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")}
+    keys |= {f"{image}output_mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    keys |= {f"model.output_text_score_predictor.output_mlp.{i}.{p}" for i in (0, 1, 3, 5, 7)
+             for p in ("weight", "bias")}
+    return keys
+
+
+# where each released name lands in our modules (the test's own table)
+_RELEASED_TO_MODULE = [("model.mm_projector.0.", "mm_projector.linear_1."),
+                       ("model.mm_projector.2.", "mm_projector.linear_2."),
+                       ("model.image_score_predictor.", "image_score_predictor."),
+                       ("model.output_text_score_predictor.", "output_text_score_predictor."),
+                       ("model.", "language_model."), ("lm_head.", "lm_head.")]
+
+
+def test_official_layout_uses_the_released_key_names(official_dir, loaded):
+    """What init-tiny writes as the official layout is what released checkpoints hold (no CLIP tower, no rotary
+    buffers), and loading puts every released tensor into the module the name means."""
+    state = read_state_dict(official_dir)
+    assert set(state) == _released_keys(loaded.model.num_layers)
+    ours = loaded.model.state_dict()
+    for key, tensor in state.items():
+        prefix, target = next((p, t) for p, t in _RELEASED_TO_MODULE if key.startswith(p))
+        assert torch.equal(ours[target + key[len(prefix):]], tensor), key
+
+
 def test_official_layout_with_unknown_sparse_config_key_loads_and_generates(official_dir, loaded, tmp_path):
     path = _copy(official_dir, tmp_path)
     _edit_config(path, lambda c: c["sparse_config"].update({"maskclip": "ViT-B/16", "maskclip_weight": 1.0}))

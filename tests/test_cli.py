@@ -65,12 +65,22 @@ def test_batch_file_gives_what_each_request_gives_alone(official_dir, single, tm
     assert rows[0]["stats"]["image_tokens"] == 0 and -200 not in rows[0]["prompt_token_ids"]
 
 
-def test_generate_without_kv_cache(official_dir):
-    result = runner.invoke(app, ["generate", str(official_dir), "--prompt", "Hello there", "--no-kv-cache",
-                                 "--max-new-tokens", "6", "--json"])
+@pytest.mark.parametrize("prompt", ["What is in this picture?", "Describe the picture in detail."])
+def test_generate_without_kv_cache(official_dir, prompt):
+    """Paper Eq. 12 alone: every earlier generated token with logit0 > logit1 takes part, the others are dropped;
+    the KV-cache mode admits exactly those tokens to layers >= l (the predictor sees the same hidden states: layers
+    < l are dense in both modes). So for one request both modes must give the same tokens."""
+    args = ["generate", str(official_dir), "--image", str(official_dir / "example.png"), "--prompt", prompt,
+            "--max-new-tokens", "24", "--json"]
+    result = runner.invoke(app, [*args, "--no-kv-cache"])
     assert result.exit_code == 0, result.output
     row = _json_lines(result.stdout)[0]
-    assert row["stats"]["kv_bytes"] is None and len(row["token_ids"]) >= 1
+    cached = _json_lines(runner.invoke(app, args).stdout)[0]
+    assert row["token_ids"] == cached["token_ids"] and len(row["token_ids"]) > 4
+    assert row["stats"]["kv_bytes"] is None
+    assert row["stats"]["image_tokens_kept"] == cached["stats"]["image_tokens_kept"] == 12
+    # the tokens taking part at the last step: some but not all of the earlier ones, plus the newest
+    assert 1 < row["stats"]["kept_tokens"] < len(row["token_ids"]) - 1
 
 
 @pytest.mark.parametrize("args, message", [

@@ -119,24 +119,63 @@ def _concurrency(engine: Engine, n: int = 48) -> tuple[int, dict]:
     return peak, blocks
 
 
-def test_sparsification_runs_more_sequences_under_one_budget(deep_model):
-    # small blocks: at these toy lengths (~135 tokens) 16-row blocks would waste a fifth of the sparse group
-    budget = dict(kv_cache_bytes=24 * 2**20, max_batch=64, block_size=4)
-    dense = Engine.from_path(deep_model, sparse_overrides={"use_vision_predictor": False,
-                                                           "use_output_text_predictor": False}, **budget)
-    sparse = Engine.from_path(deep_model, **budget)
-    # one finished request: 12 of 64 image tokens and about half of the generated tokens stay in layers >= l
-    outs = sparse.generate([Request(prompt="Hi", image=_image(0))], SamplingParams(max_new_tokens=32,
-                                                                                   ignore_eos=True), progress=False)
-    st = outs[0].stats
-    assert st.image_tokens_kept == 12 and 0.3 < st.kept_tokens / st.decided_tokens < 0.7
-    dense_peak, dense_blocks = _concurrency(dense)
-    sparse_peak, sparse_blocks = _concurrency(sparse)
-    assert sparse_peak >= 1.8 * dense_peak, (sparse_peak, dense_peak)
-    # the dense engine holds every token in both groups; the sparse one holds well under two thirds of the rows
-    # in layers >= l (38 text tokens are never dropped, 52 of 64 image tokens and ~half the answer are)
+def _capacity_ratio(model_dir, n: int, block_size: int = 4, kv_cache_bytes: int | None = None,
+                    dense_peak_target: int | None = None):
+    """Dense and sparse engines of one model under one KV budget: (dense peak, sparse peak, ideal ratio, stats of
+    one finished sparse request). The ideal ratio is what the bytes allow: the KV bytes a dense cache holds for a
+    finished request's tokens over the bytes the sparse cache holds for them (layers < l hold every token, layers
+    >= l the kept image tokens, the text and the kept answer tokens)."""
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    kwargs = dict(max_batch=n, block_size=block_size)
+    sparse = Engine.from_path(model_dir, kv_cache_bytes=kv_cache_bytes or 1 << 30, **kwargs)
+    st = sparse.generate([Request(prompt="Hi", image=_image(0))], params, progress=False)[0].stats
+    if kv_cache_bytes is None:  # room for about dense_peak_target dense sequences
+        per_seq = -(-(st.prompt_tokens + 33) // block_size) * sum(sparse.cache.block_bytes.values())
+        kv_cache_bytes = dense_peak_target * per_seq + per_seq // 2
+        sparse = Engine.from_path(model_dir, kv_cache_bytes=kv_cache_bytes, **kwargs)
+        sparse.generate([Request(prompt="Hi", image=_image(0))], params, progress=False)
+    dense = Engine.from_path(model_dir, sparse_overrides={"use_vision_predictor": False,
+                                                          "use_output_text_predictor": False},
+                             kv_cache_bytes=kv_cache_bytes, **kwargs)
+    dense_peak, dense_blocks = _concurrency(dense, n)
+    sparse_peak, sparse_blocks = _concurrency(sparse, n)
+    assert sparse_peak < n, "queue more requests than the sparse engine can run at once"
+    # the dense engine holds every token in both groups; the sparse one far fewer rows in layers >= l
     assert dense_blocks["sparse"] == dense_blocks["dense"]
     assert sparse_blocks["sparse"] < 0.6 * sparse_blocks["dense"]
+    return dense_peak, sparse_peak, st.kv_bytes_dense / st.kv_bytes, st
+
+
+# Admission projects each sequence's final size (with an estimated keep rate) and blocks round rows up, so the peak
+# ratio may fall short of the ideal; by at most this share
+CAPACITY_SLACK = 0.95
+
+
+def test_sparsification_runs_more_sequences_under_one_budget(deep_model):
+    # small blocks: at these toy lengths (~135 tokens) 16-row blocks would waste a fifth of the sparse group
+    dense_peak, sparse_peak, ideal, st = _capacity_ratio(deep_model, 48, kv_cache_bytes=24 * 2**20)
+    # one finished request: 12 of 64 image tokens and about half of the generated tokens stay in layers >= l
+    assert st.image_tokens_kept == 12 and 0.3 < st.kept_tokens / st.decided_tokens < 0.7
+    # a dense sequence at its final size: 102 prompt + 32 new + 1 next-slot rows = 34 blocks of 4 rows in all 32
+    # layers (2 KV heads x 16 dims, fp32: 1 KiB per layer block), so 24 MiB holds exactly 22 of them
+    assert st.prompt_tokens == 102
+    assert dense_peak == 24 * 2**20 // (34 * 32 * 1024) == 22
+    assert 1.8 < ideal < 2.0  # 32 layers x 134 rows vs 2 x 134 + 30 x (50 + ~17 kept answer tokens)
+    assert sparse_peak >= CAPACITY_SLACK * ideal * dense_peak, (sparse_peak, dense_peak, ideal)
+
+
+@pytest.mark.slow
+def test_sparsification_capacity_at_full_size(tmp_path_factory):
+    """LLaVA-1.5-7B's token counts (576 image tokens, 115 kept; 32 layers, l = 2) at toy width: the ideal ratio is
+    about 3x here, and the engine must reach it under a budget for about 12 dense sequences."""
+    from dynllava.model.tiny import init_tiny
+
+    path = init_tiny(tmp_path_factory.mktemp("full") / "m", preset="llava-1.5-7b-shape")
+    dense_peak, sparse_peak, ideal, st = _capacity_ratio(path, 64, block_size=16, dense_peak_target=12)
+    assert st.image_tokens == 576 and st.image_tokens_kept == 115
+    assert dense_peak == 12
+    assert ideal > 2.8
+    assert sparse_peak >= CAPACITY_SLACK * ideal * dense_peak, (sparse_peak, dense_peak, ideal)
 
 
 def test_cancel_returns_blocks(official_dir):
@@ -261,6 +300,45 @@ def test_bad_requests_are_clear_errors(official_dir, tmp_path):
         engine.add_request(Request(prompt="hi", params=SamplingParams(max_new_tokens=10_000)))
     with pytest.raises(ConfigError, match="not both"):
         Engine.from_path(official_dir, kv_cache_bytes=1 << 20, kv_memory_fraction=0.1)
+
+
+def test_generate_takes_vllm_style_dicts(official_dir, tmp_path):
+    engine = Engine.from_path(official_dir)
+    path = tmp_path / "img.png"
+    _image(2).save(path)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    want = [o.token_ids for o in engine.generate(
+        [Request(prompt="What is it?", image=_image(1)), Request(prompt="Describe it.", image=path),
+         Request(prompt="Hi")], params, progress=False)]
+    got = engine.generate([{"prompt": "What is it?", "multi_modal_data": {"image": _image(1)}},
+                           {"prompt": "Describe it.", "image": str(path)},
+                           {"prompt": "Hi"}], params, progress=False)
+    assert [o.token_ids for o in got] == want
+    assert got[0].stats.image_tokens > 0 and got[2].stats.image_tokens == 0
+    # one request without a list (a dict is not iterated over its keys), vLLM's one-image list
+    single = engine.generate({"prompt": "What is it?", "multi_modal_data": {"image": [_image(1)]}}, params,
+                             progress=False)
+    assert [o.token_ids for o in single] == want[:1]
+    assert engine.add_request({"prompt": "Hi", "params": params, "request_id": "mine"}) == "mine"
+    engine.cancel("mine")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"text": "What is it?"}, "key(s) 'text'"),
+    ({"prompt": "What?", "multi_modal_data": {"video": "clip.mp4"}}, "only {'image': image}"),
+    ({"prompt": "What?", "image": "a.png", "multi_modal_data": {"image": "b.png"}}, "both 'image'"),
+    ({"prompt": ["What?"]}, "'prompt' of type list"),
+    (42, "from int"),
+    (("What?", "a.png"), "from tuple"),
+])
+def test_generate_refuses_other_requests_with_a_type_error_naming_request(official_dir, bad, message):
+    engine = Engine.from_path(official_dir)
+    with pytest.raises(TypeError, match=re.escape(message)) as info:
+        engine.generate([{"prompt": "fine"}, bad], progress=False)
+    assert "Request" in str(info.value)
+    assert not engine.sequences, "nothing is queued when one request is refused"
+    with pytest.raises(TypeError, match="Request"):
+        engine.add_request(bad)
 
 
 def test_multi_turn_chat_uses_the_template(official_dir, loaded):

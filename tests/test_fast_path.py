@@ -120,10 +120,10 @@ def test_slot_memory_is_mapped_on_first_write_and_given_back_when_freed():
     # 8 slots x 4096 rows x 2 heads x 256 floats: 64 MiB per buffer reserved, nothing resident until written
     cache = _slots(max_slots=8, capacity=4096, head_dim=256, budget=1 << 34)
     reserved = sum(b.nbytes for b in cache.buffers)
+    rows = np.ones((4000, 2, 256), dtype=np.float32)
     base = _rss()
     seq = SeqKV(dense_len=4000, sparse_len=4000)
     cache.reserve(seq, 4001, 4001)
-    rows = np.ones((4000, 2, 256), dtype=np.float32)
     for layer in range(2):
         cache.write_rows(layer, seq, rows, rows)
     touched = _rss() - base

@@ -290,13 +290,33 @@ def test_pool_block_limit_caps_the_budget():
     neither group's pool exceeds that, and reservations beyond it are refused like any full budget."""
     from dynllava.runtime.kv_cache import KVCacheFull, PagedKVCache, SeqKV
 
+    # 4 layers, l = 1, 2 kv heads x 4 dims, 4-row blocks, fp32: a layer's block is 4 * 2 * 4 * 2 (K, V) * 4 B = 256 B,
+    # so a dense block (1 layer) is 256 B and a sparse block (3 layers) 768 B. A pool of at most 9 blocks (block 0
+    # the scratch block) leaves 8 usable dense blocks: the budget is capped at exactly 8 * 256 B, which is 2 sparse
+    # blocks (+ scratch = 3).
     cache = PagedKVCache(4, 1, 2, 4, 4, 10**9, np.float32, max_blocks=9)
-    assert max(cache.num_blocks.values()) <= 9 and cache.budget_bytes < 10**9
+    assert cache.block_bytes == {"dense": 256, "sparse": 768}
+    assert cache.budget_bytes == 8 * 256
+    assert cache.num_blocks == {"dense": 9, "sparse": 3}
+    assert [p.shape[0] for p in cache.pools] == [9, 9] + [3] * 6  # K and V per layer
+    # the whole capped budget is usable: 8 dense-only sequences of one block each, and not a ninth
     seqs = [SeqKV() for _ in range(9)]
+    for seq in seqs[:8]:
+        cache.reserve(seq, 4, 0)
+    assert cache.blocks_in_use() == {"dense": 8, "sparse": 0} and cache.used_bytes == cache.budget_bytes
+    assert sorted(b for s in seqs[:8] for b in s.dense_blocks) == list(range(1, 9))  # never the scratch block
     with pytest.raises(KVCacheFull):
-        for seq in seqs:
-            cache.reserve(seq, 4, 4)  # one block per group each
-    assert cache.blocks_in_use()["dense"] <= 8  # block 0 is the scratch block
+        cache.reserve(seqs[8], 4, 0)
+    for seq in seqs[:8]:
+        cache.free(seq)
+    # one block per group each (1024 B): exactly 2 sequences fit
+    for seq in seqs[:2]:
+        cache.reserve(seq, 4, 4)
+    with pytest.raises(KVCacheFull):
+        cache.reserve(seqs[2], 4, 4)
+    assert cache.blocks_in_use() == {"dense": 2, "sparse": 2}
+    # without a pool limit the same budget is not capped
+    assert PagedKVCache(4, 1, 2, 4, 4, 10**5, np.float32).budget_bytes == 10**5
 
 
 def test_staged_build_output_replaces_only_what_it_wrote(tmp_path):

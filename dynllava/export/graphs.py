@@ -114,8 +114,9 @@ class PrefillGraph(nn.Module):
         """Paper Eq. 12 on the reduced sequence: which generated tokens other tokens may attend to.
 
         Scored = generated tokens but the newest; num_keep = batch max of #(logit0 > logit1); a scored token is
-        kept iff fewer than num_keep scored tokens of its sequence rank above it by logit 0. Masking the others as
-        keys equals gathering the kept ones (every token still attends to itself)."""
+        kept iff fewer than num_keep scored tokens of its sequence rank above it by margin logit0 - logit1 (equal
+        margins: the earlier token ranks above), the reference's rule. Masking the others as keys equals gathering
+        the kept ones (every token still attends to itself)."""
         start = generated_from - (lengths - new_lengths)  # image tokens dropped before the generated ones
         newest = new_lengths - 1
         scored = (j >= start[:, None]) & (j < newest[:, None])  # [B, S']
@@ -126,7 +127,8 @@ class PrefillGraph(nn.Module):
         logits = predictor(h.float())  # [B, S', 2]
         votes = (logits[..., 0] > logits[..., 1]) & scored
         num_keep = votes.sum(1).max()
-        score = torch.where(scored, logits[..., 0], torch.full_like(logits[..., 0], float("-inf")))
+        margin = logits[..., 0] - logits[..., 1]
+        score = torch.where(scored, margin, torch.full_like(margin, float("-inf")))
         a, b = score[:, :, None], score[:, None, :]  # rank of i = scored j ahead of i (higher, or equal and earlier)
         earlier = j[0][None, :, None] > j[0][None, None, :]
         ahead = scored[:, None, :] & ((b > a) | ((b == a) & earlier))

@@ -1,8 +1,12 @@
 """Our two custom ops, as PyTorch code (what tracing runs, and the plain reference) and as ONNX model-local
 functions in our own domain with standard-op bodies (what ONNX Runtime, polygraphy and onnx.reference run).
 
-* `TopKGather` (prefill): image scores -> top k = N * keep_num // keep_den kept image indices in original order ->
-  the reduced sequence (text before the image, kept image tokens, text after), its original positions and lengths.
+* `TopKGather` (prefill): image scores (the predictor's keep margins) -> top k = N * keep_num // keep_den kept image
+  indices in original order -> the reduced sequence (text before the image, kept image tokens, text after), its
+  original positions and lengths. Ranking rule (every backend): higher score first, equal scores -> the lower
+  index first. The torch semantics use a stable descending sort (`torch.topk`'s tie order is unspecified); the
+  ONNX body uses TopK, whose spec breaks ties the same way (lower index first; checked on ONNX Runtime in the
+  tests); the Triton kernel counts ranks with the same comparison.
 * `KVCacheAppend` (decode): write one new K or V row per sequence into a paged block pool at slot `lengths[b]`
   (block `block_tables[b, len // bs]`, row `len % bs`). Committing it (`len += keep`) is done by the caller, so a
   dropped token's row is simply overwritten by the next step.
@@ -18,6 +22,8 @@ import torch
 from onnx import AttributeProto, TensorProto, helper
 from torch.onnx import symbolic_helper
 
+from dynllava.model.predictors import top_k_in_order
+
 DOMAIN = "dynllava"
 PLUGIN_NAMESPACE = "dynllava"
 PLUGIN_VERSION = "1"
@@ -31,13 +37,13 @@ def topk_gather(scores: torch.Tensor, hidden: torch.Tensor, image_offsets: torch
     """scores [B, N] (higher = keep); hidden [B, S, D]; image_offsets [B] (-1 = no image); lengths [B].
 
     Returns gathered [B, S', D], positions [B, S'] (original indices), kept [B, k] (ascending), new_lengths [B],
-    with k = N * keep_num // keep_den and S' = S - N + k. A row without an image keeps its tokens unchanged (the
-    caller sizes S so that its length fits S').
+    with k = N * keep_num // keep_den and S' = S - N + k. Kept: the k highest scores, equal scores -> the lower
+    index first. A row without an image keeps its tokens unchanged (the caller sizes S so that its length fits S').
     """
     b, n = scores.shape
     s = hidden.shape[1]
     k = n * keep_num // keep_den
-    kept = scores.topk(k, dim=1).indices.sort(dim=1).values  # [B, k]
+    kept = top_k_in_order(scores, k)  # [B, k]
     s_out = s - n + k
     j = torch.arange(s_out, device=hidden.device)[None]  # [1, S']
     off = image_offsets[:, None]  # [B, 1]
@@ -141,6 +147,7 @@ def topk_gather_function(opset: int) -> onnx.FunctionProto:
         _attr_const("num", "keep_num"), _attr_const("den", "keep_den"),
         *_dim("scores", 1, "N"), *_dim("hidden", 0, "B"), *_dim("hidden", 1, "S"), *_dim("hidden", 2, "D"),
         n("Mul", ["N", "num"], ["Nnum"]), n("Div", ["Nnum", "den"], ["k"]),  # k = N * num // den
+        # TopK's spec: of two equal values the lower index comes first, so equal scores keep the lower index
         n("TopK", ["scores", "k"], ["top_values", "top_idx"], axis=1, largest=1, sorted=1),
         n("Neg", ["top_idx"], ["neg_idx"]),  # ascending order: top-k of -index
         n("TopK", ["neg_idx", "k"], ["neg_sorted", "_unused"], axis=1, largest=1, sorted=1),
@@ -179,8 +186,9 @@ def topk_gather_function(opset: int) -> onnx.FunctionProto:
         DOMAIN, TOPK_GATHER, ["scores", "hidden", "image_offsets", "lengths"],
         ["gathered", "positions", "kept", "new_lengths"], nodes, [helper.make_opsetid("", opset)],
         attributes=["keep_num", "keep_den", "plugin_namespace", "plugin_version"],
-        doc_string="Top-k image tokens by score (k = N * keep_num // keep_den), kept in original order; gathers the "
-                   "reduced sequence, its original positions and lengths.")
+        doc_string="Top-k image tokens by score (k = N * keep_num // keep_den; equal scores: the lower index "
+                   "first), kept in original order; gathers the reduced sequence, its original positions and "
+                   "lengths.")
 
 
 def kv_cache_append_function(opset: int) -> onnx.FunctionProto:

@@ -273,10 +273,10 @@ def _image_predictor_logits(g: GraphBuilder, model: DynamicLlava, image_h: str) 
 
 
 def image_keep_score(g: GraphBuilder, logits: str) -> str:
-    """The ranking score of an image token from its predictor logits [B, N, 2] -> [B, N] (the reference's
-    VisionPredictor.keep_scores)."""
-    log_probs = g.op("LogSoftmax", [logits], axis=-1)
-    return g.op("Squeeze", [g.op("Gather", [log_probs, g.const([0])], axis=-1), g.const([-1])])
+    """The ranking score of an image token from its predictor logits [B, N, 2] -> the margin logit 0 - logit 1
+    [B, N] (VisionPredictor.keep_scores; TopKGather breaks ties by the lower index)."""
+    keep0, keep1 = g.op("Split", [logits, g.const([1, 1])], 2, axis=-1)
+    return g.op("Squeeze", [g.op("Sub", [keep0, keep1]), g.const([-1])])
 
 
 def _embed_prompt(g: GraphBuilder, w: LlamaWeights, ids: str, image_embeds: str, offsets: str) -> str:

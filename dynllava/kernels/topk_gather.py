@@ -2,10 +2,12 @@
 original order, and gather the reduced sequence. Semantics equal `dynllava.export.ops.topk_gather`.
 
 Selection needs no sort: image token i has rank #{j : s_j > s_i or (s_j == s_i and j < i)} and is kept iff
-rank < K, so on ties the LOWER index wins (torch.topk leaves the tie order unspecified; with distinct scores both
-agree). Its slot among the kept tokens is the number of kept tokens before it. Every program recomputes the
-selection (O(N^2) compares in [BLOCK_N, BLOCK_N] tiles, cheap next to a transformer layer) so programs never
-communicate: no atomics, no barriers. Scores are compared in fp32; NaN scores are not supported.
+rank < K, so on ties the LOWER index wins: the ranking rule of every backend (the reference's stable sort, ONNX
+TopK). The scores are the predictor's keep margins logit[0] - logit[1], which do not saturate, so ties are rare
+but exact duplicates still pick the same tokens everywhere. A kept token's slot among the kept tokens is the
+number of kept tokens before it. Every program recomputes the selection (O(N^2) compares in [BLOCK_N, BLOCK_N]
+tiles, cheap next to a transformer layer) so programs never communicate: no atomics, no barriers. Scores are
+compared in fp32; NaN scores are not supported.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class ViTBlock(nn.Module):
 
 class VisionPredictor(nn.Module):
     """Scores image tokens. Input: hidden states of one image's tokens entering decoder layer l.
-    Output: 2 logits per token; log_softmax(...)[..., 0] is the keep score."""
+    Output: 2 logits per token (channel 0 = keep); the keep score is the margin logit[0] - logit[1]."""
 
     def __init__(self, input_dim: int, d_model: int = 512, nhead: int = 8, dim_feedforward: int = 2048,
                  num_layers: int = 2):
@@ -82,8 +82,23 @@ class VisionPredictor(nn.Module):
         return self.output_mlp(torch.cat([local_feat, global_feat], dim=-1))
 
     def keep_scores(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, N, D] -> [B, N]; higher means keep
-        return F.log_softmax(self.forward(x).float(), dim=-1)[..., 0]
+        """x: [B, N, D] -> keep margins [B, N] in fp32, logit[0] - logit[1]; higher means keep.
+
+        The official code ranks by log_softmax(logits)[..., 0] = -softplus(-margin): the same order, except that
+        in fp32 it saturates to exactly 0.0 for every margin beyond ~17, and the kept set is then decided by each
+        library's tie-breaking. The margin does not saturate; see `top_k_in_order` for ties."""
+        logits = self.forward(x).float()
+        return logits[..., 0] - logits[..., 1]
+
+
+def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ranking rule of every backend: indices of the k highest scores along the last axis, equal scores ->
+    the lower index first, returned in ascending (original) order. scores [..., N] -> [..., k].
+
+    A stable descending sort, not `torch.topk`, whose order among equal values is unspecified (and differs from
+    ONNX TopK's, which keeps the lower index first like this)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
 
 
 class TextPredictor(nn.Module):

@@ -4,11 +4,14 @@ Building blocks come from transformers (CLIPVisionModel, LlavaMultiModalProjecto
 RMSNorm and rotary embedding); what is ours is the sparse control flow around them:
 
 * prefill: layers < l on every token; at layer l the image predictor keeps floor(r * N) image tokens per image (top
-  by log_softmax[..., 0], original order, original RoPE positions); layers >= l run on the reduced sequence.
+  by the margin logit[0] - logit[1], equal margins -> lower index first; original order, original RoPE positions);
+  layers >= l run on the reduced sequence.
 * decode with KV cache: layers < l always append; at layer l the output-text predictor decides whether the token's
   K/V enter the caches of layers >= l; the token always attends to itself.
 * decode without KV cache (paper Eq. 12): the whole sequence is re-run each step; among the generated tokens the
-  top num_keep by logit 0 are kept, num_keep = batch max of #(logit0 > logit1); the newest token is always kept.
+  top num_keep by margin are kept (same tie rule), num_keep = batch max of #(logit0 > logit1); the newest token is
+  always kept. For the sequence with the most votes (any sequence alone) that is exactly Eq. 12's set
+  {logit0 > logit1}, so a batch of one decodes as the KV-cache mode does.
 
 Batching is exact (unlike the official code): every sequence has its own image offset, prompt length, kept set and
 cache lengths, right-padded with masks, so a batch gives what each sequence gives alone.
@@ -29,7 +32,7 @@ from dynllava.config import SparseConfig
 from dynllava.errors import ConfigError, InputError
 from dynllava.flops import ModelShape
 from dynllava.model.kv_cache import KVCache, LayerGroupCache
-from dynllava.model.predictors import TextPredictor, VisionPredictor
+from dynllava.model.predictors import TextPredictor, VisionPredictor, top_k_in_order
 
 # Stands for the image in a prompt's token ids (as in the original LLaVA code); expanded to N image embeddings.
 IMAGE_PLACEHOLDER = -200
@@ -41,6 +44,9 @@ class PrefillOutput:
     cache: KVCache
     kept_image_indices: list[torch.Tensor | None]  # per sequence: kept image-token indices (0..N-1), ascending
     num_image_tokens: list[int]  # per sequence: N, or 0 without an image
+    # per sequence: the image tokens' keep margins [N] (fp32) the selection ranked, or None; set by the reference
+    # (export validation uses them to tell a near-tie from a wrong decision), None from the graph backends
+    image_margins: list[torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -216,8 +222,9 @@ class DynamicLlava(nn.Module):
 
     # ------------------------------------------------------------------ selection at layer l
     def _image_keep_index(self, h: torch.Tensor, offsets: list[int | None], lengths: list[int]
-                          ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Indices (into each full sequence) that survive image pruning, and the kept image-token indices.
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Indices (into each full sequence) that survive image pruning, the kept image-token indices and the
+        image tokens' margins (None without an image or without the image predictor).
 
         h: [B, S, D] hidden states entering layer l; offsets/lengths per sequence.
         """
@@ -225,11 +232,14 @@ class DynamicLlava(nn.Module):
         k = self.sparse.vision_keep_count(n)
         with_image = [b for b, off in enumerate(offsets) if off is not None]
         kept_image: list[torch.Tensor | None] = [None] * len(offsets)
+        margins: list[torch.Tensor | None] = [None] * len(offsets)
         if with_image:
             if self.sparse.use_vision_predictor:
                 image_h = torch.stack([h[b, offsets[b]: offsets[b] + n] for b in with_image])  # [Bi, N, D]
-                scores = self.image_score_predictor.keep_scores(image_h)  # [Bi, N]
-                top = scores.topk(k, dim=1).indices.sort(dim=1).values  # [Bi, k] original order
+                scores = self.image_score_predictor.keep_scores(image_h)  # [Bi, N] margins
+                top = top_k_in_order(scores, k)  # [Bi, k] original order
+                for row, b in enumerate(with_image):
+                    margins[b] = scores[row]
             else:
                 top = torch.arange(n, device=h.device).expand(len(with_image), n)
             for row, b in enumerate(with_image):
@@ -240,7 +250,7 @@ class DynamicLlava(nn.Module):
             if off is not None:
                 full = torch.cat([full[:off], off + kept_image[b], full[off + n:]])
             keep_index.append(full)
-        return keep_index, kept_image
+        return keep_index, kept_image, margins
 
     # ------------------------------------------------------------------ full-sequence pass
     def _run_layers(self, layers: range, h: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
@@ -267,7 +277,7 @@ class DynamicLlava(nn.Module):
         l = self.sparse_layer
         h = self._run_layers(range(l), h, positions, valid, cache.dense if cache else None)
 
-        keep_index, kept_image = self._image_keep_index(h, offsets, lengths)
+        keep_index, kept_image, margins = self._image_keep_index(h, offsets, lengths)
         kept_generated: list[torch.Tensor] = []
         if generated_from is not None:
             keep_index, kept_generated = self._select_generated(h, keep_index, generated_from, lengths)
@@ -286,12 +296,17 @@ class DynamicLlava(nn.Module):
             cache.dense.lengths[:] = torch.tensor(lengths)
             cache.sparse.lengths[:] = torch.tensor(reduced)
             cache.positions[:] = torch.tensor(lengths)
-        return logits, kept_image, kept_generated, reduced
+        return logits, kept_image, kept_generated, margins
 
     def _select_generated(self, h: torch.Tensor, keep_index: list[torch.Tensor], generated_from: list[int],
                           lengths: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Paper Eq. 12: among generated tokens (all but the newest), keep the top num_keep by logit 0, where
-        num_keep is the batch max of #(logit0 > logit1); the newest generated token is always kept."""
+        """Paper Eq. 12: among generated tokens (all but the newest), keep the top num_keep by margin
+        logit0 - logit1 (equal margins -> the earlier token), where num_keep is the batch max of #(logit0 > logit1);
+        the newest generated token is always kept.
+
+        The official code ranks by logit 0 alone, which can keep a token the predictor drops while dropping one it
+        keeps, even in a batch of one; by margin, the top #(margin > 0) are exactly the tokens with margin > 0, the
+        set Eq. 12 defines (a sequence with fewer votes than the batch max keeps its next-best tokens)."""
         scored = [list(range(g, n - 1)) if n - g >= 2 else [] for g, n in zip(generated_from, lengths)]
         kept: list[torch.Tensor] = []
         if self.output_predictor_on and any(scored):
@@ -301,8 +316,7 @@ class DynamicLlava(nn.Module):
                 if lg is None:
                     kept.append(torch.zeros(0, dtype=torch.long, device=h.device))
                 else:
-                    top = lg[:, 0].topk(min(num_keep, lg.shape[0])).indices.sort().values
-                    kept.append(top)
+                    kept.append(top_k_in_order(lg[:, 0] - lg[:, 1], min(num_keep, lg.shape[0])))
         else:
             kept = [torch.arange(len(idx), device=h.device) for idx in scored]
         out_index, out_kept = [], []
@@ -330,9 +344,9 @@ class DynamicLlava(nn.Module):
         if max(lengths) > capacity:
             raise InputError(f"prompt of {max(lengths)} tokens does not fit the KV capacity {capacity}")
         cache = self.new_cache(len(embeds), capacity)
-        logits, kept_image, _, _ = self._forward_full(list(embeds), list(offsets), None, cache)
+        logits, kept_image, _, margins = self._forward_full(list(embeds), list(offsets), None, cache)
         n_img = [self.num_image_tokens if off is not None else 0 for off in offsets]
-        return PrefillOutput(logits, cache, kept_image, n_img)
+        return PrefillOutput(logits, cache, kept_image, n_img, margins)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         l, dtype, device = self.sparse_layer, self.dtype, self.device

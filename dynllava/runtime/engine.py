@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from dynllava.runtime.batch import executor_shape, prompt_feeds, run_decode, wri
 from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, to_rgb, tokenize_prompt
 from dynllava.runtime.sampling import Sampler, SamplingParams
 from dynllava.runtime.scheduler import Scheduler
-from dynllava.runtime.sequence import Request, RequestOutput, Sequence, Status
+from dynllava.runtime.sequence import Request, RequestOutput, Sequence, Status, as_request
 
 DEFAULT_KV_BYTES = 1 << 30
 
@@ -112,9 +112,10 @@ class Engine:
                    **engine_kwargs)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request: Request | str, params: SamplingParams | None = None) -> str:
-        if isinstance(request, str):
-            request = Request(prompt=request)
+    def add_request(self, request: Request | str | Mapping[str, Any], params: SamplingParams | None = None) -> str:
+        """Queue one request: a Request, a prompt string or a vLLM-style dict ({"prompt", "multi_modal_data":
+        {"image"}} or {"prompt", "image"}); anything else is a TypeError. Returns its request id."""
+        request = as_request(request)
         params = request.params or params or SamplingParams()
         if (request.prompt is None) == (request.messages is None):
             raise InputError("a request needs a prompt or chat messages (one of them)")
@@ -302,10 +303,14 @@ class Engine:
         self.scheduler.finish(seq)
 
     # ------------------------------------------------------------------ convenience
-    def generate(self, requests: Iterable[Request | str], params: SamplingParams | None = None,
-                 progress: bool = True) -> list[RequestOutput]:
-        """Run requests to completion (continuous batching), in the order given."""
-        ids = [self.add_request(r, params) for r in requests]
+    def generate(self, requests: Iterable[Request | str | Mapping[str, Any]] | Request | str | Mapping[str, Any],
+                 params: SamplingParams | None = None, progress: bool = True) -> list[RequestOutput]:
+        """Run requests to completion (continuous batching), in the order given. A request is a Request, a prompt
+        string or a vLLM-style dict ({"prompt": ..., "multi_modal_data": {"image": ...}} or {"prompt": ...,
+        "image": ...}); one request may be passed without a list. Every request is checked before any is queued."""
+        if isinstance(requests, (Request, str, Mapping)):
+            requests = [requests]
+        ids = [self.add_request(r, params) for r in [as_request(r) for r in requests]]
         bar = _Progress(len(ids), self) if progress else None
         try:
             while any(self.sequences[i].status != Status.FINISHED for i in ids):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,49 @@ class Request:
     image: str | Path | Image.Image | None = None
     params: SamplingParams | None = None
     request_id: str | None = None
+
+
+_REQUEST_KEYS = ("prompt", "messages", "image", "multi_modal_data", "params", "request_id")
+_REQUEST_HELP = ("a Request, a prompt string, or a dict like vLLM's: {'prompt': str, 'multi_modal_data': {'image': "
+                 "image}} or {'prompt': str, 'image': image} (image: a path or a PIL image; optional keys "
+                 "'messages', 'params', 'request_id' as in Request)")
+
+
+def as_request(item: Any) -> Request:
+    """A Request from what users pass to `Engine.generate` / `add_request`: a Request, a prompt string, or a
+    vLLM-style dict. Anything else is a TypeError that says what a Request may be given as."""
+    if isinstance(item, Request):
+        return item
+    if isinstance(item, str):
+        return Request(prompt=item)
+    if not isinstance(item, Mapping):
+        raise TypeError(f"cannot make a Request from {type(item).__name__}: expected {_REQUEST_HELP}")
+    unknown = [k for k in item if k not in _REQUEST_KEYS]
+    if unknown:
+        raise TypeError(f"cannot make a Request from a dict with key(s) {', '.join(map(repr, unknown))}: expected "
+                        f"{_REQUEST_HELP}")
+    fields = {k: item[k] for k in _REQUEST_KEYS if k in item and k != "multi_modal_data"}
+    media = item.get("multi_modal_data")
+    if media is not None:
+        if not isinstance(media, Mapping) or set(media) - {"image"}:
+            raise TypeError(f"cannot make a Request from multi_modal_data {media!r:.80}: only {{'image': image}} is "
+                            f"supported; expected {_REQUEST_HELP}")
+        if "image" in media:
+            if "image" in fields:
+                raise TypeError("cannot make a Request with both 'image' and multi_modal_data['image']: give one")
+            image = media["image"]
+            if isinstance(image, (list, tuple)):  # vLLM takes a list of images; a Request holds one
+                if len(image) != 1:
+                    raise TypeError(f"cannot make a Request with {len(image)} images: a Request holds one image")
+                image = image[0]
+            fields["image"] = image
+    for key, types in (("prompt", str), ("messages", list), ("image", (str, Path, Image.Image)),
+                       ("params", SamplingParams), ("request_id", str)):
+        value = fields.get(key)
+        if value is not None and not isinstance(value, types):
+            raise TypeError(f"cannot make a Request with {key!r} of type {type(value).__name__}: expected "
+                            f"{_REQUEST_HELP}")
+    return Request(**fields)
 
 
 @dataclass
