@@ -79,6 +79,11 @@ def _plugins() -> tuple[str, str]:
 def _triton() -> tuple[str, str]:
     import triton
 
+    from dynllava.engine.launch import triton_driver_mismatch
+
+    mismatch = triton_driver_mismatch()  # e.g. Triton <= 3.4 on a CUDA 13 driver
+    if mismatch is not None:
+        return "error", mismatch
     try:
         target = triton.runtime.driver.active.get_current_target()
         where = f"GPU target {target.backend} {target.arch}"

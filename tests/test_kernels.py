@@ -131,7 +131,11 @@ def test_topk_gather_plugin_launch_plan(case):
         assert torch.equal(got, want)
 
 
-def test_kv_cache_append_plugin_launch_plan_is_in_place():
+def test_kv_cache_append_plugin_launch_plan_writes_only_the_new_rows():
+    """The plugin's kernel writes one row per sequence into its output and nothing else: no read of the cache input,
+    no copy of the pool (TensorRT's aliasing would allow a full copy per layer per step). Given a separate output
+    buffer, every other element of it stays as it was; bound to the pool itself (what the TensorRT runtime does:
+    present.{i}.* and past.{i}.* are one buffer), the pool becomes the op's result."""
     from dynllava.engine import launch
 
     gen = torch.Generator().manual_seed(6)
@@ -139,8 +143,19 @@ def test_kv_cache_append_plugin_launch_plan_is_in_place():
     tables, lengths = _tables(3, 2, 9, gen), torch.tensor([0, 4, 7])
     update = torch.randn(3, 2, 3, generator=gen)
     expected = ops.kv_cache_append(pool, tables, lengths, update)
-    # TensorRT aliases the plugin's cache input and output: one buffer passed twice
-    launch.run(launch.kv_cache_append_plan(3, 2, 4, 2, 3), [pool, tables, lengths, update, pool])
+    plan = launch.kv_cache_append_plan(3, 2, 4, 2, 3)
+
+    untouched = torch.full_like(pool, -7.0)
+    before = pool.clone()
+    launch.run(plan, [pool, tables, lengths, update, untouched])
+    assert torch.equal(pool, before)  # the cache input is never written
+    blocks = tables.gather(1, (lengths // 4)[:, None])[:, 0]
+    written = torch.zeros(9, 4, dtype=torch.bool)
+    written[blocks, lengths % 4] = True
+    assert torch.equal(untouched[blocks, lengths % 4], update)  # the new rows
+    assert bool((untouched[~written] == -7.0).all())  # and nothing else: no copy of the pool
+
+    launch.run(plan, [pool, tables, lengths, update, pool])  # one buffer passed as input and output
     assert torch.equal(pool, expected)
 
 

@@ -1,8 +1,10 @@
 """`dynllava build-engine`: the export's ONNX graphs -> serialized TensorRT plans + engine.json.
 
 * The ONNX parser maps our `dynllava` call nodes to the plugins in plugins.py: the graphs' model-local function
-  bodies are dropped before parsing (and ENABLE_PLUGIN_OVERRIDE is set where it exists), so the plugin, not the
-  standard-op body, is used.
+  bodies are dropped before parsing, so the plugin, not the standard-op body, is used by every parser (newer ones
+  route a node with a `plugin_namespace` attribute to a registered plugin anyway). ENABLE_PLUGIN_OVERRIDE is not
+  set: it would let any registered plugin named like a standard op replace that op everywhere in the graph.
+* No builder preview feature: KVCacheAppend's output is not declared aliased to the pool (plugins.py).
 * TensorRT 11 networks are strongly typed: they run in the ONNX's own types, so the export must already be in the
   requested precision (the exporter casts, keeping the predictors in fp32). TensorRT 10.x builds an export of the
   requested precision strongly typed too, and an fp32 export at fp16/bf16 with the builder's precision flags.
@@ -178,9 +180,6 @@ class EngineBuilder:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.options.workspace_gb * 2**30))
         for flag in self.flags:
             config.set_flag(getattr(trt.BuilderFlag, flag))
-        aliased = getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
-        if aliased is not None:  # KVCacheAppend's output aliases its cache input
-            config.set_preview_feature(aliased, True)
         if self.timing_cache is None:
             path = self.options.timing_cache
             data = path.read_bytes() if path is not None and path.is_file() else b""
@@ -202,10 +201,7 @@ class EngineBuilder:
         trt = self.trt
         start = time.perf_counter()
         network = self._network()
-        parser = trt.OnnxParser(network, self.logger)
-        override = getattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE", None)
-        if override is not None:
-            parser.set_flag(override)
+        parser = trt.OnnxParser(network, self.logger)  # default flags (see the module docstring)
         onnx_path = self.export_dir / self.manifest.graphs[graph].file
         if not parser.parse(onnx_for_plugins(onnx_path), str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

@@ -39,7 +39,8 @@ def topk_gather_plan(b: Dim, n: Dim, s: Dim, d: Dim, keep_num: int, keep_den: in
 
 
 def kv_cache_append_plan(b: Dim, m: Dim, bs: Dim, kv_heads: Dim, head_dim: Dim) -> LaunchPlan:
-    """cache [NB, bs, Hkv, Dh], block_tables [B, M], lengths [B], update [B, Hkv, Dh] -> cache (aliased)."""
+    """cache [NB, bs, Hkv, Dh], block_tables [B, M], lengths [B], update [B, Hkv, Dh] -> out [NB, bs, Hkv, Dh] (the
+    pool itself: only the new rows are written into it)."""
     from dynllava.kernels.kv_append import BLOCK, kv_cache_append_kernel, launch_grid
 
     row = kv_heads * head_dim
@@ -81,20 +82,56 @@ def drop_trailing_params(ptx: str, keep: int) -> str:
     return ptx[: start + 1] + "\n\t" + ",\n\t".join(params[:keep]) + "\n" + body
 
 
-def driver_ptx_version() -> int | None:
-    """The newest PTX ISA this machine's CUDA driver loads (Triton otherwise targets its bundled ptxas, which can be
-    newer than the driver that will load the engine's PTX); None without a driver."""
+def driver_cuda_version() -> str | None:
+    """The CUDA version of this machine's driver as "major.minor" (cuDriverGetVersion), or None without one."""
     import ctypes
 
     try:
-        from triton.backends.nvidia.compiler import ptx_get_version
-
         version = ctypes.c_int()
         if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) != 0:
             return None
-    except (OSError, ImportError, AttributeError):
+    except (OSError, AttributeError):
         return None
-    return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
+def _triton_ptx_version(cuda: str) -> int:
+    """Triton's PTX ISA for a CUDA version; raises RuntimeError for a CUDA it does not know (Triton <= 3.4 knows
+    none past 12.x: "Triton only support CUDA 10.0 or higher, but got CUDA version: 13.0")."""
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    return int(ptx_get_version(cuda))
+
+
+def driver_ptx_version() -> int | None:
+    """The newest PTX ISA this machine's CUDA driver loads (Triton otherwise targets its bundled ptxas, which can be
+    newer than the driver that will load the engine's PTX); None without a driver, and None (Triton's own default)
+    when this Triton does not know the driver's CUDA: such a driver is newer than every CUDA that Triton knows, so
+    it loads whatever PTX Triton's ptxas writes. `triton_driver_mismatch()` says so in one line."""
+    cuda = driver_cuda_version()
+    if cuda is None:
+        return None
+    try:
+        return _triton_ptx_version(cuda)
+    except (ImportError, RuntimeError):  # RuntimeError: a driver newer than this Triton (<= 3.4 on CUDA 13)
+        return None
+
+
+def triton_driver_mismatch() -> str | None:
+    """One line naming the problem and the fix when this Triton does not know the driver's CUDA version; else None."""
+    cuda = driver_cuda_version()
+    if cuda is None:
+        return None
+    try:
+        _triton_ptx_version(cuda)
+    except ImportError:
+        return None
+    except RuntimeError:
+        import triton
+
+        return (f"triton {triton.__version__} knows no PTX version for this driver's CUDA {cuda}; fix: pip install "
+                f"-U 'triton>=3.5' (torch >= 2.9 pairs with it). Until then AOT plugins use Triton's own PTX version")
+    return None
 
 
 def compile_ptx(plan: LaunchPlan, tensor_dtypes: Sequence[str], target: Any = None,

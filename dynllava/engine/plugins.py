@@ -3,11 +3,14 @@
 * ``dynllava::TopKGather`` (prefill): a shape/type function, a JIT implementation (Triton launch from Python) and an
   AOT implementation (the same Triton kernel compiled to PTX at build time and stored in the engine, so engines
   run without Python or a plugin library).
-* ``dynllava::KVCacheAppend`` (decode): its output is *aliased* to its cache input (needs the builder's preview
-  feature ``ALIASED_PLUGIN_IO_10_03``), so the append writes one row per sequence into the pool in place.
+* ``dynllava::KVCacheAppend`` (decode): the kernel writes only the new row of each sequence, into its output,
+  and never reads or copies the pool. The output is a plain output of the pool's shape and type, not declared
+  aliased (TensorRT may meet an aliasing request with a copy of the pool); the runtime binds the decode engine's
+  ``past.{i}.*`` input and ``present.{i}.*`` output to the same pool it owns, so the rows written into the output
+  land in the pool, the way TensorRT-LLM's runtime bound past and present to one buffer (ARCHITECTURE.md).
 
 The ids match the call nodes the exporter writes (domain/op_type and the plugin_namespace / plugin_version
-attributes; tensorrt.plugin always registers version "1"); tests/test_engine_plugins.py checks that against an
+attributes; tensorrt.plugin always registers version "1"); tests/test_tensorrt.py checks that against an
 exported model by reading the decorators below. The shape arithmetic is engine/shapes.py, the launches
 engine/launch.py; both run without TensorRT.
 
@@ -46,8 +49,9 @@ def register_plugins() -> bool:
 
 def _define(trt: Any, trtp: Any) -> bool:
     # No @trtp.autotune: TensorRT's default is the types the network gives the plugin's inputs (and register's for
-    # its outputs), linear formats. That keeps KVCacheAppend at the pool's own type, which in-place aliasing needs
-    # (a reformat around it would update a copy), and runs TopKGather on whatever float type its inputs have.
+    # its outputs), linear formats. That keeps KVCacheAppend's output at the pool's own type and layout, so it is the
+    # network output itself (no reformat between them, whose buffer would get the rows instead of the pool), and runs
+    # TopKGather on whatever float type its inputs have.
     dtypes = torch_dtypes(trt)
     names = {trt_type: str(dtype).removeprefix("torch.") for trt_type, dtype in dtypes.items()}  # "float16", ...
 
@@ -79,7 +83,9 @@ def _define(trt: Any, trtp: Any) -> bool:
     @trtp.register("dynllava::KVCacheAppend")
     def kv_cache_append_desc(cache: trtp.TensorDesc, block_tables: trtp.TensorDesc, lengths: trtp.TensorDesc,
                              update: trtp.TensorDesc) -> trtp.TensorDesc:
-        return cache.aliased()  # the same buffer: the append is in place (shapes.kv_cache_append_shape)
+        # the pool's shape and type, NOT cache.aliased(): the kernel writes only the new rows, and the runtime binds
+        # this output (present.{i}.*) to the pool it also binds as past.{i}.* (shapes.kv_cache_append_shape)
+        return cache.like()
 
     @trtp.impl("dynllava::KVCacheAppend")
     def kv_cache_append_impl(cache: trtp.Tensor, block_tables: trtp.Tensor, lengths: trtp.Tensor,

@@ -28,7 +28,7 @@ def topk_gather_shapes(b: Dim, n: Dim, s: Dim, d: Dim, keep_num: int, keep_den: 
 
 
 def kv_cache_append_shape(cache: tuple) -> tuple:
-    """KVCacheAppend's output is its cache input (aliased): same shape."""
+    """KVCacheAppend's output has its cache input's shape (the runtime binds both to the same pool)."""
     return tuple(cache)
 
 

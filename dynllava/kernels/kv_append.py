@@ -27,8 +27,10 @@ def kv_cache_append_kernel(cache_ptr, block_tables_ptr, lengths_ptr, update_ptr,
     """Inputs cache [NB, BS, Hkv, Dh], block_tables [B, M] int32/int64, lengths [B] int64, update [B, Hkv, Dh];
     int32 scalars M, BS, ROW (= Hkv * Dh); output out [NB, BS, Hkv, Dh]. Grid `launch_grid(B, ROW)`.
 
-    `out` is normally the same buffer as `cache` (TensorRT aliases the plugin's cache input and output), so only
-    the one row per sequence is written; `cache_ptr` is never read."""
+    Only the one row per sequence is written, into `out`; `cache_ptr` is never read and nothing is copied. `out` is
+    the pool itself: the TensorRT runtime binds the plugin's output (the decode engine's present.{i}.*) to the same
+    memory as its cache input (past.{i}.*), and `kv_cache_append` below passes the pool twice. Given any other
+    buffer, the kernel leaves everything but the new rows as they were there."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     length = tl.load(lengths_ptr + b)

@@ -2,12 +2,14 @@
 executor. TensorRT is imported when an executor is created, never at module import.
 
 * One execution context per optimization profile: prefill/nocache have an "image" and a "text" profile (batches
-  with / without an image), vision and decode one each.
+  with / without an image), vision and decode one each. All of them share one block of device memory
+  (engine/contexts.py: user-managed, sized for the largest engine), since they run one at a time on one stream.
+* An input shape outside its profile is an InputError naming the input and the profile's range.
 * Bindings are torch CUDA tensors; the small outputs come back to the host as numpy, the prefill K/V stay on the
   GPU and are copied into the pools there.
-* The KV pools are torch CUDA tensors owned by this executor (`new_kv_cache`); the decode engine's past.{i}.* input and
-  present.{i}.* output are bound to the same pool, and KVCacheAppend (aliased plugin I/O) writes one row per
-  sequence into it in place.
+* The KV pools are torch CUDA tensors owned by this executor (`new_kv_cache`); the decode engine's past.{i}.* input
+  and present.{i}.* output are bound to the same pool, and KVCacheAppend writes just one row per sequence into its
+  output, i.e. into the pool (no aliasing declared to TensorRT, so nothing is copied; ARCHITECTURE.md).
 * Engines built with JIT plugins need dynllava's Python plugins registered first; AOT engines carry their kernels.
 """
 
@@ -32,6 +34,7 @@ class TensorRTExecutor:
     def __init__(self, path: str | Path):
         import torch
 
+        from dynllava.engine.contexts import create_contexts
         from dynllava.engine.tensorrt_lib import require_tensorrt, torch_dtypes
 
         trt = require_tensorrt()
@@ -56,7 +59,6 @@ class TensorRTExecutor:
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         self.engines: dict[str, Any] = {}
-        self.contexts: dict[str, dict[str, Any]] = {}
         for name, graph in self.engine_manifest.graphs.items():
             engine = runtime.deserialize_cuda_engine((self.path / graph.file).read_bytes())
             if engine is None:
@@ -64,14 +66,18 @@ class TensorRTExecutor:
                                       hint="engines only run on the TensorRT version and GPU they were built "
                                            "with; rebuild with `dynllava build-engine`")
             self.engines[name] = engine
-            self.contexts[name] = {}
-            for index, label in enumerate(PROFILES[name]):
-                context = engine.create_execution_context()
-                context.set_optimization_profile_async(index, self.stream.cuda_stream)
-                self.contexts[name][label] = context
+        # one device-memory block for every context (kept alive here)
+        self.contexts, self._context_memory = create_contexts(
+            trt, self.engines, PROFILES, self.stream.cuda_stream,
+            lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, device=self.device))
         names = self.manifest.graphs["decode"]
         self._past = [t.name for t in names.inputs if t.name.startswith("past.")]
-        self._present = [t.name for t in names.outputs if t.name.startswith("present.")]
+        # present.{i}.* is bound to the very pool bound as past.{i}.*: KVCacheAppend writes only the new rows
+        self._present = [name.replace("past.", "present.", 1) for name in self._past]
+        missing = set(self._present) - set(names.output_names())
+        if missing:
+            raise CheckpointError(f"the decode graph lacks the output {sorted(missing)[0]}: every past.* input "
+                                  "needs its present.* output", hint="re-export the model and rebuild the engines")
 
     # ------------------------------------------------------------------ pools
     def new_kv_cache(self, block_size: int, budget_bytes: int, max_sequences: int,
@@ -94,12 +100,15 @@ class TensorRTExecutor:
         """Run one engine; `bound` gives outputs their buffers (the KV pools), the others are allocated."""
         import torch
 
+        from dynllava.engine.contexts import set_input_shape
+
         engine, context = self.engines[graph], self.contexts[graph][label]
+        profile, where = PROFILES[graph].index(label), f"the {graph} engine's {label} profile"
         for name, value in inputs.items():
             tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
             tensor = tensor.to(self.device, non_blocking=True)
             inputs[name] = tensor  # keep it alive until the run is done
-            context.set_input_shape(name, tuple(tensor.shape))
+            set_input_shape(engine, context, profile, name, tensor.shape, where)  # raises outside the profile
             context.set_tensor_address(name, self._address(tensor))
         outputs = []
         for name in self.manifest.graphs[graph].output_names():
@@ -136,8 +145,9 @@ class TensorRTExecutor:
         return self._prompt("nocache", feeds, 3)
 
     def decode(self, tokens: np.ndarray, seqs: list[SeqKV], cache: PagedKVCache) -> list[np.ndarray]:
-        """logits, keep, dense_lengths_out, sparse_lengths_out; the pools are updated in place."""
+        """logits, keep, dense_lengths_out, sparse_lengths_out; the new rows are written into the pools."""
         inputs: dict[str, Any] = dict(paged_decode_feeds(cache, seqs, tokens))
         inputs.update(zip(self._past, cache.pools))
+        # each pool is both past.{i}.* and present.{i}.*: the plugin writes its rows into the pool itself
         outs = self._run("decode", "default", inputs, dict(zip(self._present, cache.pools)))
         return [o.cpu().numpy() for o in outs[:4]]
