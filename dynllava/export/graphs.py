@@ -141,7 +141,7 @@ class DecodeGraph(nn.Module):
 
     def __init__(self, model: DynamicLlava, in_place: bool = False):
         """in_place: write the new rows straight into the pools (eager execution); the traced graph instead calls
-        KVCacheAppend, which the runtime aliases to the same buffers."""
+        KVCacheAppend, whose output the runtime binds to the same buffer as its pool input."""
         super().__init__()
         self.model = model
         self.in_place = in_place
