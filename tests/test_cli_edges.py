@@ -35,13 +35,14 @@ def small_export(export_dir, tmp_path_factory):
 
 
 def test_export_validation_ignores_the_runtime_limits(small_export, loaded):
-    from dynllava.cli import _validate_export
     from dynllava.config import ExportConfig
+    from dynllava.export.validate import validate_export
     from dynllava.runtime.batch import OnnxRuntimeModel
 
     with pytest.raises(InputError, match="max_batch 1"):  # what `dynllava export --max-batch 1` used to hit
         OnnxRuntimeModel(small_export).check_limits(3, 10)
-    checks = _validate_export(loaded, small_export, ExportConfig())
+    cfg = ExportConfig()
+    checks = validate_export(loaded, small_export, cfg.tolerance, cfg.min_agreement)
     assert checks and all(c.ok for c in checks), checks
     assert json.loads((small_export / "dynllava.json").read_text())["limits"]["max_batch"] == 1
 
