@@ -42,6 +42,7 @@ class GraphBuilder:
         self.inits: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self._renames: dict[str, str] = {}  # node output -> graph output name
         self._n = 0
 
     def _name(self, hint: str) -> str:
@@ -66,10 +67,14 @@ class GraphBuilder:
         return name
 
     def output(self, source: str, name: str, elem: int, shape: list) -> None:
-        self.op("Identity", [source], [name])
+        """Make node output `source` the graph output `name` (renamed, not copied by an Identity node)."""
+        self._renames[source] = name
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
     def model(self, name: str, opset: int, functions: list[onnx.FunctionProto] = ()) -> onnx.ModelProto:
+        for node in self.nodes:
+            for names in (node.input, node.output):
+                names[:] = [self._renames.get(n, n) for n in names]
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.inits)
         imports = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1), helper.make_opsetid(DOMAIN, 1)]
         return helper.make_model(graph, opset_imports=imports, functions=list(functions), producer_name="dynllava")

@@ -52,10 +52,11 @@ def session_options(threads: int | None = None, spinning: bool | None = None):
 
 
 class _Bound:
-    """One batch size's decode binding: KV buffers bound once, small outputs in preallocated arrays."""
+    """One batch size's decode binding: KV buffers bound once, small outputs in preallocated arrays, and (slot
+    layout) the small inputs in preallocated arrays filled in place each step."""
 
-    def __init__(self, binding: Any, outputs: list[np.ndarray], values: list[Any]):
-        self.binding, self.outputs, self.values = binding, outputs, values
+    def __init__(self, binding: Any, outputs: list[np.ndarray], inputs: dict[str, np.ndarray], values: list[Any]):
+        self.binding, self.outputs, self.inputs, self.values = binding, outputs, inputs, values
 
 
 class OrtExecutor:
@@ -112,13 +113,12 @@ class OrtExecutor:
     def decode(self, tokens: np.ndarray, seqs: list[SeqKV], cache: KVLedger) -> list[np.ndarray]:
         """logits, keep, dense_lengths_out, sparse_lengths_out for a batch in `cache.batch_order`; the KV is
         updated in place. The arrays are reused by the next step: read them before."""
-        if isinstance(cache, SlotKVCache):
-            feeds = _slot_feeds(seqs, tokens)
-        else:
-            feeds = paged_decode_feeds(cache, seqs, tokens)
         bound = self._bind(cache, len(seqs))
-        for name, value in feeds.items():
-            bound.binding.bind_cpu_input(name, value)
+        if bound.inputs:
+            _fill_slot_inputs(bound.inputs, seqs, tokens)
+        else:  # the block tables change width: bind the paged graph's inputs afresh
+            for name, value in paged_decode_feeds(cache, seqs, tokens).items():
+                bound.binding.bind_cpu_input(name, value)
         self.sessions["decode"].run_with_iobinding(bound.binding)
         return bound.outputs
 
@@ -138,6 +138,14 @@ class OrtExecutor:
         for p_in, p_out, value in zip(self._past, self._present, values):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)
+        inputs = {}
+        if isinstance(cache, SlotKVCache):  # fixed shapes: bound once, refilled each step
+            specs = {t.name: t for t in self.manifest.graphs["decode"].inputs}
+            for name in _SLOT_INPUTS:
+                shape = [batch if isinstance(d, str) else d for d in specs[name].shape]
+                inputs[name] = np.zeros(shape, dtype=specs[name].dtype)
+                values.append(ort.OrtValue.ortvalue_from_numpy(inputs[name]))
+                binding.bind_ortvalue_input(name, values[-1])
         outputs = []
         for spec in self._small:
             shape = [batch, self._vocab] if spec.name == "logits" else [batch]
@@ -146,15 +154,19 @@ class OrtExecutor:
             binding.bind_ortvalue_output(spec.name, value)
             values.append(value)
             outputs.append(array)
-        self._bound[batch] = _Bound(binding, outputs, values)
+        self._bound[batch] = _Bound(binding, outputs, inputs, values)
         return self._bound[batch]
 
 
-def _slot_feeds(seqs: list[SeqKV], tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """The built decode graph's small inputs: GroupQueryAttention's seqlens (rows held) and totals per group."""
-    dense = np.fromiter((s.dense_len for s in seqs), np.int32, len(seqs))
-    sparse = np.fromiter((s.sparse_len for s in seqs), np.int32, len(seqs))
-    positions = np.fromiter((s.position for s in seqs), np.int64, len(seqs))[:, None]
-    return {"input_ids": tokens.astype(np.int64, copy=False), "position_ids": positions,
-            "dense_seqlens": dense, "dense_total": np.array(dense.max() + 1, np.int32),
-            "sparse_seqlens": sparse, "sparse_total": np.array(sparse.max() + 1, np.int32)}
+_SLOT_INPUTS = ("input_ids", "position_ids", "dense_seqlens", "dense_total", "sparse_seqlens", "sparse_total")
+
+
+def _fill_slot_inputs(inputs: dict[str, np.ndarray], seqs: list[SeqKV], tokens: np.ndarray) -> None:
+    """The built decode graph's small inputs, written into their bound arrays: the tokens, RoPE positions, and
+    GroupQueryAttention's seqlens (rows held) and totals (max + 1) per layer group."""
+    inputs["input_ids"][:] = tokens
+    inputs["position_ids"][:, 0] = [s.position for s in seqs]
+    for group in ("dense", "sparse"):
+        seqlens = inputs[f"{group}_seqlens"]
+        seqlens[:] = [s.dense_len if group == "dense" else s.sparse_len for s in seqs]
+        inputs[f"{group}_total"][...] = seqlens.max() + 1
