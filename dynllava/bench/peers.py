@@ -85,6 +85,7 @@ def build_genai(checkpoint: Path, out: Path, log=print) -> GenAIModels | str:
     for module, package in (("onnxruntime_genai", "onnxruntime-genai"), ("onnx_ir", "onnx-ir")):
         if importlib.util.find_spec(module) is None:  # onnx_ir: GenAI's builder imports it without declaring it
             return f"skipped: {package} is not installed (pip install -e '.[bench]')"
+    out = Path(out).resolve()  # the builder runs in another directory: relative paths would name a hub repo
     stamp = {"layout": GENAI_LAYOUT, "checkpoint": str(Path(checkpoint).resolve()), "genai": genai_version()}
     stamp_file = out / "built.json"
     models = GenAIModels(out / "embeds", out / "ids", np.empty(0))
