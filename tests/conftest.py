@@ -43,26 +43,25 @@ def loaded(official_dir):
     return load_model(official_dir)
 
 
-@pytest.fixture(scope="session")
-def export_dir(loaded, tmp_path_factory):
-    """The portable graphs (target tensorrt: standard ops + our plugin ops, paged KV), run here by ONNX Runtime."""
+def _export(loaded, tmp_path_factory, target: str):
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
 
-    out = tmp_path_factory.mktemp("export") / "tiny"
-    export_model(loaded, out, ExportConfig(target="tensorrt"))
+    out = tmp_path_factory.mktemp("export") / f"tiny-{target}"
+    export_model(loaded, out, ExportConfig(target=target))
     return out
+
+
+@pytest.fixture(scope="session")
+def export_dir(loaded, tmp_path_factory):
+    """The portable graphs (target tensorrt: standard ops + our plugin ops, paged KV), run here by ONNX Runtime."""
+    return _export(loaded, tmp_path_factory, "tensorrt")
 
 
 @pytest.fixture(scope="session")
 def fast_export_dir(loaded, tmp_path_factory):
     """The default export (target onnxruntime: built graphs with ORT's fused ops, KV in per-sequence slots)."""
-    from dynllava.config import ExportConfig
-    from dynllava.export.exporter import export_model
-
-    out = tmp_path_factory.mktemp("export") / "tiny-fast"
-    export_model(loaded, out, ExportConfig())
-    return out
+    return _export(loaded, tmp_path_factory, "onnxruntime")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ client and raw HTTP for the error cases."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import threading
@@ -16,19 +15,12 @@ from PIL import Image
 from dynllava.runtime.engine import Engine
 from dynllava.runtime.sampling import SamplingParams
 from dynllava.runtime.sequence import Request
+from tests.serve_helpers import data_url, png
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +56,7 @@ def _chat(image_url: str, text: str = "What is in this picture?"):
 
 def test_chat_with_an_image_equals_engine_generate(server, client, official_dir, loaded):
     image_bytes = (official_dir / "example.png").read_bytes()
-    reply = client.chat.completions.create(model="tiny", messages=_chat(_data_url(image_bytes)), max_tokens=16,
+    reply = client.chat.completions.create(model="tiny", messages=_chat(data_url(image_bytes)), max_tokens=16,
                                            temperature=0)
     engine = Engine.from_path(official_dir)
     want = engine.generate([Request(prompt="What is in this picture?",
@@ -75,7 +67,7 @@ def test_chat_with_an_image_equals_engine_generate(server, client, official_dir,
     assert reply.usage.completion_tokens == len(want.token_ids)
     assert reply.usage.prompt_tokens == want.stats.prompt_tokens
     # streaming gives the same text, chunk by chunk
-    chunks = list(client.chat.completions.create(model="tiny", messages=_chat(_data_url(image_bytes)),
+    chunks = list(client.chat.completions.create(model="tiny", messages=_chat(data_url(image_bytes)),
                                                  max_tokens=16, temperature=0, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == want.finish_reason
@@ -178,14 +170,14 @@ def _post(server, body, raw: bytes | None = None):
 
 
 def test_bad_requests_get_4xx_in_openai_shape(server, tmp_path):
-    bomb = _png(Image.new("L", (5000, 5000)))  # 25 MP of zeros compresses to a few KB
+    bomb = png(Image.new("L", (5000, 5000)))  # 25 MP of zeros compresses to a few KB
     outside = tmp_path / "secret.png"
-    outside.write_bytes(_png(Image.new("RGB", (8, 8))))
+    outside.write_bytes(png(Image.new("RGB", (8, 8))))
     cases = [
         (_post(server, None, b"{not json"), "not valid JSON"),
         (_post(server, {"messages": _chat("data:image/png;base64,@@@")}), "invalid base64"),
-        (_post(server, {"messages": _chat(_data_url(b"this is not an image"))}), "not a readable image"),
-        (_post(server, {"messages": _chat(_data_url(bomb))}), "exceeds the limit"),
+        (_post(server, {"messages": _chat(data_url(b"this is not an image"))}), "not a readable image"),
+        (_post(server, {"messages": _chat(data_url(bomb))}), "exceeds the limit"),
         (_post(server, {"messages": _chat(f"file://{outside}")}), "outside the allowed media directory"),
         (_post(server, {"messages": _chat("https://example.com/cat.png")}), "never fetches"),
         (_post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}), "max_tokens"),

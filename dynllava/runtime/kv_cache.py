@@ -3,8 +3,8 @@ sequence for each layer group, over the ledger's byte budget (runtime/kv_ledger.
 (`KVCacheAppend`) and TensorRT's plugin run on this layout.
 
 * Block 0 of each pool is a scratch block: padded block-table entries point at it and reads from it are masked.
-* Pools are allocated lazily by the OS (zero pages until touched) and blocks are handed out lowest id first, so
-  resident memory follows the blocks in use.
+* Pools are reserved as virtual memory (runtime/virtual_memory.py: zero pages until touched, no commit charge) and
+  blocks are handed out lowest id first, so resident memory follows the blocks in use.
 * An executor may own the pools' memory (`pool_factory`: TensorRT keeps them on the GPU as torch tensors); rows
   read back for swapping are always host numpy arrays.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from dynllava.runtime.kv_ledger import SCRATCH_BLOCK, KVCacheFull, KVLedger, SeqKV, SwappedKV
+from dynllava.runtime.virtual_memory import VirtualArray
 
 __all__ = ["KVCacheFull", "PagedKVCache", "SeqKV", "SwappedKV", "paged_decode_feeds"]
 
@@ -27,7 +28,7 @@ class PagedKVCache(KVLedger):
                  max_blocks: int | None = None):
         layer_block = block_size * kv_heads * head_dim * 2 * np.dtype(dtype).itemsize  # K and V
         super().__init__(num_layers, sparse_layer, layer_block, block_size, budget_bytes, max_blocks)
-        new_pool = pool_factory or (lambda shape, dt: np.zeros(shape, dtype=dt))
+        new_pool = pool_factory or (lambda shape, dt: VirtualArray(shape, dt).array)
         self.pools = [new_pool((self.num_blocks[self.group_of(i)], block_size, kv_heads, head_dim), np.dtype(dtype))
                       for i in range(num_layers) for _ in ("key", "value")]
 

@@ -15,31 +15,13 @@ virtual KV, physical memory on demand).
 from __future__ import annotations
 
 import heapq
-import mmap
-import sys
 
 import numpy as np
 
 from dynllava.runtime.kv_ledger import KVCacheFull, KVLedger, SeqKV
+from dynllava.runtime.virtual_memory import PAGE, VirtualArray
 
-PAGE = mmap.PAGESIZE
-_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
-
-
-class VirtualArray:
-    """A zero-initialised numpy array over an anonymous mapping whose pages can be handed back."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype):
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        self._map = mmap.mmap(-1, max(nbytes, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
-        self.array = np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
-
-    def release(self, start: int, length: int) -> None:
-        """Give the pages of bytes [start, start + length) back to the OS (they read as zeros afterwards)."""
-        first, last = -(-start // PAGE) * PAGE, (start + length) // PAGE * PAGE
-        if last > first and hasattr(self._map, "madvise"):
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
-
+__all__ = ["PAGE", "SlotKVCache"]
 
 class SlotKVCache(KVLedger):
     def __init__(self, num_layers: int, sparse_layer: int, kv_heads: int, head_dim: int, block_size: int,
