@@ -273,7 +273,7 @@ def generate(
     ort_spinning: bool = ORT_SPINNING,
 ) -> None:
     """Generate answers and print each with a one-line summary of what sparsification saved. Requests run through
-    the engine (continuous batching, paged sparse KV cache); --no-kv-cache re-runs whole sequences instead."""
+    the engine (continuous batching, sparse KV cache); --no-kv-cache re-runs whole sequences instead."""
     from dynllava.runtime.loading import open_model
     from dynllava.runtime.sampling import SamplingParams
 
