@@ -6,8 +6,9 @@ Two KV layouts, as the export's target says (`kv_cache.layout`):
 * "paged" (target tensorrt, the portable graphs): block pools (runtime/kv_cache.py); the decode graph's
   KVCacheAppend (a ScatterND) writes the new rows in place because past and present are bound to one buffer.
 
-The step loop is lean: the KV buffers are wrapped and bound once per batch size, only the small inputs are rebound
-each step, and the small outputs land in preallocated arrays (the KV outputs are never fetched). The CUDA execution
+The step loop is lean: the KV buffers are bound once per batch size; the slot layout's small inputs are bound once
+too and refilled in place each step (the paged graph's block tables change width, so its inputs are rebound); the
+small outputs land in preallocated arrays (the KV outputs are never fetched). The CUDA execution
 provider is chosen when onnxruntime-gpu sees a GPU (the KV buffers then still live in host memory).
 """
 
@@ -70,8 +71,6 @@ class OrtExecutor:
         self.manifest = Manifest.read(self.path)
         self.info = ModelInfo.from_manifest(self.manifest)
         self.providers = providers or _providers()
-        self.threads = threads or len(os.sched_getaffinity(0))
-        self.spinning = DEFAULT_SPINNING if spinning is None else spinning
         options = session_options(threads, spinning)
         self.sessions = {}
         for name, spec in self.manifest.graphs.items():
@@ -130,22 +129,22 @@ class OrtExecutor:
         if batch in self._bound:
             return self._bound[batch]
         binding = self.sessions["decode"].io_binding()
+        inputs: dict[str, np.ndarray] = {}
         if isinstance(cache, SlotKVCache):
             views = [buffer[:batch] for buffer in cache.buffers]  # slots 0..B-1: contiguous
+            specs = {t.name: t for t in self.manifest.graphs["decode"].inputs}
+            for name in _SLOT_INPUTS:  # fixed shapes: bound once, refilled each step
+                shape = [batch if isinstance(d, str) else d for d in specs[name].shape]
+                inputs[name] = np.zeros(shape, dtype=specs[name].dtype)
         else:
             views = cache.pools
         values = [ort.OrtValue.ortvalue_from_numpy(v) for v in views]
         for p_in, p_out, value in zip(self._past, self._present, values):
             binding.bind_ortvalue_input(p_in, value)
             binding.bind_ortvalue_output(p_out, value)
-        inputs = {}
-        if isinstance(cache, SlotKVCache):  # fixed shapes: bound once, refilled each step
-            specs = {t.name: t for t in self.manifest.graphs["decode"].inputs}
-            for name in _SLOT_INPUTS:
-                shape = [batch if isinstance(d, str) else d for d in specs[name].shape]
-                inputs[name] = np.zeros(shape, dtype=specs[name].dtype)
-                values.append(ort.OrtValue.ortvalue_from_numpy(inputs[name]))
-                binding.bind_ortvalue_input(name, values[-1])
+        for name, array in inputs.items():
+            values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            binding.bind_ortvalue_input(name, values[-1])
         outputs = []
         for spec in self._small:
             shape = [batch, self._vocab] if spec.name == "logits" else [batch]
