@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dynllava.errors import ConfigError, InputError
@@ -372,3 +373,26 @@ def test_take_returns_finished_requests_once(official_dir):
     assert len(out.token_ids) == 3 and out.finish_reason == "length" and rid not in engine.sequences
     with pytest.raises(InputError, match="unknown"):
         engine.take(rid)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime-fast"])
+def test_outputs_report_what_the_reference_kept(loaded, official_dir, fast_export_dir, backend):
+    # the kept image indices and per-token KV decisions every output carries (for --explain and the API) are the
+    # reference model's own prefill top-k and decode_step keep flags for the same request
+    text, seed = REQUESTS[0]
+    path = official_dir if backend == "torch" else fast_export_dir
+    out = Engine.from_path(path, backend.removesuffix("-fast")).generate(
+        Request(prompt=text, image=_image(seed), params=GREEDY), progress=False)[0]
+    ids = tokenize_prompt(loaded.tokenizer, chat_prompt([("user", text)], True))
+    px = preprocess_image(loaded.image_processor, _image(seed))
+    model = loaded.model
+    pre = model.prefill([ids], [model.encode_images(px[None])[0]], capacity=256)
+    assert out.kept.image_indices == pre.kept_image_indices[0].tolist()
+    side = int(model.num_image_tokens ** 0.5)
+    assert out.kept.image_grid == (side, side)
+    want = []
+    for token in out.token_ids[:-1]:  # every generated token but the last is fed back
+        _, keep = model.decode_step(torch.tensor([token]), pre.cache)
+        want.append(bool(keep[0]))
+    assert out.kept.token_kept == want
+    assert sum(want) == out.stats.kept_tokens and 0 < sum(want) < len(want)  # the predictor drops some, keeps some

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -252,8 +253,12 @@ class Engine:
         feeds = prompt_feeds(self.executor, [s.prompt_ids for s in seqs], [s.features for s in seqs])
         logits, kept, sparse_lengths, *presents = self.executor.prefill(feeds)
         write_prefill(self.cache, [s.kv for s in seqs], feeds["lengths"], sparse_lengths, presents)
+        side = math.isqrt(self.info.num_image_tokens)
         for s, k in zip(seqs, kept):
             s.stats.image_tokens_kept = len(k) if s.has_image else 0
+            if s.has_image:
+                s.kept_image_indices = [int(i) for i in k]
+                s.image_grid = (side, side)  # CLIP's square patch grid
             s.features = None  # no longer needed; a preempted sequence is swapped, not recomputed
         return logits
 
@@ -265,6 +270,7 @@ class Engine:
         for s, kept in zip(seqs, keep.tolist()):
             s.stats.decided_tokens += 1
             s.stats.kept_tokens += kept
+            s.token_kept.append(bool(kept))
         return seqs, logits
 
     def _append(self, seq: Sequence, token: int) -> None:

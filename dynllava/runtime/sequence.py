@@ -93,6 +93,15 @@ class RequestStats:
 
 
 @dataclass
+class KeptTokens:
+    """What the predictors kept for one request (every backend reports it; it costs a list per request)."""
+
+    image_indices: list[int]  # kept image tokens, ascending, as indices into the N image tokens (row-major patches)
+    image_grid: tuple[int, int] | None  # (rows, cols) of the patch grid; None without an image
+    token_kept: list[bool]  # per generated token fed back through the model: did it enter layers >= l's KV cache
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -101,6 +110,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "cancelled", "error"; None while running
     stats: RequestStats
     error: str | None = None  # why, when finish_reason is "error"
+    kept: KeptTokens | None = None
 
 
 class Status(enum.Enum):
@@ -129,6 +139,9 @@ class Sequence:
     stats: RequestStats = field(default_factory=RequestStats)
     first_token_at: float | None = None
     finished_at: float | None = None
+    kept_image_indices: list[int] = field(default_factory=list)  # set at prefill
+    image_grid: tuple[int, int] | None = None
+    token_kept: list[bool] = field(default_factory=list)  # one per decode step
     # incremental detokenization: text holds generated[:_read_offset]; generated[_prefix_offset:_read_offset] is
     # decoded again with each new token so a word's leading space comes out as in a full decode
     _prefix_offset: int = 0
@@ -166,8 +179,9 @@ class Sequence:
         return text[:min((text.find(s) for s in self.params.stop if s in text), default=len(text))]
 
     def output(self) -> RequestOutput:
+        kept = KeptTokens(list(self.kept_image_indices), self.image_grid, list(self.token_kept))
         return RequestOutput(self.request_id, list(self.prompt_ids), list(self.generated), self.text,
-                             self.finish_reason, self.stats, self.error)
+                             self.finish_reason, self.stats, self.error, kept)
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
