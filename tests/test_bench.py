@@ -46,9 +46,15 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     assert "genai_skipped" not in peers, peers.get("genai_skipped")
     assert peers["answer_tokens"] == 32 and peers["image_tokens"] > 0
     assert peers["prompt_tokens"] > peers["image_tokens"]
-    ours_ort, genai_ort = peers["ours_ort"], peers["genai_ort"]
-    assert genai_ort["intra_op_num_threads"] == ours_ort["intra_op_num_threads"]
-    assert str(genai_ort["allow_spinning"]).split()[0] == str(ours_ort["allow_spinning"]).split()[0]
+    # ours and GenAI ran at each thread count with the same settings; the headline is each at its best
+    assert [part["threads"] for part in peers["by_threads"]] == list(suite.peer_threads())
+    for part in peers["by_threads"]:
+        ours_ort, genai_ort = part["ours_ort"], part["genai_ort"]
+        assert genai_ort["intra_op_num_threads"] == ours_ort["intra_op_num_threads"] == part["threads"]
+        assert str(genai_ort["allow_spinning"]).split()[0] == str(ours_ort["allow_spinning"]).split()[0]
+    for i, r in enumerate(peers["decode"]):
+        for key in ("ours_sparse_tok_s", "genai_tok_s"):
+            assert r[key] == max(part["decode"][i][key] for part in peers["by_threads"])
     t = peers["ttft"]
     for key in ("ours_sparse_s", "ours_dense_s", "genai_s", "genai_vision_and_embeds_s"):
         assert isinstance(t[key], float) and t[key] > 0, (key, t[key])
@@ -104,13 +110,33 @@ def test_peers_table_shows_ratios_or_why_a_peer_is_missing(skipped):
     peers = {"answer_tokens": 32, "prompt_tokens": 100, "image_tokens": 64, "decode": [row],
              "ttft": {"ours_sparse_s": 0.1, "ours_dense_s": 0.2, "genai_s": genai if skipped else 0.3,
                       "genai_over_ours_sparse": None if skipped else 3.0},
-             "ours_ort": {"intra_op_num_threads": 0, "allow_spinning": "0"}}
+             "by_threads": []}
     if skipped:
         peers["genai_skipped"] = genai
-    else:
-        peers["genai_ort"] = {"intra_op_num_threads": 0, "allow_spinning": "0"}
     md = "\n".join(suite.peers_markdown(peers))
     if skipped:
         assert md.count("skipped") >= 2 and "| **ours sparse / GenAI** | - |" in md
     else:
         assert "| **ours sparse / GenAI** | 1.50 |" in md and "| 3.00 |" in md and "skipped" not in md
+
+
+def test_peers_headline_takes_each_system_at_its_best_thread_count():
+    # one thread wins at batch 1 for ours, two for GenAI: the headline pairs ours@1 with GenAI@2, and says so
+    def part(threads, ours, genai, ttft_ours, ttft_genai):
+        return {"threads": threads,
+                "ttft": {"batch": 1, "ours_sparse_s": ttft_ours, "ours_dense_s": 0.5, "genai_s": ttft_genai,
+                         "genai_vision_and_embeds_s": ttft_genai / 10},
+                "decode": [{"batch": 1, "ours_sparse_tok_s": ours, "ours_dense_tok_s": 100.0, "genai_tok_s": genai,
+                            "genai_ids_tok_s": genai, "genai_tokens_agree_with_ours_dense": 32 - threads}]}
+
+    ttft, decode = suite._best_of([part(1, 300.0, 180.0, 0.05, 0.30), part(2, 250.0, 200.0, 0.06, 0.25)])
+    row = decode[0]
+    assert (row["ours_sparse_tok_s"], row["ours_sparse_tok_s_threads"]) == (300.0, 1)
+    assert (row["genai_tok_s"], row["genai_tok_s_threads"]) == (200.0, 2)
+    assert _close(row["ours_sparse_over_genai"], 300.0, 200.0)
+    assert row["genai_tokens_agree_with_ours_dense"] == 30  # the worst agreement of all runs
+    assert (ttft["ours_sparse_s"], ttft["genai_s"], ttft["genai_vision_and_embeds_s"]) == (0.05, 0.25, 0.025)
+    assert _close(ttft["genai_over_ours_sparse"], 0.25, 0.05)
+    md = "\n".join(suite.peers_markdown({"answer_tokens": 32, "prompt_tokens": 100, "image_tokens": 64,
+                                          "decode": decode, "ttft": ttft, "by_threads": []}))
+    assert "| ours sparse | 300.0 (1) |" in md and "| **ours sparse / GenAI** | 1.50 |" in md

@@ -211,53 +211,81 @@ def _agreeing_prefix(a, b) -> int:
     return n
 
 
+def peer_threads() -> tuple[int, ...]:
+    """The intra-op thread counts the peers run at: one, and every CPU this process may use. Which is faster depends
+    on the batch (one thread skips waking a second for each small kernel; more threads split big ones), so each
+    system is timed at each count and reported at its best."""
+    return tuple(sorted({1, len(os.sched_getaffinity(0))}))
+
+
 def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, out: Path,
           log: Callable[[str], None] = print) -> dict:
     """The headline comparison on one image prompt (same text, same images, same length): time to first token at
     batch 1 and decode tok/s at each peer batch for ours (sparse, dense), ONNX Runtime GenAI fed the same
-    embeddings, GenAI's standard graph on token ids of the same length, and transformers' generate."""
-    answer = cfg.peer_answer
-    ours = {m: engines[m]() for m in ("sparse", "dense")}
-    settings = ort_settings(ours["sparse"])
-    result: dict = {"answer_tokens": answer, "ours_ort": settings, "versions": versions()}
+    embeddings, GenAI's standard graph on token ids of the same length, and transformers' generate. Ours and GenAI
+    run at every thread count of `peer_threads()` with the same settings; the headline takes each at its best."""
+    result: dict = {"answer_tokens": cfg.peer_answer, "versions": versions(), "by_threads": []}
     models = peer_lib.build_genai(checkpoint, out / "genai", log)
-    genai: dict[str, peer_lib.GenAIPeer] = {}
     if isinstance(models, str):
         result["genai_skipped"] = models
         log(f"  ONNX Runtime GenAI {models}")
-    else:
-        threads = settings.get("intra_op_num_threads") or None
+    for threads in peer_threads():
+        log(f"  ONNX Runtime intra-op threads: {threads}")
+        part = _peers_at(threads, engines, cfg, models, result, log)
+        result["by_threads"].append(part)
+        result["prompt_tokens"], result["image_tokens"] = part.pop("prompt_tokens"), part.pop("image_tokens")
+    result["ttft"], result["decode"] = _best_of(result["by_threads"])
+    for row in result["decode"]:
+        b = row["batch"]
+        if b in cfg.hf_batches:
+            log(f"  transformers generate, batch {b}")
+            row["hf_generate_tok_s"] = peer_lib.hf_generate_rate(checkpoint, PROMPT, [_image(i) for i in range(b)],
+                                                                 cfg.peer_answer)
+            row["ours_sparse_over_hf"] = row["ours_sparse_tok_s"] / row["hf_generate_tok_s"]
+        else:
+            row["hf_generate_tok_s"] = row["ours_sparse_over_hf"] = None  # torch eager is slow: batch 1 only
+    return result
+
+
+def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, models, result: dict,
+              log: Callable[[str], None]) -> dict:
+    """TTFT and decode rows for ours and GenAI, both with `threads` intra-op threads and our spinning setting."""
+    answer = cfg.peer_answer
+    ours = {m: engines[m](threads=threads) for m in ("sparse", "dense")}
+    settings = ort_settings(ours["sparse"])
+    part: dict = {"threads": threads, "ours_ort": settings}
+    genai: dict[str, peer_lib.GenAIPeer] = {}
+    if "genai_skipped" not in result:
         spinning = settings.get("allow_spinning")
         spinning = None if spinning is None else str(spinning).split()[0]
         try:
             for kind, path in (("embeds", models.embeds_dir), ("ids", models.ids_dir)):
-                result["genai_ort"] = peer_lib.set_session_options(path, threads, spinning)
+                part["genai_ort"] = peer_lib.set_session_options(path, settings.get("intra_op_num_threads"),
+                                                                 spinning)
                 genai[kind] = peer_lib.GenAIPeer(path)
         except Exception as exc:  # GenAI raises its own errors for a model it cannot load
             genai.clear()
             result["genai_skipped"] = f"skipped: GenAI cannot load {path}: {str(exc).strip()[:300]}"
             log(f"  ONNX Runtime GenAI {result['genai_skipped']}")
+    skipped = result.get("genai_skipped")
     table = None if isinstance(models, str) else models.embed_table
     prompt1 = ImagePrompt(ours["sparse"], [_image(0)], table)
-    result["prompt_tokens"], result["image_tokens"] = prompt1.length, prompt1.n
+    part["prompt_tokens"], part["image_tokens"] = prompt1.length, prompt1.n
 
-    log("  time to first token, image prompt, batch 1")
+    log("    time to first token, image prompt, batch 1")
     repeats = max(cfg.repeats, 7)  # a prefill is short: more repeats keep the median steady
     ttft_row: dict = {"batch": 1, **{f"ours_{m}_s": ttft(ours[m], 1, repeats) for m in ("sparse", "dense")}}
     if genai:
         runs = [genai["embeds"].generate(prompt1.ids, 1, prompt1.embeds) for _ in range(repeats + 1)][1:]
         ttft_row["genai_s"] = statistics.median(r.ttft_s for r in runs)
         ttft_row["genai_vision_and_embeds_s"] = statistics.median(r.prompt_s for r in runs)
-        ttft_row["genai_over_ours_sparse"] = ttft_row["genai_s"] / ttft_row["ours_sparse_s"]
     else:
-        ttft_row["genai_s"] = result["genai_skipped"]
-        ttft_row["genai_over_ours_sparse"] = None
-    result["ttft"] = ttft_row
+        ttft_row["genai_s"] = skipped
+    part["ttft"] = _with_ratios(ttft_row)
 
-    result["decode"] = []
+    part["decode"] = []
     for b in cfg.peer_batches:
-        log(f"  decode, batch {b}, {answer} new tokens: ours, GenAI"
-            + (", transformers generate" if b in cfg.hf_batches else ""))
+        log(f"    decode, batch {b}, {answer} new tokens: ours, GenAI")
         row: dict = {"batch": b}
         runs = {}
         for m in ("sparse", "dense"):
@@ -273,19 +301,48 @@ def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: Benc
             row["genai_ids_tok_s"] = genai["ids"].generate(prompt.ids, answer).decode_tok_s
             row["genai_tokens_agree_with_ours_dense"] = min(
                 _agreeing_prefix(run.tokens[i], runs["dense"].token_ids[i]) for i in range(b))
-            row["ours_sparse_over_genai"] = row["ours_sparse_tok_s"] / row["genai_tok_s"]
-            row["ours_dense_over_genai"] = row["ours_dense_tok_s"] / row["genai_tok_s"]
         else:
-            row["genai_tok_s"] = row["genai_ids_tok_s"] = result["genai_skipped"]
-            row["ours_sparse_over_genai"] = row["ours_dense_over_genai"] = None
-        if b in cfg.hf_batches:
-            row["hf_generate_tok_s"] = peer_lib.hf_generate_rate(checkpoint, PROMPT, [_image(i) for i in range(b)],
-                                                                 answer)
-            row["ours_sparse_over_hf"] = row["ours_sparse_tok_s"] / row["hf_generate_tok_s"]
-        else:
-            row["hf_generate_tok_s"] = row["ours_sparse_over_hf"] = None  # torch eager is slow: batch 1 only
-        result["decode"].append(row)
-    return result
+            row["genai_tok_s"] = row["genai_ids_tok_s"] = skipped
+        part["decode"].append(_with_ratios(row))
+    return part
+
+
+def _with_ratios(row: dict) -> dict:
+    """The headline ratios of a TTFT row (seconds) or a decode row (tok/s); None where GenAI did not run."""
+    genai_ran = isinstance(row.get("genai_s", row.get("genai_tok_s")), float)
+    if "genai_s" in row:
+        row["genai_over_ours_sparse"] = row["genai_s"] / row["ours_sparse_s"] if genai_ran else None
+    else:
+        for m in ("sparse", "dense"):
+            row[f"ours_{m}_over_genai"] = row[f"ours_{m}_tok_s"] / row["genai_tok_s"] if genai_ran else None
+    return row
+
+
+def _best_of(parts: list[dict]) -> tuple[dict, list[dict]]:
+    """Each system at its best thread count: the lowest TTFT, the highest decode rate per batch (the count used is
+    kept as KEY_threads); ratios from those bests."""
+
+    def best(rows: list[dict], keys: tuple[str, ...], pick: Callable) -> dict:
+        out = dict(rows[0])
+        for key in keys:
+            timed = [(row[key], part["threads"]) for row, part in zip(rows, parts) if isinstance(row.get(key), float)]
+            if timed:
+                out[key], out[f"{key}_threads"] = pick(timed, key=lambda vt: vt[0])
+        return out
+
+    ttft_row = best([p["ttft"] for p in parts], ("ours_sparse_s", "ours_dense_s", "genai_s"), min)
+    for p in parts:  # the vision part of GenAI's TTFT, from the run its best TTFT came from
+        if p["threads"] == ttft_row.get("genai_s_threads"):
+            ttft_row["genai_vision_and_embeds_s"] = p["ttft"]["genai_vision_and_embeds_s"]
+    decode = []
+    for i in range(len(parts[0]["decode"])):
+        rows = [p["decode"][i] for p in parts]
+        row = best(rows, ("ours_sparse_tok_s", "ours_dense_tok_s", "genai_tok_s", "genai_ids_tok_s"), max)
+        agree = [r["genai_tokens_agree_with_ours_dense"] for r in rows if "genai_tokens_agree_with_ours_dense" in r]
+        if agree:
+            row["genai_tokens_agree_with_ours_dense"] = min(agree)
+        decode.append(_with_ratios(row))
+    return _with_ratios(ttft_row), decode
 
 
 # ---------------------------------------------------------------------- the run
@@ -417,18 +474,24 @@ def markdown(r: dict) -> str:
 
 
 def peers_markdown(p: dict) -> list[str]:
-    """The headline table: ours against ONNX Runtime GenAI and transformers on the same weights and prompt."""
+    """The headline table: ours against ONNX Runtime GenAI and transformers on the same weights and prompt, each
+    ONNX Runtime system at its best thread count; then the rates at every thread count."""
     rows = p["decode"]
     head = " | ".join(f"batch {row['batch']}" for row in rows)
     sep = "|".join("---" for _ in range(len(rows) + 1))
     lines = [f"Peers on the same weights and the same image prompt ({p['prompt_tokens']} tokens, {p['image_tokens']} "
              f"of them the image's), greedy, {p['answer_tokens']} new tokens. GenAI is fed our prompt embeddings "
              f"(text rows + our vision graph's image rows); decode tok/s is wall-clock after the first token, "
-             f"sampling and detokenization included for ours and GenAI.", "",
+             f"sampling and detokenization included for ours and GenAI. Ours and GenAI ran at each thread count "
+             f"below with the same ONNX Runtime settings; each is shown at its best (threads in brackets).", "",
              f"| decode tok/s | {head} |", f"|{sep}|"]
 
+    def cell(row: dict, key: str, fmt: str) -> str:
+        threads = row.get(f"{key}_threads")
+        return _num(row.get(key), fmt) + (f" ({threads})" if threads else "")
+
     def line(label: str, key: str, fmt: str = ".1f") -> None:
-        lines.append(f"| {label} | " + " | ".join(_num(row.get(key), fmt) for row in rows) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(row, key, fmt) for row in rows) + " |")
 
     line("ours sparse", "ours_sparse_tok_s")
     line("ours dense (predictors off)", "ours_dense_tok_s")
@@ -442,14 +505,19 @@ def peers_markdown(p: dict) -> list[str]:
     t = p["ttft"]
     lines += ["", "| TTFT, image prompt, batch 1 (s) | ours sparse | ours dense | GenAI dense (our vision graph + "
               "its prefill) | **GenAI / ours sparse** |", "|---|---|---|---|---|",
-              f"| | {t['ours_sparse_s']:.3f} | {t['ours_dense_s']:.3f} | {_num(t['genai_s'], '.3f')} | "
-              f"{_num(t['genai_over_ours_sparse'], '.2f')} |"]
-    ours, genai = p.get("ours_ort", {}), p.get("genai_ort")
-    if ours:
-        lines += ["", f"ONNX Runtime settings: ours intra-op threads {ours['intra_op_num_threads']}, spinning "
-                  f"{ours['allow_spinning']}; GenAI " + (f"intra-op threads {genai['intra_op_num_threads']}, "
-                                                        f"spinning {genai['allow_spinning']}" if genai else "-")
-                  + " (0 threads = one per physical core)."]
+              f"| | {cell(t, 'ours_sparse_s', '.3f')} | {cell(t, 'ours_dense_s', '.3f')} | "
+              f"{cell(t, 'genai_s', '.3f')} | {_num(t['genai_over_ours_sparse'], '.2f')} |"]
+    parts = p.get("by_threads", [])
+    if parts:
+        lines += ["", "| decode tok/s at each thread count | " + " | ".join(
+            f"ours sparse b{r['batch']} | ours dense b{r['batch']} | GenAI b{r['batch']}" for r in rows) + " |",
+            "|" + "|".join("---" for _ in range(3 * len(rows) + 1)) + "|"]
+        for part in parts:
+            ort_cfg = part.get("ours_ort", {})
+            label = f"{part['threads']} thread(s), spinning {ort_cfg.get('allow_spinning', '-')}"
+            lines.append(f"| {label} | " + " | ".join(
+                " | ".join(_num(r.get(k), ".1f") for k in ("ours_sparse_tok_s", "ours_dense_tok_s", "genai_tok_s"))
+                for r in part["decode"]) + " |")
     if p.get("genai_skipped"):
         lines += ["", f"ONNX Runtime GenAI {p['genai_skipped']}"]
     return lines
