@@ -58,7 +58,8 @@ class Explanation:
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
     """The text each token adds to the decoded answer (decoded a window at a time, as the engine streams, so a
     word's leading space comes out as in a full decode); a token ending in a partial UTF-8 character adds ""
-    and the next one carries the character."""
+    and the next one carries the character (the last one, any bytes left incomplete), so the pieces add up to
+    the decoded answer."""
     pieces: list[str] = []
     prefix_offset = read_offset = 0
     for i in range(len(ids)):
@@ -69,6 +70,9 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
             continue
         pieces.append(window[len(prefix):])
         prefix_offset, read_offset = read_offset, i + 1
+    if read_offset < len(ids):  # bytes that never completed a character: the last token shows them
+        prefix = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
+        pieces[-1] = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)[len(prefix):]
     return pieces
 
 
