@@ -105,13 +105,12 @@ def model_view(image_processor, image: Image.Image, aspect_ratio: str = "pad") -
     return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(1, 2, 0), "RGB")
 
 
-def _size_dict(value, default: int | None = None) -> dict:
-    if isinstance(value, dict):
-        return dict(value)
+def _size_dict(value) -> dict:
+    """A processor's size / crop_size (a dict, transformers' SizeDict or an int) as a dict without empty keys."""
     if isinstance(value, int):
         return {"height": value, "width": value}
-    return {} if value is None else {k: getattr(value, k) for k in ("shortest_edge", "height", "width")
-                                     if getattr(value, k, None) is not None}
+    get = value.get if isinstance(value, dict) else lambda k: getattr(value, k, None)
+    return {} if value is None else {k: get(k) for k in ("shortest_edge", "height", "width") if get(k) is not None}
 
 
 def view_box(image_size: tuple[int, int], image_processor, aspect_ratio: str = "pad") -> ViewBox:
