@@ -248,7 +248,13 @@ async function ask(event) {
   try {
     const response = await fetch("v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body),
                                                           signal: controller.signal });
-    if (!response.ok) throw new Error(explainStatus(response.status, await errorMessage(response)));
+    if (!response.ok) {
+      if (response.status === 401) { // show where the key goes
+        $("settings").open = true;
+        $("api-key").focus();
+      }
+      throw new Error(explainStatus(response.status, await errorMessage(response)));
+    }
     for await (const chunk of sseEvents(response)) {
       if (chunk.error) throw new Error(explainStatus(chunk.error.code || 500, chunk.error.message));
       for (const choice of chunk.choices || []) {
