@@ -596,7 +596,9 @@ def serve(
     ort_spinning: bool = ORT_SPINNING,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
-    /v1/models, /health, /metrics) with continuous batching in the background."""
+    /v1/models, /health, /metrics) with continuous batching in the background, and a chat page at / that shows
+    which image patches and answer tokens the predictors kept (requests may ask for the same data with
+    "dynllava": {"explain": true})."""
     from dynllava.runtime.engine import Engine
     from dynllava.serve.openai import ServerConfig, build_app
     from dynllava.serve.server import run
@@ -615,7 +617,7 @@ def serve(
                        allowed_media_dir=allowed_media_dir, max_tokens_limit=max_tokens_limit,
                        default_max_tokens=min(default_max_tokens, max_tokens_limit), max_waiting=max_waiting)
     console.print(f"serving [bold]{model}[/] as [bold]{cfg.model_name}[/] on http://{host}:{port}/v1 "
-                  "(OpenAI-compatible; metrics at /metrics)")
+                  f"(OpenAI-compatible; metrics at /metrics; chat page at http://{host}:{port}/)")
     run(build_app(engine, cfg), host, port, drain_timeout)
 
 

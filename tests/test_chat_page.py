@@ -12,8 +12,8 @@ from PIL import Image
 
 from dynllava.runtime.engine import Engine
 from tests.browser import artifacts_dir, canvas_image, chrome
+from tests.overlay import cell_ratios, render_box
 from tests.serve_helpers import chat, data_url, running_server
-from tests.test_explain import cell_ratios, render_box
 
 pytest.importorskip("uvicorn")
 
