@@ -5,6 +5,8 @@ Screenshots go to test-artifacts/chat-page/ (the path is printed)."""
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import numpy as np
 import pytest
@@ -67,6 +69,19 @@ def _ask(driver, question: str) -> None:
 def _error_shown(driver) -> str:
     _wait(driver, lambda d: _by_id(d, "error").is_displayed())
     return _by_id(driver, "error").text
+
+
+def _drop_file(driver, element_id: str, path) -> None:
+    """Drop a file onto an element as a user's drag and drop does (a DataTransfer holding the file)."""
+    driver.execute_script("""
+        const [id, name, b64] = arguments;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type: 'image/png'}));
+        const target = document.getElementById(id);
+        for (const type of ['dragenter', 'dragover', 'drop'])
+          target.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));
+        """, element_id, path.name, base64.b64encode(path.read_bytes()).decode())
 
 
 def _open(driver, url: str) -> None:
@@ -134,10 +149,10 @@ def test_chat_page_streams_an_answer_and_draws_what_was_kept(driver, shots, offi
         canvas.save(shots / "03-overlay-canvas.png")
         assert f"image tokens kept {len(ext['image_kept'])}/64" in _by_id(driver, "image-stats").text
 
-        # an image over the server's pixel limit: the page shows the 413
+        # an image over the server's pixel limit, dropped onto the page: the page shows the 413
         big = tmp_path / "big.png"
         Image.new("RGB", (300, 300), (70, 110, 190)).save(big)
-        _by_id(driver, "file").send_keys(str(big))
+        _drop_file(driver, "drop-zone", big)
         _wait(driver, lambda d: not d.find_elements("css selector", ".message"))  # a new image: a new chat
         _ask(driver, QUESTION)
         message = _error_shown(driver)

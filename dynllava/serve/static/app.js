@@ -295,7 +295,9 @@ function init() {
   zone.addEventListener("drop", (e) => {
     e.preventDefault();
     zone.classList.remove("dragging");
-    if (e.dataTransfer.files.length) setImage(e.dataTransfer.files[0]);
+    if (!e.dataTransfer.files.length) return;
+    try { $("file").files = e.dataTransfer.files; } catch (err) { $("file").value = ""; } // the input names it
+    setImage(e.dataTransfer.files[0]);
   });
   $("ask").addEventListener("submit", ask);
   $("prompt").addEventListener("keydown", (e) => {
