@@ -172,3 +172,21 @@ def _box(view: dict):
     from dynllava.explain import ViewBox
 
     return ViewBox(view["left"], view["top"], view["width"], view["height"], tuple(view["fill"]))
+
+
+def test_page_is_served_without_a_key_and_loads_nothing_from_elsewhere(official_dir):
+    """No browser needed: /, its script and style come from the app (also behind --api-key, which guards /v1 only),
+    every URL the page names is relative, and the API still needs the key."""
+    import re
+
+    with _server(official_dir, api_key=KEY) as (url, _):
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sorted(refs) == ["static/app.js", "static/style.css"]
+        for ref in refs:
+            asset = httpx.get(f"{url}/{ref}")
+            assert asset.status_code == 200 and asset.text
+            assert not re.search(r"https?://|//[a-z]", asset.text.replace("// ", "")), ref  # no outside URL
+        assert httpx.get(url + "/static/missing.js").json()["error"]["message"].startswith("Not Found")
+        assert httpx.post(url + "/v1/chat/completions", json={"messages": chat("hi")}).status_code == 401
