@@ -18,6 +18,7 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto
 img{image-rendering:pixelated;max-width:100%;border:1px solid #ccc}
 .answer{font-size:1.1rem;line-height:1.8;white-space:pre-wrap}
 .kept{background:#d4f5d4}.dropped{background:#f8d0d0;text-decoration:line-through}.undecided{background:#eee}
+.answer span:empty::before{content:"\\00b7";opacity:.5}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .6rem;text-align:left}"""
 
 
@@ -45,7 +46,8 @@ def answer_html(expl: Explanation, prompt: str, stats: dict, image_file: str | N
                                              f"({expl.image_grid[0]}x{expl.image_grid[1]} patches)"))
     if expl.kv_bytes is not None:
         rows.append(("KV bytes held vs dense", f"{expl.kv_bytes} / {expl.kv_bytes_dense}"))
-    rows += [(k, v) for k, v in stats.items() if v is not None and k not in ("kv_bytes", "kv_bytes_dense")]
+    rows += [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in stats.items()
+             if v is not None and k not in ("kv_bytes", "kv_bytes_dense")]
     table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     image = (f'<figure><img id="overlay" src="{html.escape(image_file)}" alt="kept image patches (dropped ones '
              f'dimmed)"><figcaption>the image as the model saw it; dimmed patches were dropped by the image '
