@@ -8,9 +8,22 @@ PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all lint clean
+.PHONY: setup browser demo test test-slow test-all lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The chat page's test (tests/test_chat_page.py) drives the system's Chromium through its chromedriver. Installed
+# here when missing and possible (root with apt-get, e.g. Debian's chromium + chromium-driver); a no-op when both
+# are there; otherwise the test is skipped and says why.
+browser:
+	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || \
+	      command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; }; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver for the browser test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      >/dev/null; } || echo "could not install chromium: the browser test will be skipped"; \
+	else echo "no chromium/chromedriver, and no root apt-get to install them: the browser test will be skipped"; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

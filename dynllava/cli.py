@@ -269,16 +269,28 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, help="Penalty for tokens already seen (1 = off)."),
     seed: int | None = typer.Option(None, help="Seed per request, for reproducible sampling."),
     kv_cache_mb: int | None = typer.Option(None, min=1, help="KV cache budget in MiB (default 1024)."),
+    explain_dir: Path | None = typer.Option(None, "--explain", metavar="DIR", help="Show what the predictors kept: "
+                                            "the answer's tokens coloured (green: kept in the sparse layers' KV "
+                                            "cache, red: dropped) and, per request in DIR, request-I.png (the image "
+                                            "as the model saw it, dropped patches dimmed), request-I.html (the "
+                                            "answer token by token, the stats) and request-I.json."),
     ort_threads: int | None = ORT_THREADS,
     ort_spinning: bool = ORT_SPINNING,
 ) -> None:
     """Generate answers and print each with a one-line summary of what sparsification saved. Requests run through
-    the engine (continuous batching, sparse KV cache); --no-kv-cache re-runs whole sequences instead."""
+    the engine (continuous batching, sparse KV cache); --no-kv-cache re-runs whole sequences instead. --explain DIR
+    shows which image patches and generated tokens the predictors kept."""
     from dynllava.runtime.loading import open_model
     from dynllava.runtime.sampling import SamplingParams
 
     requests = _read_requests(prompt, image, batch)
     _check_predictors(model, predictors)
+    if explain_dir is not None:
+        if no_kv_cache:
+            raise InputError("--explain needs the KV-cache engine (it reports the keep decisions)",
+                             hint="drop --no-kv-cache")
+        if explain_dir.exists() and not explain_dir.is_dir():
+            raise InputError(f"--explain {explain_dir} exists and is not a directory")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
     with console.status("loading the model"):
@@ -295,17 +307,44 @@ def generate(
                         kv_cache_bytes=kv_cache_mb * 2**20 if kv_cache_mb else None)
         outputs = engine.generate([Request(prompt=r["prompt"], image=r["image"]) for r in requests], params,
                                   progress=not as_json and err_console.is_terminal)
+    explanations = _write_explanations(explain_dir, opened, requests, outputs) if explain_dir else None
     for i, (req, out) in enumerate(zip(requests, outputs)):
         stats = out.stats.to_dict()
         if as_json:
             print(json.dumps({"index": i, "prompt": req["prompt"], "image": req["image"], "backend": opened.backend,
                               "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
-                              "text": out.text.strip(), "finish_reason": out.finish_reason, "stats": stats}))
+                              "text": out.text.strip(), "finish_reason": out.finish_reason, "stats": stats,
+                              **({"explain": explanations[i].to_dict()} if explanations else {})}))
         else:
             if len(requests) > 1:
                 console.rule(f"request {i}", style="dim")
-            console.print(printable(out.text.strip()), highlight=False, markup=False)
+            if explanations:
+                from dynllava.explain_report import answer_text
+
+                console.print(answer_text(explanations[i], printable), highlight=False)
+            else:
+                console.print(printable(out.text.strip()), highlight=False, markup=False)
             console.print(f"[dim]{summary_line(stats)}[/]", highlight=False, soft_wrap=True)
+    if explanations:
+        console.print(f"[dim]kept patches and tokens written to {escape(str(explain_dir))}/request-*.html[/]",
+                      highlight=False, soft_wrap=True)
+
+
+def _write_explanations(out_dir: Path, opened, requests: list[dict], outputs: list) -> list:
+    """Per request: the overlay PNG, the HTML answer and the JSON in out_dir (dynllava/explain_report.py)."""
+    from dynllava.explain import explain
+    from dynllava.explain_report import write_explanation
+    from dynllava.runtime.processor import load_image
+
+    explanations = []
+    for i, (req, out) in enumerate(zip(requests, outputs)):
+        image = load_image(req["image"]) if req["image"] is not None else None
+        expl = explain(out, opened.tokenizer, image.size if image else None, opened.image_processor,
+                       opened.image_aspect_ratio)
+        write_explanation(out_dir, i, expl, req["prompt"], out.stats.to_dict(), image, opened.image_processor,
+                          opened.image_aspect_ratio)
+        explanations.append(expl)
+    return explanations
 
 
 def _generate_without_cache(opened, requests: list[dict], params) -> list:
@@ -557,7 +596,9 @@ def serve(
     ort_spinning: bool = ORT_SPINNING,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
-    /v1/models, /health, /metrics) with continuous batching in the background."""
+    /v1/models, /health, /metrics) with continuous batching in the background, and a chat page at / that shows
+    which image patches and answer tokens the predictors kept (requests may ask for the same data with
+    "dynllava": {"explain": true})."""
     from dynllava.runtime.engine import Engine
     from dynllava.serve.openai import ServerConfig, build_app
     from dynllava.serve.server import run
@@ -576,7 +617,7 @@ def serve(
                        allowed_media_dir=allowed_media_dir, max_tokens_limit=max_tokens_limit,
                        default_max_tokens=min(default_max_tokens, max_tokens_limit), max_waiting=max_waiting)
     console.print(f"serving [bold]{model}[/] as [bold]{cfg.model_name}[/] on http://{host}:{port}/v1 "
-                  "(OpenAI-compatible; metrics at /metrics)")
+                  f"(OpenAI-compatible; metrics at /metrics; chat page at http://{host}:{port}/)")
     run(build_app(engine, cfg), host, port, drain_timeout)
 
 

@@ -1,5 +1,10 @@
 """OpenAI-compatible HTTP API over the Engine: /v1/chat/completions (with image_url parts, streaming as SSE),
-/v1/completions, /v1/models, /v1/models/{id}, /health, /metrics.
+/v1/completions, /v1/models, /v1/models/{id}, /health, /metrics, and the chat page at / (serve/page.py).
+
+One extension, only when a request asks for it with `"dynllava": {"explain": true}`: each choice (its last SSE
+chunk when streaming) carries a `dynllava` object with what the predictors kept (dynllava/explain.py:
+`Explanation.to_dict`): kept image token indices and the grid, per-token kept flags, KV bytes held vs dense.
+Without the field the answers are exactly OpenAI's shape.
 
 Every error, on every route and status, is OpenAI's error JSON (`{"error": {"message", "type", "param", "code"}}`),
 never a Python traceback. Fields this server does not implement are refused with a 400 that names them (or accepted
@@ -31,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from dynllava.errors import DynLlavaError
+from dynllava.explain import explain
 from dynllava.runtime.engine import Engine
 from dynllava.runtime.processor import MAX_ASPECT_RATIO
 from dynllava.runtime.sampling import SamplingParams
@@ -38,6 +44,7 @@ from dynllava.runtime.sequence import Request, RequestOutput
 from dynllava.serve.bridge import Delta, EngineLoop, RequestError, TokenLogprob
 from dynllava.serve.media import MediaError, load_image_url
 from dynllava.serve.metrics import Metrics
+from dynllava.serve.page import add_chat_page
 
 log = logging.getLogger("dynllava.serve")
 
@@ -86,7 +93,8 @@ def _error_event(status: int, message: str) -> str:
 # ---------------------------------------------------------------------- request parsing
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
            "logprobs", "frequency_penalty", "presence_penalty", "logit_bias",
-           "top_k", "repetition_penalty", "ignore_eos"}  # the last three: vLLM's extras
+           "top_k", "repetition_penalty", "ignore_eos",  # vLLM's extras
+           "dynllava"}  # ours: {"explain": true}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                          "tool_choice", "parallel_tool_calls", "functions", "function_call"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
@@ -127,6 +135,8 @@ class Job:
     logprobs: bool
     image_url: str | None = None
     texts: list[str] = field(default_factory=list)
+    explain: bool = False  # "dynllava": {"explain": true}: each choice carries a `dynllava` object
+    image_size: tuple[int, int] | None = None  # the decoded image's (width, height)
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -256,8 +266,20 @@ def _prompts(body: dict, cfg: ServerConfig) -> list[str]:
     return [_utf8(p, "prompt") for p in prompts]
 
 
+def _extension(body: dict) -> bool:
+    """The `dynllava` request object: {"explain": true|false}; returns explain."""
+    ext = body.get("dynllava")
+    if ext is None:
+        return False
+    if not isinstance(ext, dict) or set(ext) - {"explain"} or type(ext.get("explain")) not in (type(None), bool):
+        raise APIError(400, f"dynllava must be an object like {{\"explain\": true}}, got {json.dumps(ext)[:80]}",
+                       "dynllava")
+    return bool(ext.get("explain"))
+
+
 def parse_job(body: dict, cfg: ServerConfig, chat: bool) -> Job:
     _check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    explain = _extension(body)
     model = body.get("model")
     if model is not None and model != cfg.model_name:
         raise APIError(404, f"The model {model!r} does not exist; this server serves {cfg.model_name!r}", "model",
@@ -300,7 +322,7 @@ def parse_job(body: dict, cfg: ServerConfig, chat: bool) -> Job:
             requests.append(Request(prompt=None if chat else texts[p], messages=messages, params=choice_params,
                                     request_id=rid if n * prompts == 1 else f"{rid}-{choice}"))
     return Job(rid, chat, requests, prompts, bool(stream), bool(options and options.get("include_usage")),
-               params.logprobs is not None, image, texts)
+               params.logprobs is not None, image, texts, explain)
 
 
 # ---------------------------------------------------------------------- answers
@@ -438,6 +460,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                            headers={"Retry-After": "1"})
         if job.image_url is not None:
             image = await _image(job.image_url)
+            job.image_size = image.size
             for r in job.requests:
                 r.image = image
         out: asyncio.Queue = asyncio.Queue()
@@ -479,6 +502,10 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             seen.add(delta.index)
         return buffered
 
+    def _explained(job: Job, output: RequestOutput) -> dict:
+        return explain(output, engine.tokenizer, job.image_size, engine.image_processor,
+                       engine.image_aspect_ratio).to_dict()
+
     async def _collect(job: Job, out: asyncio.Queue) -> dict:
         count = len(job.requests)
         outputs: dict[int, RequestOutput] = {}
@@ -502,6 +529,8 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                 choices.append({"index": i, "text": o.text,
                                 "logprobs": _completion_logprobs(logprobs[i]) if job.logprobs else None,
                                 "finish_reason": _reason(o)})
+            if job.explain:
+                choices[-1]["dynllava"] = _explained(job, o)
         n = count // job.prompts
         return {"id": job.rid, "object": "chat.completion" if job.chat else "text_completion",
                 "created": int(time.time()), "model": cfg.model_name, "choices": choices,
@@ -548,7 +577,10 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                     yield chunk([choice(delta.index, delta.text, None, delta.logprob)])
                 if delta.output is not None:
                     outputs[delta.index] = delta.output
-                    yield chunk([choice(delta.index, None, _reason(delta.output))])
+                    last = choice(delta.index, None, _reason(delta.output))
+                    if job.explain:
+                        last["dynllava"] = _explained(job, delta.output)
+                    yield chunk([last])
             if job.include_usage:
                 yield chunk([], usage=_usage([outputs[i] for i in range(count)], count // job.prompts))
             yield "data: [DONE]\n\n"
@@ -590,6 +622,8 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    add_chat_page(app)
 
     return app
 
