@@ -32,7 +32,7 @@ from dynllava.errors import ConfigError, DynLlavaError
 from dynllava.export.manifest import Manifest
 
 MODES = ("int8", "int4")
-INT8_METHODS = ("dynamic", "static")
+INT8_METHODS = ("dynamic", "static", "nbits")
 QUANTIZED_GRAPHS = ("prefill", "decode", "nocache")  # the vision graph stays fp32
 # language-model linear layers: built graphs (export/ort_graphs.py) name their weights, traced graphs name their
 # nodes after the module path (`/layers.3/self_attn/q_proj/MatMul`, flattened by the exporter to `/q_proj_3/MatMul`)
@@ -61,10 +61,10 @@ class QuantizeConfig:
             if self.method not in (None, "rtn"):
                 raise ConfigError(f"int4 is weight-only round-to-nearest; --method {self.method} is for int8")
             self.method = "rtn"
-            if self.block_size < 16 or self.block_size & (self.block_size - 1):
-                raise ConfigError(f"--block-size must be a power of two >= 16, got {self.block_size}")
-            if self.accuracy_level not in (0, 1, 2, 3, 4):
-                raise ConfigError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
         if self.calib_steps < 1:
             raise ConfigError(f"--calib-steps must be >= 1, got {self.calib_steps}")
 
@@ -77,6 +77,23 @@ class GraphReport:
     ops: dict[str, int] = field(default_factory=dict)  # quantized op types in the result, counted
     bytes_before: int = 0
     bytes_after: int = 0
+
+    @property
+    def ops_summary(self) -> str:
+        """The op that does the quantized product (MatMulNBits, MatMulInteger or QDQ)."""
+        for op in ("MatMulNBits", "MatMulInteger"):
+            if op in self.ops:
+                return op
+        return "QDQ" if "DequantizeLinear" in self.ops else "-"
+
+
+_FORMATS = {"rtn": "MatMulNBits ({bits}-bit weights, blocks)", "nbits": "MatMulNBits ({bits}-bit weights, blocks)",
+            "dynamic": "MatMulInteger (per-channel int8 weights, activations quantized per call)",
+            "static": "QDQ (per-channel int8 weights, calibrated activations{symmetric})"}
+
+
+def _nbits(cfg: QuantizeConfig) -> bool:
+    return cfg.mode == "int4" or cfg.method == "nbits"
 
 
 def _is_language_linear(node: onnx.NodeProto, inits: set[str]) -> bool:
@@ -140,11 +157,12 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
     # ONNX's shape inference cannot type the outputs of ONNX Runtime's contrib ops (GroupQueryAttention,
     # SkipSimplifiedLayerNormalization) the built graphs use: every untyped tensor there is float
     common = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
-    if cfg.mode == "int4":
+    if _nbits(cfg):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, is_symmetric=True,
-                                         accuracy_level=cfg.accuracy_level or None, nodes_to_exclude=others,
+        quantizer = MatMulNBitsQuantizer(model, bits=4 if cfg.mode == "int4" else 8, block_size=cfg.block_size,
+                                         is_symmetric=True, accuracy_level=cfg.accuracy_level or None,
+                                         nodes_to_exclude=others,
                                          op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QOperator)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
@@ -214,11 +232,9 @@ def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list
         if on_graph:
             on_graph(reports[name])
     manifest.quantization = {
-        "mode": cfg.mode, "method": cfg.method, **({"block_size": cfg.block_size, "accuracy_level":
-                                                     cfg.accuracy_level} if cfg.mode == "int4" else {}),
-        "format": {"int4": "MatMulNBits (weight-only)", "dynamic": "MatMulInteger (dynamic activations)",
-                   "static": "QDQ (calibrated activations" + (", symmetric" if manifest.target == "tensorrt" else "")
-                             + ")"}[cfg.method if cfg.mode == "int8" else "int4"],
+        "mode": cfg.mode, "method": cfg.method, "format": _FORMATS[cfg.method].format(
+            bits=4 if cfg.mode == "int4" else 8, symmetric=", symmetric" if manifest.target == "tensorrt" else ""),
+        **({"block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level} if _nbits(cfg) else {}),
         "graphs": {name: asdict(r) for name, r in reports.items()},
         "fp32": "vision graph, image and output-text predictors, norms, embeddings, rotary caches",
         "source": str(src.resolve()), "onnxruntime": onnxruntime.__version__,
