@@ -732,7 +732,9 @@ def bench(
                                     "vs sparse), decode (decode tok/s, dense vs sparse), kv (KV bytes while "
                                     "generating), capacity (sequences per KV budget), peers (ONNX Runtime GenAI and "
                                     "transformers on the same weights and image prompt: TTFT at batch 1, decode at "
-                                    "batch 1 and 8, 256 new tokens). E.g. --only peers for the headline ratios "
+                                    "batch 1 and 8, 256 new tokens), quantized (the sparse export against its int8 "
+                                    "and int4 exports from `dynllava quantize`: size on disk, TTFT, decode tok/s at "
+                                    "batch 1 and 8; ONNX Runtime only). E.g. --only peers for the headline ratios "
                                     "(a few minutes on the 7B-shaped preset). Default: all."),
     kv_capacity: bool = typer.Option(False, "--kv-capacity", help="Also time decode steps at KV capacities 512 and "
                                      "4096 (the same live length must cost the same)."),
@@ -763,7 +765,14 @@ def bench(
         checkpoint = Path(model)
     work = out / "work" / _bench_key(checkpoint)
     engines = _bench_engines(checkpoint, backend, work)
-    results = suite.run(checkpoint, engines, cfg, work, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    log = lambda msg: console.print(f"[dim]{msg}[/]")  # noqa: E731
+    quantized = None
+    if "quantized" in cfg.workloads and backend == "onnxruntime":
+        from dynllava.bench.quantized import quantized_exports
+
+        quantized = quantized_exports(_bench_export(checkpoint, work / "exports" / "sparse", None),
+                                      work / "exports", log)
+    results = suite.run(checkpoint, engines, cfg, work, log=log, quantized_exports=quantized)
     results.update(model_path=str(checkpoint), backend=backend)
     if kv_capacity:
         from dynllava.bench.decode import decode_suite

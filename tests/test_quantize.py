@@ -247,3 +247,24 @@ def test_quantizing_a_quantized_or_missing_export_is_a_clear_error(int8_dir, tmp
     result = CliRunner().invoke(app, ["quantize", str(tmp_path / "nowhere"), "-o", str(tmp_path / "q"),
                                       "--mode", "int8"])
     assert result.exit_code == 1 and "not a dynllava export directory" in result.stderr
+
+
+def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--quick", "--out", str(out), "--only",
+                                      "quantized"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["workloads"] == ["quantized"] and "decode" not in data and "peers" not in data
+    rows = data["quantized"]["rows"]
+    assert list(rows) == ["fp32", "int8", "int4"]
+    assert rows["int4"]["graph_bytes"] < rows["int8"]["graph_bytes"] < rows["fp32"]["graph_bytes"]
+    assert rows["int8"]["quantization"]["mode"] == "int8" and rows["fp32"]["quantization"] is None
+    for row in rows.values():
+        assert row["size_vs_fp32"] == row["graph_bytes"] / rows["fp32"]["graph_bytes"]
+        assert row["ttft_speedup"] == rows["fp32"]["ttft_s"] / row["ttft_s"]
+        for b in ("1", "4"):
+            assert row["decode_tok_s"][b] > 0
+            assert row["decode_speedup"][b] == row["decode_tok_s"][b] / rows["fp32"]["decode_tok_s"][b]
+    md = (out / "results.md").read_text()
+    assert "| int4 |" in md and "Quantized exports" in md

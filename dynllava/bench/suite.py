@@ -31,7 +31,7 @@ DENSE = {"use_vision_predictor": False, "use_output_text_predictor": False}
 PROMPT = "Describe this picture in detail."
 
 
-WORKLOADS = ("ttft", "decode", "kv", "capacity", "peers")
+WORKLOADS = ("ttft", "decode", "kv", "capacity", "peers", "quantized")
 
 
 @dataclass
@@ -290,8 +290,9 @@ def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: Benc
 
 # ---------------------------------------------------------------------- the run
 def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, out: Path,
-        log: Callable[[str], None] = print) -> dict:
-    """engines: {"dense": factory, "sparse": factory} for the backend under test."""
+        log: Callable[[str], None] = print, quantized_exports: dict[str, Path] | None = None) -> dict:
+    """engines: {"dense": factory, "sparse": factory} for the backend under test; quantized_exports: {"fp32",
+    "int8", "int4"} export directories for the quantized workload (ONNX Runtime only)."""
     results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
                      "quick": cfg.quick, "workloads": list(cfg.workloads), "versions": versions(),
@@ -356,6 +357,17 @@ def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchC
         results["peers"] = peers(checkpoint, engines, cfg, out, log)
         lap("peers")
 
+    if "quantized" in cfg.workloads:
+        if quantized_exports:
+            from dynllava.bench import quantized
+
+            log("quantized exports against fp32")
+            results["quantized"] = quantized.run(quantized_exports, cfg.peer_batches, cfg.peer_answer, cfg.repeats,
+                                                 log)
+        else:
+            results["quantized"] = {"skipped": "quantized exports run on ONNX Runtime (--backend onnxruntime)"}
+        lap("quantized")
+
     report = cost_report(shape, prompt_text_tokens=64, answer_tokens=answer)
     results["flops_vs_time"] = {
         "predicted_prefill_flops_ratio": report.prefill_tflops_sparse / report.prefill_tflops_dense,
@@ -411,6 +423,11 @@ def markdown(r: dict) -> str:
                   f"measured TTFT sparse/dense = {fv['measured_ttft_ratio_median']:.2f}."]
     if "peers" in r:
         lines += ["", *peers_markdown(r["peers"])]
+    if "quantized" in r:
+        from dynllava.bench import quantized
+
+        q = r["quantized"]
+        lines += ["", *([f"Quantized exports: skipped, {q['skipped']}"] if "skipped" in q else quantized.markdown(q))]
     if r.get("workload_seconds"):
         lines += ["", "Wall time per workload (s): " + ", ".join(f"{k} {v}" for k, v in r["workload_seconds"].items())]
     return "\n".join(lines) + "\n"
