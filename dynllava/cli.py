@@ -447,13 +447,15 @@ def _report_checks(checks: list, title: str) -> None:
 def quantize(
     export_dir: Path = typer.Argument(..., help="An fp32 export directory (from `dynllava export`)."),
     out: Path = typer.Option(..., "-o", "--out", help="Quantized export directory to write."),
-    mode: str = typer.Option(..., help="int8 (weights and activations of the language model's linear layers) or "
-                             "int4 (weight-only MatMulNBits)."),
+    mode: str = typer.Option(..., help="int8 (weights and activations of the language model's linear layers), "
+                             "int4 (weight-only MatMulNBits, ONNX Runtime) or fp8 (Q/DQ for TensorRT on Hopper / Ada "
+                             "through NVIDIA ModelOpt: the optional `modelopt` extra, --target tensorrt exports; not "
+                             "validated on ONNX Runtime, which runs no fp8 MatMul)."),
     method: str | None = typer.Option(None, help="int8 only: dynamic (default; activations quantized per call, "
                                       "MatMulInteger: the fastest measured on the CPU), static (QDQ with activation "
                                       "ranges calibrated on --calib-data; the form TensorRT reads, symmetric on a "
                                       "--target tensorrt export) or nbits (8-bit MatMulNBits, weight-only)."),
-    calib_data: Path | None = typer.Option(None, help="Calibration requests for --method static: a JSONL file of "
+    calib_data: Path | None = typer.Option(None, help="Calibration requests for --method static and fp8: a JSONL of "
                                            "{\"prompt\": ..., \"image\": path|null} (as `generate --batch`). "
                                            "Default: 8 built-in requests, half with an image."),
     calib_steps: int = typer.Option(8, min=1, help="Decode steps recorded per calibration batch (static)."),
@@ -480,18 +482,22 @@ def quantize(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dynllava.calib.feeds import builtin_requests, prepare
-    from dynllava.calib.quantize import QUANTIZED_GRAPHS, QuantizeConfig, quantize_export
+    from dynllava.calib.quantize import QUANTIZED_GRAPHS, QuantizeConfig, check_source, quantize_export
     from dynllava.export.manifest import Manifest
     from dynllava.runtime.loading import open_model
 
     cfg = QuantizeConfig(mode, method, block_size, accuracy_level, calib_steps)
-    Manifest.read(export_dir)  # a clear error for a directory that is not an export, before any work
+    check_source(Manifest.read(export_dir), export_dir, cfg)  # clear errors before any work
     _check_empty(out, force)
     opened = open_model(export_dir, "onnxruntime")
     calibration = None
-    if cfg.method == "static":
+    if cfg.calibrated:
         calibration = prepare(opened, _read_requests(None, None, calib_data) if calib_data
                               else builtin_requests("calibration"))
+    if cfg.mode == "fp8" and not no_validate:
+        console.print("[yellow]fp8: no validation on ONNX Runtime (no fp8 MatMul on the CPU); `dynllava "
+                      "build-engine` validates the engines built from it[/]")
+        no_validate = True
     held_out = None if no_validate else prepare(opened, _read_requests(None, None, eval_data) if eval_data
                                                 else builtin_requests("validation"))
     existed = out.exists()
@@ -529,8 +535,8 @@ def quantize(
             _remove_contents(out)
             if not existed:
                 out.rmdir()
-            err_console.print(f"[dim]removed the quantized export in {out} (keep it with --no-validate)[/]",
-                              highlight=False)
+            err_console.print(f"[dim]removed the quantized export in {out} (incomplete, or failed validation: "
+                              "--no-validate keeps it)[/]", highlight=False)
         raise
 
 

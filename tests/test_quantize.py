@@ -268,3 +268,21 @@ def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
             assert row["decode_speedup"][b] == row["decode_tok_s"][b] / rows["fp32"]["decode_tok_s"][b]
     md = (out / "results.md").read_text()
     assert "| int4 |" in md and "Quantized exports" in md
+
+
+def test_build_engine_reads_qdq_exports_strongly_typed_and_refuses_onnxruntime_forms(int4_dir, tmp_path):
+    from dynllava.engine.builder import network_mode, quantized_qdq
+
+    # strongly typed (TensorRT 11, or 10 at the export's precision): Q/DQ needs no precision flag
+    assert network_mode(11, "fp32", "fp32", "int8") == (True, [])
+    assert network_mode(10, "fp32", "fp32", "int8") == (True, [])
+    # weakly typed TensorRT 10 (fp32 export at fp16): the Q/DQ type's flag beside the precision's
+    assert network_mode(10, "fp32", "fp16", "int8") == (False, ["FP16", "INT8"])
+    assert network_mode(10, "fp32", "fp16", "fp8") == (False, ["FP16", "FP8"])
+    static = Manifest.read(int4_dir)
+    static.quantization = {"mode": "int8", "method": "static"}
+    assert quantized_qdq(static, tmp_path) == "int8"
+    with pytest.raises(ConfigError, match="runs on ONNX Runtime only"):
+        quantized_qdq(Manifest.read(int4_dir), int4_dir)
+    result = CliRunner().invoke(app, ["build-engine", str(int4_dir), "-o", str(tmp_path / "engine")])
+    assert result.exit_code == 1 and "TensorRT builds from the portable graphs" in result.stderr

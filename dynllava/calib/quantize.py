@@ -10,6 +10,8 @@ and outputs are unchanged, so `dynllava.json` keeps its graph specs and gains a 
 * int8 ("static"): `quantize_static` in QDQ format, activation ranges calibrated (MinMax) on our own prefill /
   decode / nocache feeds (calib/feeds.py). On a target-tensorrt export the activations are symmetric int8 (zero
   point 0), the form TensorRT's explicit quantization reads (`dynllava build-engine`, docs in the README).
+* fp8 (target tensorrt only): NVIDIA ModelOpt's ONNX quantizer (calib/modelopt_fp8.py, the optional `modelopt`
+  extra; written against its documented API and NOT run here: no GPU, no ModelOpt on this machine).
 * int4: `MatMulNBitsQuantizer` (weight-only, blocks of `block_size` along the input dimension, symmetric), one
   MatMulNBits node per linear layer; `accuracy_level` is MatMulNBits' compute type (4 = int8 activations).
 
@@ -31,7 +33,7 @@ import onnx
 from dynllava.errors import ConfigError, DynLlavaError
 from dynllava.export.manifest import Manifest
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "fp8")
 INT8_METHODS = ("dynamic", "static", "nbits")
 QUANTIZED_GRAPHS = ("prefill", "decode", "nocache")  # the vision graph stays fp32
 # language-model linear layers: built graphs (export/ort_graphs.py) name their weights, traced graphs name their
@@ -48,7 +50,12 @@ class QuantizeConfig:
     method: str | None = None  # int8: dynamic | static (default: dynamic); int4: rtn
     block_size: int = 32  # int4: input channels per scale
     accuracy_level: int = 4  # int4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
-    calib_steps: int = 8  # static: decode steps recorded per calibration batch
+    calib_steps: int = 8  # static / fp8: decode steps recorded per calibration batch
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether activation ranges are calibrated on samples (int8 static, fp8)."""
+        return self.method in ("static", "modelopt")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -57,6 +64,10 @@ class QuantizeConfig:
             self.method = self.method or "dynamic"
             if self.method not in INT8_METHODS:
                 raise ConfigError(f"unknown int8 method {self.method!r}; choose one of {', '.join(INT8_METHODS)}")
+        elif self.mode == "fp8":
+            if self.method not in (None, "modelopt"):
+                raise ConfigError(f"fp8 goes through NVIDIA ModelOpt; --method {self.method} is for int8")
+            self.method = "modelopt"
         else:
             if self.method not in (None, "rtn"):
                 raise ConfigError(f"int4 is weight-only round-to-nearest; --method {self.method} is for int8")
@@ -89,7 +100,8 @@ class GraphReport:
 
 _FORMATS = {"rtn": "MatMulNBits ({bits}-bit weights, blocks)", "nbits": "MatMulNBits ({bits}-bit weights, blocks)",
             "dynamic": "MatMulInteger (per-channel int8 weights, activations quantized per call)",
-            "static": "QDQ (per-channel int8 weights, calibrated activations{symmetric})"}
+            "static": "QDQ (per-channel int8 weights, calibrated activations{symmetric})",
+            "modelopt": "QDQ fp8 E4M3 (NVIDIA ModelOpt, max-calibrated activations)"}
 
 
 def _nbits(cfg: QuantizeConfig) -> bool:
@@ -144,7 +156,7 @@ def _quiet_quantizer_logs() -> None:
 
 def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
                    reader_factory: Callable[[], object] | None = None) -> GraphReport:
-    """Quantize one graph file. reader_factory: a CalibrationDataReader for this graph (int8 static only)."""
+    """Quantize one graph file. reader_factory: a CalibrationDataReader for this graph (int8 static, fp8)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     _quiet_quantizer_logs()
@@ -166,12 +178,14 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
                                          op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QOperator)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
+    elif cfg.mode == "fp8":
+        from dynllava.calib.modelopt_fp8 import quantize_fp8
+
+        quantize_fp8(src, dst, reader_factory(), lm, others, external)
     elif cfg.method == "dynamic":
         quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=lm, per_channel=True,
                          weight_type=QuantType.QInt8, use_external_data_format=external, extra_options=common)
     else:
-        if reader_factory is None:
-            raise DynLlavaError("static int8 quantization needs calibration data")
         tensorrt = target == "tensorrt"  # TensorRT reads symmetric int8 Q/DQ pairs (zero point 0)
         typed_path = dst.with_name(dst.stem + ".typed.onnx")
         onnx.save(typed(model), str(typed_path), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -204,6 +218,24 @@ def _copy_unquantized(src: Path, out: Path, manifest: Manifest) -> None:
                     shutil.copy2(path, out / path.name)
 
 
+def check_source(manifest: Manifest, src: Path, cfg: QuantizeConfig) -> None:
+    """Refuse what cannot be quantized with cfg before any work: a quantized or fp16 export, fp8 of a graph TensorRT
+    does not build, fp8 without ModelOpt."""
+    if manifest.quantization:
+        raise ConfigError(f"{src} is already quantized ({manifest.quantization.get('mode')})",
+                          hint="quantize the fp32 export it was made from")
+    if manifest.dtype != "fp32":
+        raise ConfigError(f"{src} is a {manifest.dtype} export; quantization starts from an fp32 export",
+                          hint="export with --dtype fp32 (the default)")
+    if cfg.mode == "fp8":
+        if manifest.target != "tensorrt":
+            raise ConfigError("fp8 Q/DQ graphs are for TensorRT; quantize a --target tensorrt export",
+                              hint="dynllava export MODEL -o OUT --target tensorrt")
+        from dynllava.calib.modelopt_fp8 import require_modelopt_quantize
+
+        require_modelopt_quantize()
+
+
 def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list | None = None,
                     on_graph: Callable[[GraphReport], None] | None = None) -> Manifest:
     """Write OUT: the export in SRC with its language model quantized (cfg), tokenizer / processor / vision graph
@@ -212,21 +244,16 @@ def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list
 
     src, out = Path(src), Path(out)
     manifest = Manifest.read(src)
-    if manifest.quantization:
-        raise ConfigError(f"{src} is already quantized ({manifest.quantization.get('mode')})",
-                          hint="quantize the fp32 export it was made from")
-    if manifest.dtype != "fp32":
-        raise ConfigError(f"{src} is a {manifest.dtype} export; quantization starts from an fp32 export",
-                          hint="export with --dtype fp32 (the default)")
-    if cfg.mode == "int8" and cfg.method == "static" and not calibration:
-        raise ConfigError("static int8 needs calibration samples")
+    check_source(manifest, src, cfg)
+    if cfg.calibrated and not calibration:
+        raise ConfigError(f"{cfg.mode} ({cfg.method}) needs calibration samples")
     out.mkdir(parents=True, exist_ok=True)
     _copy_unquantized(src, out, manifest)
     reports = {}
     for name in QUANTIZED_GRAPHS:
         spec = manifest.graphs[name]
         factory = None
-        if cfg.method == "static":
+        if cfg.calibrated:
             factory = lambda graph=name: FeedsReader(src, calibration, graph, cfg.calib_steps)  # noqa: E731
         reports[name] = quantize_graph(src / spec.file, out / spec.file, cfg, manifest.target, factory)
         if on_graph:
