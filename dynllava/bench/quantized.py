@@ -39,8 +39,12 @@ def quantized_exports(fp32_dir: Path, work: Path, log: Callable[[str], None] = p
 
 def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats: int,
         log: Callable[[str], None] = print) -> dict:
+    import os
+
     from dynllava.bench.suite import _requests, generate_timed
     from dynllava.runtime.engine import Engine
+
+    load_before = os.getloadavg()[0]
 
     engines = {name: Engine.from_path(path, "onnxruntime") for name, path in exports.items()}
     samples: dict[str, dict] = {name: {"ttft": [], **{b: [] for b in batches}} for name in exports}
@@ -66,7 +70,9 @@ def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats
         row["size_vs_fp32"] = row["graph_bytes"] / base["graph_bytes"]
         row["ttft_speedup"] = base["ttft_s"] / row["ttft_s"]
         row["decode_speedup"] = {b: row["decode_tok_s"][b] / base["decode_tok_s"][b] for b in batches}
-    return {"answer_tokens": answer, "repeats": repeats, "batches": list(batches), "rows": rows}
+    return {"answer_tokens": answer, "repeats": repeats, "batches": list(batches), "rows": rows,
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "cpus": os.cpu_count()}
 
 
 def markdown(q: dict) -> list[str]:
@@ -74,7 +80,9 @@ def markdown(q: dict) -> list[str]:
     head = " | ".join(f"decode tok/s b{b} (x fp32)" for b in batches)
     lines = [f"Quantized exports (`dynllava quantize`, defaults: int8 dynamic, int4 MatMulNBits block 32 accuracy "
              f"level 4) against the sparse fp32 export, {q['answer_tokens']} new tokens, medians of {q['repeats']} "
-             "alternating repeats. Size: the prefill + decode + nocache graphs.", "",
+             f"alternating repeats; load average {q['load_average_1min'][0]} -> {q['load_average_1min'][1]} on "
+             f"{q['cpus']} CPUs (other load makes small ratios unreliable). Size: the prefill + decode + nocache "
+             "graphs.", "",
              f"| export | size MiB (x fp32) | TTFT b1 s (x fp32) | {head} |",
              "|---|---|---|" + "---|" * len(batches)]
     for name, row in q["rows"].items():
