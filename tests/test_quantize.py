@@ -266,6 +266,8 @@ def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
         for b in ("1", "4"):
             assert row["decode_tok_s"][b] > 0
             assert row["decode_speedup"][b] == row["decode_tok_s"][b] / rows["fp32"]["decode_tok_s"][b]
+            cpu = row["decode_tok_per_cpu_s"][b]
+            assert cpu > 0 and row["decode_cpu_speedup"][b] == cpu / rows["fp32"]["decode_tok_per_cpu_s"][b]
     md = (out / "results.md").read_text()
     assert "| int4 |" in md and "Quantized exports" in md
 

@@ -93,24 +93,28 @@ def ttft(make: Callable[[], Engine] | Engine, batch: int, repeats: int) -> float
 class DecodeRun:
     tok_s: float  # tokens generated after every request's first token / wall-clock time of those steps
     token_ids: list[list[int]]
+    cpu_tok_s: float = float("nan")  # the same tokens / this process's CPU time over those steps (less sensitive to
+    # other load on the machine than wall-clock; ONNX Runtime's threads do not spin by default)
 
 
 def generate_timed(engine: Engine, requests: list[Request]) -> DecodeRun:
     """Run `requests` (arriving together) on an idle engine, timing the steps after every request has its first
     token: what a caller of `Engine.step` waits for per token (graph, sampling, detokenization, bookkeeping)."""
     ids = [engine.add_request(r) for r in requests]
-    started, first, start, tokens = set(ids), set(), None, 0
+    started, first, start, cpu_start, tokens = set(ids), set(), None, 0.0, 0
     while engine.has_unfinished():
         events = engine.step()
         if start is None:
             first.update(seq.request_id for seq, _ in events)
             if first >= started:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
         else:
             tokens += len(events)
     elapsed = time.perf_counter() - start if start is not None else 0.0
+    cpu = time.process_time() - cpu_start if start is not None else 0.0
     outs = [engine.take(i) for i in ids]
-    return DecodeRun(tokens / elapsed if elapsed > 0 else float("nan"), [o.token_ids for o in outs])
+    return DecodeRun(tokens / elapsed if elapsed > 0 else float("nan"), [o.token_ids for o in outs],
+                     tokens / cpu if cpu > 0 else float("nan"))
 
 
 def decode_rate(make: Callable[[], Engine] | Engine, batch: int, new_tokens: int, image: bool = True) -> float:
