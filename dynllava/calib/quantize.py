@@ -188,7 +188,11 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
     else:
         tensorrt = target == "tensorrt"  # TensorRT reads symmetric int8 Q/DQ pairs (zero point 0)
         typed_path = dst.with_name(dst.stem + ".typed.onnx")
-        onnx.save(typed(model), str(typed_path), save_as_external_data=external, all_tensors_to_one_file=True,
+        # typed on the graph without its weights (shape inference serializes the model: protobuf caps it at 2 GiB)
+        present = {v.name for v in model.graph.value_info}
+        model.graph.value_info.extend(v for v in typed(onnx.load(str(src), load_external_data=False)).graph.value_info
+                                      if v.name not in present)
+        onnx.save(model, str(typed_path), save_as_external_data=external, all_tensors_to_one_file=True,
                   location=typed_path.name + ".data")
         try:
             quantize_static(str(typed_path), str(dst), reader_factory(), quant_format=QuantFormat.QDQ,
