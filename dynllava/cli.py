@@ -480,6 +480,121 @@ def _report_checks(checks: list, title: str) -> None:
                                  "expected (fp16)")
 
 
+# ---------------------------------------------------------------------- quantize
+@app.command()
+@handle_errors
+def quantize(
+    export_dir: Path = typer.Argument(..., help="An fp32 export directory (from `dynllava export`)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Quantized export directory to write."),
+    mode: str = typer.Option(..., help="int8 (weights and activations of the language model's linear layers), "
+                             "int4 (weight-only MatMulNBits, ONNX Runtime) or fp8 (Q/DQ for TensorRT on Hopper / Ada "
+                             "through NVIDIA ModelOpt: the optional `modelopt` extra, --target tensorrt exports; not "
+                             "validated on ONNX Runtime, which runs no fp8 MatMul)."),
+    method: str | None = typer.Option(None, help="int8 only: dynamic (default; activations quantized per call, "
+                                      "MatMulInteger: the fastest measured on the CPU), static (QDQ with activation "
+                                      "ranges calibrated on --calib-data; the form TensorRT reads, symmetric on a "
+                                      "--target tensorrt export) or nbits (8-bit MatMulNBits, weight-only)."),
+    calib_data: Path | None = typer.Option(None, help="Calibration requests for --method static and fp8: a JSONL of "
+                                           "{\"prompt\": ..., \"image\": path|null} (as `generate --batch`). "
+                                           "Default: 8 built-in requests, half with an image."),
+    calib_steps: int = typer.Option(8, min=1, help="Decode steps recorded per calibration batch (static)."),
+    block_size: int = typer.Option(32, help="MatMulNBits: input channels per scale (a power of two >= 16)."),
+    accuracy_level: int = typer.Option(4, help="MatMulNBits compute type: 4 = int8 (the fastest on the CPU), "
+                                       "1 = fp32, 0 = the kernel's default."),
+    eval_data: Path | None = typer.Option(None, help="Held-out validation requests (JSONL as --calib-data). "
+                                          "Default: 8 built-in requests that calibration does not use."),
+    steps: int = typer.Option(16, min=1, help="Teacher-forced decode steps per validation request."),
+    min_token_agreement: float = typer.Option(0.95, min=0.0, max=1.0, help="Validation: share of steps whose "
+                                              "next token (argmax) equals the fp32 export's."),
+    min_image_overlap: float = typer.Option(0.9, min=0.0, max=1.0, help="Validation: share of the fp32 export's "
+                                            "kept image tokens the quantized one keeps too."),
+    min_keep_agreement: float = typer.Option(0.9, min=0.0, max=1.0, help="Validation: share of generated tokens "
+                                             "whose keep/drop decision equals the fp32 export's."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the comparison with the fp32 export."),
+    force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
+) -> None:
+    """Quantize an fp32 export's language model (prefill, decode and nocache graphs; predictors, norms, embeddings
+    and the vision graph stay fp32) with onnxruntime.quantization, then validate it against the fp32 export:
+    teacher-forced next-token agreement, image top-k overlap and text keep decisions, each with its threshold (exit
+    1 when one is missed). The result is an export directory: `generate`, `serve` and `bench` run it as they run
+    any other."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from dynllava.calib.feeds import builtin_requests, prepare
+    from dynllava.calib.quantize import QUANTIZED_GRAPHS, QuantizeConfig, check_source, quantize_export
+    from dynllava.export.manifest import Manifest
+    from dynllava.runtime.loading import open_model
+
+    cfg = QuantizeConfig(mode, method, block_size, accuracy_level, calib_steps)
+    check_source(Manifest.read(export_dir), export_dir, cfg)  # clear errors before any work
+    _check_empty(out, force)
+    opened = open_model(export_dir, "onnxruntime")
+    calibration = None
+    if cfg.calibrated:
+        calibration = prepare(opened, _read_requests(None, None, calib_data) if calib_data
+                              else builtin_requests("calibration"))
+    if cfg.mode == "fp8" and not no_validate:
+        console.print("[yellow]fp8: no validation on ONNX Runtime (no fp8 MatMul on the CPU); `dynllava "
+                      "build-engine` validates the engines built from it[/]")
+        no_validate = True
+    held_out = None if no_validate else prepare(opened, _read_requests(None, None, eval_data) if eval_data
+                                                else builtin_requests("validation"))
+    existed = out.exists()
+    fresh = not existed or not any(out.iterdir())
+    try:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            what = "calibrating and quantizing" if calibration else "quantizing"
+            tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in QUANTIZED_GRAPHS}
+            progress.start_task(tasks[QUANTIZED_GRAPHS[0]])
+            progress.update(tasks[QUANTIZED_GRAPHS[0]], description=f"{QUANTIZED_GRAPHS[0]}.onnx: {what}")
+
+            def done(report) -> None:
+                progress.update(tasks[report.graph], description=f"{report.graph}.onnx: [green]{report.quantized} "
+                                f"linear -> {report.ops_summary}[/], {report.bytes_after / report.bytes_before:.2f}x")
+                progress.stop_task(tasks[report.graph])
+                nxt = QUANTIZED_GRAPHS.index(report.graph) + 1
+                if nxt < len(QUANTIZED_GRAPHS):
+                    progress.start_task(tasks[QUANTIZED_GRAPHS[nxt]])
+                    progress.update(tasks[QUANTIZED_GRAPHS[nxt]],
+                                    description=f"{QUANTIZED_GRAPHS[nxt]}.onnx: {what}")
+
+            quantize_export(export_dir, out, cfg, calibration, on_graph=done)
+        console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB; fp32 export {_dir_mib(export_dir):.1f} MiB)")
+        if held_out is None:
+            return
+        from dynllava.calib.agreement import compare_exports
+
+        with console.status(f"validating against {export_dir} ({len(held_out)} held-out requests, teacher-forced)"):
+            agreement = compare_exports(export_dir, out, held_out, steps, min_next_token=min_token_agreement,
+                                        min_image_overlap=min_image_overlap, min_text_keep=min_keep_agreement)
+        _report_agreement(agreement, f"{cfg.mode} ({cfg.method}) vs fp32")
+    except BaseException:
+        if fresh and out.is_dir() and not _state["debug"]:  # no half-written or failed export left behind
+            _remove_contents(out)
+            if not existed:
+                out.rmdir()
+            err_console.print(f"[dim]removed the quantized export in {out} (incomplete, or failed validation: "
+                              "--no-validate keeps it)[/]", highlight=False)
+        raise
+
+
+def _report_agreement(agreement, title: str) -> None:
+    """The quantized-vs-fp32 table with each metric's threshold; a missed threshold is an error (exit 1)."""
+    table = Table(title=f"validation: {title} (max |logit diff| {agreement.max_logit_diff:.3f})")
+    for col in ("metric", "agree", "share", "threshold", "result"):
+        table.add_column(col)
+    for m in agreement.metrics:
+        table.add_row(m.name, f"{m.agreed}/{m.total}", f"{m.share:.1%}", f">= {m.threshold:.0%}",
+                      "[green]ok[/]" if m.ok else "[red]FAIL[/]")
+    console.print(table)
+    failed = [m.name for m in agreement.metrics if not m.ok]
+    if failed:
+        raise DynLlavaError(f"quantized export below threshold: {', '.join(failed)}",
+                            hint="try int8 --method static with --calib-data from your traffic, a smaller "
+                                 "--block-size (int4), or lower the --min-* thresholds if the drop is acceptable")
+
+
 # ---------------------------------------------------------------------- build-engine
 @app.command("build-engine")
 @handle_errors
@@ -664,7 +779,9 @@ def bench(
                                     "vs sparse), decode (decode tok/s, dense vs sparse), kv (KV bytes while "
                                     "generating), capacity (sequences per KV budget), peers (ONNX Runtime GenAI and "
                                     "transformers on the same weights and image prompt: TTFT at batch 1, decode at "
-                                    "batch 1 and 8, 256 new tokens). E.g. --only peers for the headline ratios "
+                                    "batch 1 and 8, 256 new tokens), quantized (the sparse export against its int8 "
+                                    "and int4 exports from `dynllava quantize`: size on disk, TTFT, decode tok/s at "
+                                    "batch 1 and 8; ONNX Runtime only). E.g. --only peers for the headline ratios "
                                     "(a few minutes on the 7B-shaped preset). Default: all."),
     kv_capacity: bool = typer.Option(False, "--kv-capacity", help="Also time decode steps at KV capacities 512 and "
                                      "4096 (the same live length must cost the same)."),
@@ -695,7 +812,14 @@ def bench(
         checkpoint = Path(model)
     work = out / "work" / _bench_key(checkpoint)
     engines = _bench_engines(checkpoint, backend, work)
-    results = suite.run(checkpoint, engines, cfg, work, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    log = lambda msg: console.print(f"[dim]{msg}[/]")  # noqa: E731
+    quantized = None
+    if "quantized" in cfg.workloads and backend == "onnxruntime":
+        from dynllava.bench.quantized import quantized_exports
+
+        quantized = quantized_exports(_bench_export(checkpoint, work / "exports" / "sparse", None),
+                                      work / "exports", log)
+    results = suite.run(checkpoint, engines, cfg, work, log=log, quantized_exports=quantized)
     results.update(model_path=str(checkpoint), backend=backend)
     if kv_capacity:
         from dynllava.bench.decode import decode_suite

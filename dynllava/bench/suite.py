@@ -31,7 +31,7 @@ DENSE = {"use_vision_predictor": False, "use_output_text_predictor": False}
 PROMPT = "Describe this picture in detail."
 
 
-WORKLOADS = ("ttft", "decode", "kv", "capacity", "peers")
+WORKLOADS = ("ttft", "decode", "kv", "capacity", "peers", "quantized")
 
 
 @dataclass
@@ -93,24 +93,28 @@ def ttft(make: Callable[[], Engine] | Engine, batch: int, repeats: int) -> float
 class DecodeRun:
     tok_s: float  # tokens generated after every request's first token / wall-clock time of those steps
     token_ids: list[list[int]]
+    cpu_tok_s: float = float("nan")  # the same tokens / this process's CPU time over those steps (less sensitive to
+    # other load on the machine than wall-clock; ONNX Runtime's threads do not spin by default)
 
 
 def generate_timed(engine: Engine, requests: list[Request]) -> DecodeRun:
     """Run `requests` (arriving together) on an idle engine, timing the steps after every request has its first
     token: what a caller of `Engine.step` waits for per token (graph, sampling, detokenization, bookkeeping)."""
     ids = [engine.add_request(r) for r in requests]
-    started, first, start, tokens = set(ids), set(), None, 0
+    started, first, start, cpu_start, tokens = set(ids), set(), None, 0.0, 0
     while engine.has_unfinished():
         events = engine.step()
         if start is None:
             first.update(seq.request_id for seq, _ in events)
             if first >= started:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
         else:
             tokens += len(events)
     elapsed = time.perf_counter() - start if start is not None else 0.0
+    cpu = time.process_time() - cpu_start if start is not None else 0.0
     outs = [engine.take(i) for i in ids]
-    return DecodeRun(tokens / elapsed if elapsed > 0 else float("nan"), [o.token_ids for o in outs])
+    return DecodeRun(tokens / elapsed if elapsed > 0 else float("nan"), [o.token_ids for o in outs],
+                     tokens / cpu if cpu > 0 else float("nan"))
 
 
 def decode_rate(make: Callable[[], Engine] | Engine, batch: int, new_tokens: int, image: bool = True) -> float:
@@ -347,8 +351,9 @@ def _best_of(parts: list[dict]) -> tuple[dict, list[dict]]:
 
 # ---------------------------------------------------------------------- the run
 def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, out: Path,
-        log: Callable[[str], None] = print) -> dict:
-    """engines: {"dense": factory, "sparse": factory} for the backend under test."""
+        log: Callable[[str], None] = print, quantized_exports: dict[str, Path] | None = None) -> dict:
+    """engines: {"dense": factory, "sparse": factory} for the backend under test; quantized_exports: {"fp32",
+    "int8", "int4"} export directories for the quantized workload (ONNX Runtime only)."""
     results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
                      "quick": cfg.quick, "workloads": list(cfg.workloads), "versions": versions(),
@@ -413,6 +418,17 @@ def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchC
         results["peers"] = peers(checkpoint, engines, cfg, out, log)
         lap("peers")
 
+    if "quantized" in cfg.workloads:
+        if quantized_exports:
+            from dynllava.bench import quantized
+
+            log("quantized exports against fp32")
+            results["quantized"] = quantized.run(quantized_exports, cfg.peer_batches, cfg.peer_answer, cfg.repeats,
+                                                 log)
+        else:
+            results["quantized"] = {"skipped": "quantized exports run on ONNX Runtime (--backend onnxruntime)"}
+        lap("quantized")
+
     report = cost_report(shape, prompt_text_tokens=64, answer_tokens=answer)
     results["flops_vs_time"] = {
         "predicted_prefill_flops_ratio": report.prefill_tflops_sparse / report.prefill_tflops_dense,
@@ -468,6 +484,11 @@ def markdown(r: dict) -> str:
                   f"measured TTFT sparse/dense = {fv['measured_ttft_ratio_median']:.2f}."]
     if "peers" in r:
         lines += ["", *peers_markdown(r["peers"])]
+    if "quantized" in r:
+        from dynllava.bench import quantized
+
+        q = r["quantized"]
+        lines += ["", *([f"Quantized exports: skipped, {q['skipped']}"] if "skipped" in q else quantized.markdown(q))]
     if r.get("workload_seconds"):
         lines += ["", "Wall time per workload (s): " + ", ".join(f"{k} {v}" for k, v in r["workload_seconds"].items())]
     return "\n".join(lines) + "\n"

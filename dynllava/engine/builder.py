@@ -8,6 +8,12 @@
 * TensorRT 11 networks are strongly typed: they run in the ONNX's own types, so the export must already be in the
   requested precision (the exporter casts, keeping the predictors in fp32). TensorRT 10.x builds an export of the
   requested precision strongly typed too, and an fp32 export at fp16/bf16 with the builder's precision flags.
+* Quantized exports (`dynllava quantize`): TensorRT reads Q/DQ graphs (explicit quantization), i.e. int8 `--method
+  static` (symmetric, zero point 0) or fp8 (ModelOpt) of a --target tensorrt export; MatMulInteger / MatMulNBits
+  (int8 dynamic / nbits, int4) are ONNX Runtime's and are refused. A Q/DQ network is built strongly typed with no
+  precision flag (TensorRT's docs: "Use explicit quantization with Strong Typing. Precision-control build flags
+  are not required"); only a weakly typed TensorRT 10 build (an fp32 export at --precision fp16) adds the INT8 / FP8
+  flag, which Q/DQ layers need there. Not run here (no GPU): `build-engine`'s validation checks it on one.
 * Optimization profiles come from the manifest's limits (engine/shapes.py); prefill and nocache get one profile for
   batches with an image and one for text-only batches.
 """
@@ -50,8 +56,9 @@ def check_precision(precision: str) -> None:
         raise ConfigError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
 
 
-def network_mode(trt_major: int, export_dtype: str, precision: str) -> tuple[bool, list[str]]:
-    """(strongly typed?, builder precision flags) for building an export of `export_dtype` at `precision`."""
+def network_mode(trt_major: int, export_dtype: str, precision: str, qdq: str | None = None) -> tuple[bool, list[str]]:
+    """(strongly typed?, builder precision flags) for building an export of `export_dtype` at `precision`; qdq: the
+    Q/DQ type of a quantized export ("int8", "fp8"), whose flag a weakly typed network needs."""
     check_precision(precision)
     if precision == export_dtype:
         return True, []
@@ -64,7 +71,23 @@ def network_mode(trt_major: int, export_dtype: str, precision: str) -> tuple[boo
     if export_dtype != "fp32":
         raise ConfigError(f"a {export_dtype} export cannot be built at {precision}",
                           hint=f"build it with --precision {export_dtype}, or export fp32")
-    return False, [precision.upper()]
+    return False, [precision.upper()] + ([qdq.upper()] if qdq else [])
+
+
+QDQ_METHODS = {"static": "int8", "modelopt": "fp8"}  # dynllava quantize methods whose graphs are Q/DQ
+
+
+def quantized_qdq(manifest: Manifest, export_dir: Path) -> str | None:
+    """The Q/DQ type of a quantized export (None for an unquantized one); a form TensorRT cannot read is refused."""
+    q = manifest.quantization
+    if not q:
+        return None
+    if q.get("method") not in QDQ_METHODS:
+        raise ConfigError(f"{export_dir} is quantized as {q.get('format', q.get('method'))}, which runs on ONNX "
+                          "Runtime only; TensorRT reads Q/DQ graphs",
+                          hint="quantize the fp32 --target tensorrt export with `dynllava quantize EXPORT -o OUT "
+                               "--mode int8 --method static` (or --mode fp8)")
+    return QDQ_METHODS[q["method"]]
 
 
 def onnx_for_plugins(path: Path) -> bytes:
@@ -145,10 +168,11 @@ class EngineBuilder:
             raise ConfigError(f"{self.export_dir} holds graphs built for {self.manifest.target} (ONNX Runtime's fused "
                               "ops); TensorRT builds from the portable graphs",
                               hint="export again with `dynllava export MODEL -o OUT --target tensorrt`")
+        qdq = quantized_qdq(self.manifest, self.export_dir)
         self.trt = trt = require_tensorrt()
         self.major = major_version(trt)
         self.precision = options.precision or self.manifest.dtype
-        self.strongly_typed, self.flags = network_mode(self.major, self.manifest.dtype, self.precision)
+        self.strongly_typed, self.flags = network_mode(self.major, self.manifest.dtype, self.precision, qdq)
         self.has_aot = register_plugins()
         # engines choose between a plugin's AOT and JIT implementations by a network flag (TensorRT >= 10.9)
         prefer_flags = hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS")

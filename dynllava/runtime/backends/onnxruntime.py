@@ -121,6 +121,20 @@ class OrtExecutor:
         self.sessions["decode"].run_with_iobinding(bound.binding)
         return bound.outputs
 
+    def decode_feeds(self, tokens: np.ndarray, seqs: list[SeqKV], cache: KVLedger) -> dict[str, np.ndarray]:
+        """The feeds `decode` would bind for this step, as copies (the KV before this step's row is written): for a
+        plain `session.run`, e.g. calibration of a quantized export (dynllava/calib)."""
+        if isinstance(cache, SlotKVCache):
+            specs = {t.name: t for t in self.manifest.graphs["decode"].inputs}
+            feeds = {name: np.zeros([len(seqs) if isinstance(d, str) else d for d in specs[name].shape],
+                                    dtype=specs[name].dtype) for name in _SLOT_INPUTS}
+            _fill_slot_inputs(feeds, seqs, tokens)
+            pools = [buffer[:len(seqs)] for buffer in cache.buffers]
+        else:
+            feeds, pools = paged_decode_feeds(cache, seqs, tokens), cache.pools
+        feeds.update({name: np.array(pool) for name, pool in zip(self._past, pools)})
+        return feeds
+
     def _bind(self, cache: KVLedger, batch: int) -> _Bound:
         import onnxruntime as ort
 

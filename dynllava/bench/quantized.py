@@ -1,0 +1,100 @@
+"""`dynllava bench --only quantized`: the sparse fp32 export against its int8 and int4 exports (`dynllava quantize`,
+default settings) on one machine in one run: size on disk, time to first token at batch 1, decode tok/s at the
+peer batches. The variants take turns within every repeat (medians), so load that comes and goes hits them alike."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from dynllava.calib.quantize import QUANTIZED_GRAPHS, QuantizeConfig, quantize_export
+from dynllava.export.manifest import Manifest
+
+VARIANTS = ("int8", "int4")
+
+
+def graph_bytes(path: Path) -> int:
+    """Bytes of the graphs `dynllava quantize` rewrites (prefill, decode, nocache; external data included)."""
+    manifest = Manifest.read(path)
+    files = [path / manifest.graphs[g].file for g in QUANTIZED_GRAPHS]
+    return sum(f.stat().st_size for f in files + [f.with_name(f.name + ".data") for f in files] if f.is_file())
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def quantized_exports(fp32_dir: Path, work: Path, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """{"fp32": the export, "int8": ..., "int4": ...}, quantized into `work` once (reused while present)."""
+    exports = {"fp32": fp32_dir}
+    for mode in VARIANTS:
+        target = work / f"{fp32_dir.name}-{mode}"
+        if not (target / "dynllava.json").is_file():
+            log(f"  quantizing {fp32_dir} to {mode}")
+            quantize_export(fp32_dir, target, QuantizeConfig(mode))
+        exports[mode] = target
+    return exports
+
+
+def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats: int,
+        log: Callable[[str], None] = print) -> dict:
+    import os
+
+    from dynllava.bench.suite import _requests, generate_timed
+    from dynllava.runtime.engine import Engine
+
+    load_before = os.getloadavg()[0]
+
+    engines = {name: Engine.from_path(path, "onnxruntime") for name, path in exports.items()}
+    samples: dict[str, dict] = {name: {"ttft": [], **{b: [] for b in batches}, **{("cpu", b): [] for b in batches}}
+                                for name in exports}
+    for engine in engines.values():  # warm-up: sessions, allocators, slot pages
+        engine.generate(_requests(max(batches), 4), progress=False)
+    for rep in range(repeats):
+        log(f"  repeat {rep + 1}/{repeats}: TTFT batch 1, decode batch {', '.join(map(str, batches))} "
+            f"({answer} tokens), {' / '.join(exports)}")
+        for name, engine in engines.items():
+            out = engine.generate(_requests(1, 1), progress=False)[0]
+            samples[name]["ttft"].append(out.stats.ttft_s)
+            for b in batches:
+                timed = generate_timed(engine, _requests(b, answer))
+                samples[name][b].append(timed.tok_s)
+                samples[name][("cpu", b)].append(timed.cpu_tok_s)
+    rows = {}
+    for name, path in exports.items():
+        rows[name] = {"graph_bytes": graph_bytes(path), "dir_bytes": dir_bytes(path),
+                      "ttft_s": statistics.median(samples[name]["ttft"]),
+                      "decode_tok_s": {b: statistics.median(samples[name][b]) for b in batches},
+                      "decode_tok_per_cpu_s": {b: statistics.median(samples[name][("cpu", b)]) for b in batches},
+                      "quantization": Manifest.read(path).quantization and {
+                          k: v for k, v in Manifest.read(path).quantization.items() if k != "graphs"}}
+    base = rows["fp32"]
+    for row in rows.values():
+        row["size_vs_fp32"] = row["graph_bytes"] / base["graph_bytes"]
+        row["ttft_speedup"] = base["ttft_s"] / row["ttft_s"]
+        row["decode_speedup"] = {b: row["decode_tok_s"][b] / base["decode_tok_s"][b] for b in batches}
+        row["decode_cpu_speedup"] = {b: row["decode_tok_per_cpu_s"][b] / base["decode_tok_per_cpu_s"][b]
+                                     for b in batches}
+    return {"answer_tokens": answer, "repeats": repeats, "batches": list(batches), "rows": rows,
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "cpus": os.cpu_count()}
+
+
+def markdown(q: dict) -> list[str]:
+    batches = q["batches"]
+    head = " | ".join(f"decode tok/s b{b} (x fp32) | tok per CPU-s b{b} (x fp32)" for b in batches)
+    lines = [f"Quantized exports (`dynllava quantize`, defaults: int8 dynamic, int4 MatMulNBits block 32 accuracy "
+             f"level 4) against the sparse fp32 export, {q['answer_tokens']} new tokens, medians of {q['repeats']} "
+             f"alternating repeats; load average {q['load_average_1min'][0]} -> {q['load_average_1min'][1]} on "
+             f"{q['cpus']} CPUs (other load makes wall-clock ratios unreliable; tokens per CPU-second of this process "
+             "are less sensitive to it). Size: the prefill + decode + nocache graphs.", "",
+             f"| export | size MiB (x fp32) | TTFT b1 s (x fp32) | {head} |",
+             "|---|---|---|" + "---|---|" * len(batches)]
+    for name, row in q["rows"].items():
+        rates = " | ".join(f"{row['decode_tok_s'][b]:.1f} ({row['decode_speedup'][b]:.2f}x) | "
+                           f"{row['decode_tok_per_cpu_s'][b]:.1f} ({row['decode_cpu_speedup'][b]:.2f}x)"
+                           for b in batches)
+        lines.append(f"| {name} | {row['graph_bytes'] / 2**20:.1f} ({row['size_vs_fp32']:.2f}x) | "
+                     f"{row['ttft_s']:.3f} ({row['ttft_speedup']:.2f}x) | {rates} |")
+    return lines

@@ -1,0 +1,1 @@
+"""Calibration: sparsity budgets chosen from measured quality, and quantized exports (int8 / int4)."""

@@ -1,0 +1,116 @@
+"""A quantized export against the fp32 export it was made from, on the same held-out requests, teacher-forced: both
+are fed the fp32 export's greedy tokens, so every step compares the two models on the same input.
+
+* image top-k overlap: |kept by quantized ∩ kept by fp32| / k, over every image;
+* text keep decisions: the output-text predictor's keep/drop of each generated token, per (sequence, step);
+* next-token agreement: argmax of the quantized logits = argmax of the fp32 logits, per (sequence, step), the first
+  token (prefill) included;
+* Eq. 12 (nocache) next token: the same on the no-cache graph's logits after the generated tokens.
+
+Each metric has a threshold; `ok` is all of them met."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dynllava.calib.feeds import Sample, batches, features
+
+# defaults: the issue's bar for next-token agreement; decisions may flip near a tie of the predictors' margins
+MIN_NEXT_TOKEN = 0.95
+MIN_IMAGE_OVERLAP = 0.90
+MIN_TEXT_KEEP = 0.90
+
+
+@dataclass
+class Metric:
+    name: str
+    agreed: int
+    total: int
+    threshold: float
+
+    @property
+    def share(self) -> float:
+        return self.agreed / self.total if self.total else 1.0
+
+    @property
+    def ok(self) -> bool:
+        return self.share >= self.threshold
+
+
+@dataclass
+class Agreement:
+    metrics: list[Metric]
+    max_logit_diff: float  # over every compared step; for information (no threshold: int8/int4 move logits)
+
+    @property
+    def ok(self) -> bool:
+        return all(m.ok for m in self.metrics)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "max_logit_diff": self.max_logit_diff,
+                "metrics": [{"name": m.name, "share": m.share, "agreed": m.agreed, "total": m.total,
+                             "threshold": m.threshold, "ok": m.ok} for m in self.metrics]}
+
+
+@dataclass
+class Counts:
+    agreed: int = 0
+    total: int = 0
+
+    def add(self, same: torch.Tensor) -> None:
+        self.agreed += int(same.sum())
+        self.total += same.numel()
+
+
+@torch.no_grad()
+def compare_runners(reference, candidate, samples: list[Sample], steps: int, min_next_token: float = MIN_NEXT_TOKEN,
+                    min_image_overlap: float = MIN_IMAGE_OVERLAP, min_text_keep: float = MIN_TEXT_KEEP,
+                    batch_size: int = 4) -> Agreement:
+    """reference / candidate: objects with the reference model's calls (BatchRunners over the two exports)."""
+    image, keep, token, nocache = Counts(), Counts(), Counts(), Counts()
+    worst = 0.0
+    for chunk in batches(samples, batch_size):
+        prompts = [s.ids for s in chunk]
+        feats = features(reference, chunk)  # one set of image features for both: the vision graph is fp32 in both
+        capacity = max(map(len, prompts)) + reference.num_image_tokens + steps
+        ref, cand = reference.prefill(prompts, feats, capacity), candidate.prefill(prompts, feats, capacity)
+        for a, b in zip(ref.kept_image_indices, cand.kept_image_indices):
+            if a is not None:
+                image.agreed += len(set(a.tolist()) & set(b.tolist()))
+                image.total += len(a)
+        ref_logits, cand_logits, generated = ref.logits, cand.logits, []
+        for _ in range(steps):
+            token.add(ref_logits.argmax(-1) == cand_logits.argmax(-1))
+            worst = max(worst, float((ref_logits - cand_logits).abs().max()))
+            forced = ref_logits.argmax(-1)  # teacher forcing: the fp32 export's greedy token to both
+            generated.append(forced)
+            ref_logits, ref_keep = reference.decode_step(forced, ref.cache)
+            cand_logits, cand_keep = candidate.decode_step(forced, cand.cache)
+            keep.add(ref_keep == cand_keep)
+        token.add(ref_logits.argmax(-1) == cand_logits.argmax(-1))
+        seqs = [p + [int(t[b]) for t in generated] for b, p in enumerate(prompts)]
+        starts = [len(p) for p in prompts]
+        ref_nc = reference.forward_no_cache(seqs, feats, starts)
+        cand_nc = candidate.forward_no_cache(seqs, feats, starts)
+        nocache.add(ref_nc.logits.argmax(-1) == cand_nc.logits.argmax(-1))
+    metrics = [Metric("next-token agreement (teacher-forced)", token.agreed, token.total, min_next_token),
+               Metric("image top-k overlap", image.agreed, image.total, min_image_overlap),
+               Metric("text keep decisions", keep.agreed, keep.total, min_text_keep),
+               Metric("Eq. 12 (nocache) next token", nocache.agreed, nocache.total, min_next_token)]
+    return Agreement(metrics, worst)
+
+
+def compare_exports(reference_dir: Path, candidate_dir: Path, samples: list[Sample], steps: int = 16,
+                    **thresholds) -> Agreement:
+    """The two export directories on ONNX Runtime (their limits lifted: the check's batches are small)."""
+    from dataclasses import replace
+
+    from dynllava.runtime.batch import OnnxRuntimeModel
+
+    runners = [OnnxRuntimeModel(reference_dir), OnnxRuntimeModel(candidate_dir)]
+    for runner in runners:
+        runner.executor.info = replace(runner.executor.info, max_batch=1 << 30, max_seq_len=1 << 30)
+    return compare_runners(*runners, samples, steps, **thresholds)
