@@ -219,6 +219,16 @@ def _sparse_overrides(vision_keep_rate: float | None, sparse_layer: int | None, 
     return {k: v for k, v in overrides.items() if v is not None}
 
 
+# the deploy-time knobs a calibration record (`dynllava calibrate --write`) sets; explicit flags win over it
+VISION_KEEP_RATE = typer.Option(None, help="Override sparse_config.vision_keep_rate (and the calibration "
+                                "record's).")
+OUTPUT_THRESHOLD = typer.Option(None, help="Threshold t on the output-text predictor's margin: a generated token "
+                                "stays in the KV cache of layers >= l iff logit0 - logit1 > t (0 = the trained "
+                                "rule; higher keeps fewer). Overrides the calibration record's.")
+NO_CALIBRATION = typer.Option(False, "--no-calibration", help="Ignore the checkpoint's calibration record "
+                              "(dynllava_calibration.json from `dynllava calibrate --write`): run the trained "
+                              "sparse_config with t = 0.")
+
 # ONNX Runtime's session threads, shared by the commands that run a model
 ORT_THREADS = typer.Option(None, min=1, help="ONNX Runtime intra-op threads (default: the CPUs available).")
 ORT_SPINNING = typer.Option(False, "--ort-spinning/--no-ort-spinning", help="Let idle ONNX Runtime threads spin "
@@ -260,7 +270,9 @@ def generate(
                                              "(engine directories) or auto (by what MODEL holds)."),
     predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
     vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
-    vision_keep_rate: float | None = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
+    vision_keep_rate: float | None = VISION_KEEP_RATE,
+    output_threshold: float | None = OUTPUT_THRESHOLD,
+    no_calibration: bool = NO_CALIBRATION,
     sparse_layer: int | None = typer.Option(None, help="Override sparse_config.sparse_layer."),
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
@@ -273,7 +285,9 @@ def generate(
     ort_spinning: bool = ORT_SPINNING,
 ) -> None:
     """Generate answers and print each with a one-line summary of what sparsification saved. Requests run through
-    the engine (continuous batching, sparse KV cache); --no-kv-cache re-runs whole sequences instead."""
+    the engine (continuous batching, sparse KV cache); --no-kv-cache re-runs whole sequences instead. A checkpoint's
+    calibration record (dynllava_calibration.json) sets the vision keep rate and the output-text threshold unless
+    --vision-keep-rate / --output-threshold are given; an export runs what it was exported with."""
     from dynllava.runtime.loading import open_model
     from dynllava.runtime.sampling import SamplingParams
 
@@ -284,6 +298,7 @@ def generate(
     with console.status("loading the model"):
         opened = open_model(model, backend, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense),
+                            output_threshold=output_threshold, no_calibration=no_calibration,
                             ort_options={"threads": ort_threads, "spinning": ort_spinning})
     if no_kv_cache:
         outputs = _generate_without_cache(opened, requests, params)
@@ -356,7 +371,9 @@ def export(
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the comparison with the reference model."),
     predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
     vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
-    vision_keep_rate: float | None = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
+    vision_keep_rate: float | None = VISION_KEEP_RATE,
+    output_threshold: float | None = OUTPUT_THRESHOLD,
+    no_calibration: bool = NO_CALIBRATION,
     sparse_layer: int | None = typer.Option(None, help="Override sparse_config.sparse_layer."),
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (a dense LLaVA-1.5 export)."),
     target: str = typer.Option("onnxruntime", help="onnxruntime: prefill and decode built with ONNX Runtime's fused "
@@ -366,7 +383,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Export vision / prefill / nocache / decode ONNX graphs, tokenizer, processor and dynllava.json, then check
-    them against the reference model with ONNX Runtime."""
+    them against the reference model with ONNX Runtime. The vision keep rate and the output-text threshold are
+    baked into the graphs: the checkpoint's calibration record's unless overridden here; dynllava.json records
+    both and carries the record."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dynllava.config import ExportConfig
@@ -381,7 +400,8 @@ def export(
     _check_predictors(model, predictors)
     with console.status("loading the model"):
         loaded = load_model(model, predictors=predictors, vision_tower=vision_tower,
-                            sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense))
+                            sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense),
+                            output_threshold=output_threshold, no_calibration=no_calibration)
     existed = out.exists()
     fresh = not existed or not any(out.iterdir())  # then a failure removes what this command wrote
     try:
@@ -551,13 +571,18 @@ def serve(
                                                  "(default: MODEL's directory name)."),
     predictors: Path | None = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
     vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    vision_keep_rate: float | None = VISION_KEEP_RATE,
+    output_threshold: float | None = OUTPUT_THRESHOLD,
+    no_calibration: bool = NO_CALIBRATION,
     triton: bool = typer.Option(False, "--triton", help="Serve through NVIDIA Triton (PyTriton) as a decoupled "
                                 "model instead: HTTP on --port, gRPC on --port+1, metrics on --port+2."),
     ort_threads: int | None = ORT_THREADS,
     ort_spinning: bool = ORT_SPINNING,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
-    /v1/models, /health, /metrics) with continuous batching in the background."""
+    /v1/models, /health, /metrics) with continuous batching in the background. A checkpoint's calibration record
+    sets the vision keep rate and the output-text threshold unless overridden here; an export runs what it was
+    exported with."""
     from dynllava.runtime.engine import Engine
     from dynllava.serve.openai import ServerConfig, build_app
     from dynllava.serve.server import run
@@ -567,6 +592,8 @@ def serve(
     _check_predictors(model, predictors)
     with console.status("loading the model"):
         engine = Engine.from_path(model, backend, predictors=predictors, vision_tower=vision_tower,
+                                  sparse_overrides=_sparse_overrides(vision_keep_rate, None, False),
+                                  output_threshold=output_threshold, no_calibration=no_calibration,
                                   kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch, threads=ort_threads,
                                   spinning=ort_spinning)
     if triton:
@@ -630,7 +657,8 @@ def bench(
 ) -> None:
     """Dense (keep-all) vs sparse on one machine in one run: TTFT, decode tokens/s, KV bytes while generating,
     sequences per KV budget, peers (ONNX Runtime GenAI fed the same prompt embeddings, transformers generate) and the
-    paper's FLOPs beside the measured times. Ratios are the headline; absolute numbers are for this machine only."""
+    paper's FLOPs beside the measured times. Ratios are the headline; absolute numbers are for this machine only.
+    Sparse runs the checkpoint's calibration record when it has one (`dynllava calibrate --write`)."""
     from dynllava.bench import suite
     from dynllava.model.tiny import PRESETS, init_tiny
 
@@ -669,11 +697,16 @@ def bench(
 
 
 def _bench_key(checkpoint: Path) -> str:
-    """A folder name per checkpoint, so exports and GenAI builds of one model are never reused for another."""
+    """A folder name per checkpoint and calibration record, so exports and GenAI builds of one model are never
+    reused for another, nor an export made before `dynllava calibrate --write` changed the record."""
     import hashlib
 
+    from dynllava.calib.record import record_path
+
     resolved = str(Path(checkpoint).resolve())
-    return f"{Path(resolved).name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
+    record = record_path(checkpoint)
+    key = resolved.encode() + (record.read_bytes() if record.is_file() else b"")
+    return f"{Path(resolved).name}-{hashlib.sha1(key).hexdigest()[:8]}"
 
 
 def _bench_export(checkpoint: Path, target: Path, overrides: dict | None) -> Path:

@@ -11,8 +11,9 @@ from typing import Any
 
 from dynllava.errors import CheckpointError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 (no `target`, no graph `flavour`) is a portable export
+SCHEMA_VERSION = 3
+# version 1 (no `target`, no graph `flavour`) is a portable export; before 3 there is no output-text threshold (0)
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "dynllava.json"
 GRAPHS = ("vision", "prefill", "nocache", "decode")
 # export targets: the graphs ONNX Runtime runs fastest (built with its fused ops, KV in per-sequence slots), or the
@@ -54,6 +55,12 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     producer: dict[str, str] = field(default_factory=dict)
     target: str = "tensorrt"  # see TARGETS
+    # the deploy-time knobs baked into the graphs: sparse_config.vision_keep_rate above, and the output-text
+    # predictor's threshold t (keep iff logit0 - logit1 > t; 0 = the trained rule)
+    output_text_threshold: float = 0.0
+    # the calibration record (dynllava_calibration.json) the export was made with, as read, or None; `applied`
+    # says which of its knobs the export uses (an explicit override at export wins over the record)
+    calibration: dict[str, Any] | None = None
 
     @property
     def np_dtype(self) -> str:

@@ -31,6 +31,7 @@ class ModelInfo:
     kv_layout: str = PAGED
     block_size: int | None = None  # KV rows per block when fixed (a TensorRT engine's build); None = any
     max_pool_blocks: int | None = None  # most blocks a pool may have (a TensorRT decode profile)
+    output_text_threshold: float = 0.0  # keep a generated token iff logit0 - logit1 > this (calibration record)
 
     @property
     def kept_image_tokens(self) -> int:
@@ -46,7 +47,8 @@ class ModelInfo:
                    output_text_keep_rate=sparse["output_text_keep_rate"],
                    output_predictor_on=bool(sparse["use_text_predictor"] and sparse["use_output_text_predictor"]),
                    max_batch=manifest.limits["max_batch"], max_seq_len=manifest.limits["max_seq_len"],
-                   kv_layout=manifest.kv_cache.get("layout", PAGED))
+                   kv_layout=manifest.kv_cache.get("layout", PAGED),
+                   output_text_threshold=manifest.output_text_threshold)
         return cls(**{**info.__dict__, **overrides})
 
     @classmethod
@@ -61,4 +63,4 @@ class ModelInfo:
                    vision_keep_rate=model.sparse.vision_keep_rate if model.sparse.use_vision_predictor else 1.0,
                    output_text_keep_rate=model.sparse.output_text_keep_rate,
                    output_predictor_on=model.output_predictor_on, max_batch=1 << 30,
-                   max_seq_len=text.max_position_embeddings)
+                   max_seq_len=text.max_position_embeddings, output_text_threshold=model.output_threshold)

@@ -1,0 +1,2 @@
+"""Calibration and quantization for deployment: `dynllava calibrate` measures quality against memory and latency
+over a calibration set and writes a calibration record that every loader honours; quantized exports."""
