@@ -156,32 +156,9 @@ def _read_requests(prompt: str | None, image: Path | None, batch: Path | None) -
         return [{"prompt": prompt, "image": str(image) if image else None}]
     if prompt is not None or image is not None:
         raise InputError("--batch cannot be combined with --prompt/--image")
-    if not batch.is_file():
-        raise InputError(f"batch file {batch} not found")
-    requests = []
-    for n, raw in enumerate(batch.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{batch}:{n}: not UTF-8 text (byte {exc.start + 1} of the line)",
-                             hint="save the batch file as UTF-8") from exc
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{batch}:{n}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(req, dict) or not isinstance(req.get("prompt"), str):
-            raise InputError(f"{batch}:{n}: expected an object with a string \"prompt\" (and \"image\": path or null)")
-        img = req.get("image")
-        if img is not None and not isinstance(img, str):
-            raise InputError(f"{batch}:{n}: \"image\" must be a path or null")
-        if img is not None and not Path(img).is_absolute() and (batch.parent / img).exists():
-            img = str(batch.parent / img)  # relative to the batch file, like most tools
-        requests.append({"prompt": req["prompt"], "image": img})
-    if not requests:
-        raise InputError(f"batch file {batch} holds no requests")
-    return requests
+    from dynllava.calib.data import read_jsonl
+
+    return read_jsonl(batch, with_answers=False)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -732,6 +709,123 @@ def _bench_engines(checkpoint: Path, backend: str, work: Path) -> dict:
     dirs = {"dense": _bench_export(checkpoint, work / "exports" / "dense", DENSE),
             "sparse": _bench_export(checkpoint, work / "exports" / "sparse", None)}
     return {mode: functools.partial(Engine.from_path, path, "onnxruntime") for mode, path in dirs.items()}
+
+
+# ---------------------------------------------------------------------- calibrate
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise InputError(f"{flag} needs at least one number")
+    return values
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    model: Path = typer.Argument(..., help="Checkpoint directory (official Dynamic-LLaVA or llava-hf layout)."),
+    data: str = typer.Option(..., help="Calibration data: a JSONL file in `generate --batch`'s format "
+                             "({\"prompt\", \"image\"}, optionally \"answer\" for task accuracy), or `shapes` "
+                             "(the synthetic task's held-out split, for the tiny trained model)."),
+    limit: int | None = typer.Option(None, min=1, help="Use only the first N examples."),
+    max_new_tokens: int = typer.Option(32, min=2, help="Tokens generated per example."),
+    backend: str = typer.Option("torch", help="Where TTFT and decode tok/s are measured (through the Engine): torch, "
+                                "or onnxruntime (an export per setting in a temporary directory). Quality is "
+                                "measured on the torch reference either way."),
+    target_kv_bytes: float | None = typer.Option(None, help="Choose the best-quality setting whose KV cache per "
+                                                 "sequence is at most this many bytes."),
+    target_text_keep: float | None = typer.Option(None, help="Choose the best-quality setting that keeps at most "
+                                                  "this share (0-1] of the generated tokens in the KV cache."),
+    max_quality_drop: float | None = typer.Option(None, help="Choose the setting with the smallest KV cache whose "
+                                                  "quality is within this much (0-1) of keep-all's."),
+    quality_metric: str = typer.Option("auto", "--quality", help="What quality means: accuracy (needs answers), "
+                                       "agreement (teacher-forced next-token agreement with keep-all), or auto "
+                                       "(accuracy when the data has answers)."),
+    vision_keep_rates: str = typer.Option("1,0.5,0.3,0.2,0.1", help="Vision keep rates to sweep (comma-separated; "
+                                          "the checkpoint's own is added)."),
+    text_keep_shares: str = typer.Option("1,0.75,0.5,0.25,0.1", help="Shares of generated tokens to keep: each "
+                                         "becomes a threshold t at that quantile of the measured margins (t = 0, "
+                                         "the trained rule, is added)."),
+    batch_size: int = typer.Option(8, min=1, help="Examples per batch in the reference passes."),
+    timing_requests: int = typer.Option(3, min=0, help="Requests timed one at a time for TTFT, per setting."),
+    write: bool = typer.Option(False, "--write", help="Write the chosen setting as MODEL/dynllava_calibration.json, "
+                               "which generate, serve, export and bench then use (explicit --vision-keep-rate / "
+                               "--output-threshold still win; --no-calibration ignores it)."),
+    plot: Path | None = typer.Option(None, help="Write a PNG of quality vs KV bytes and vs TTFT, chosen point "
+                                     "marked."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
+    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+) -> None:
+    """Choose the sparsity budget from measured quality: sweep the vision keep rate and a threshold t on the
+    output-text predictor's margin over a calibration set, and report for each setting the KV bytes per sequence,
+    TTFT and decode tok/s, and quality against keep-all on the same model (teacher-forced next-token agreement,
+    mean KL, task accuracy where the data has answers). A target picks a setting; --write records it next to the
+    checkpoint's config.json. The sweep starts from the checkpoint's sparse_config (an existing record is ignored)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dynllava.calib import report
+    from dynllava.calib.data import encode, load_examples
+    from dynllava.calib.record import write_record
+    from dynllava.calib.select import parse_target, select
+    from dynllava.calib.select import quality_metric as pick_metric
+    from dynllava.calib.sweep import BACKENDS, sweep
+    from dynllava.model.checkpoint import load_model
+
+    target = parse_target(target_kv_bytes, target_text_keep, max_quality_drop)
+    if backend not in BACKENDS:
+        raise InputError(f"unknown calibration backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
+    if write and target is None:
+        raise InputError("--write needs a target to choose a setting",
+                         hint="add --target-kv-bytes, --target-text-keep or --max-quality-drop")
+    if write:
+        _check_writable(model)
+    if plot is not None:
+        _check_writable(plot.parent if str(plot.parent) else Path("."))
+    rates = _floats(vision_keep_rates, "--vision-keep-rates")
+    shares = _floats(text_keep_shares, "--text-keep-shares")
+    _check_predictors(model, predictors)
+    with console.status("loading the model and the calibration data"):
+        loaded = load_model(model, predictors=predictors, vision_tower=vision_tower, no_calibration=True)
+        size = loaded.model.config.vision_config.image_size
+        examples = load_examples(data, limit, image_size=size)
+        encoded = encode(examples, loaded.tokenizer, loaded.image_processor, loaded.image_aspect_ratio)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True,
+                  disable=as_json or not err_console.is_terminal) as progress:
+        task = progress.add_task("calibrating", total=None)
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            progress.update(task, description=what, completed=done, total=total)
+
+        result = sweep(loaded, examples, encoded, max_new_tokens, backend, rates, shares, batch_size,
+                       timing_requests, on_progress)
+    metric = pick_metric(result.rows, quality_metric)
+    chosen = select(result.rows, result.keep_all, target, metric) if target is not None else None
+    written = None
+    if write:
+        written = write_record(model, report.make_record(result, metric, target, chosen, data))
+    if plot is not None:
+        from dynllava.calib.plot import plot_sweep
+
+        plot_sweep(result.rows, metric, plot, chosen, title=f"{model.name}: calibration on {Path(data).name}")
+    if as_json:
+        print(json.dumps(report.to_json(result, metric, target, chosen, str(written) if written else None)))
+        return
+    console.print(report.table(result, metric, chosen))
+    if chosen is not None:
+        console.print(f"chosen: vision keep rate [bold]{chosen.vision_keep_rate:g}[/], output threshold "
+                      f"[bold]{chosen.threshold:.4g}[/] (keeps {chosen.text_keep:.0%} of generated tokens, "
+                      f"{chosen.kv_bytes / 1024:,.1f} KiB KV per sequence)")
+    if written:
+        console.print(f"wrote {written}; generate, serve, export and bench now use it")
+    elif chosen is not None:
+        console.print("[dim]pass --write to record it next to the checkpoint[/]")
+    if plot is not None:
+        console.print(f"wrote {plot}")
 
 
 # ---------------------------------------------------------------------- flops

@@ -139,11 +139,12 @@ class DynamicLlava(nn.Module):
 
     def configure_sparsity(self, sparse: SparseConfig, output_threshold: float | None = None) -> None:
         """Switch to another sparse_config (e.g. a --vision-keep-rate override) over the same weights;
-        output_threshold: a new threshold t on the output-text predictor's margin (None: keep the current one)."""
+        output_threshold: a new threshold t on the output-text predictor's margin (None: keep the current one; -inf
+        keeps every token, as calibration's keep-all reference does)."""
         if output_threshold is not None:
             if isinstance(output_threshold, bool) or not isinstance(output_threshold, (int, float)) \
-                    or not math.isfinite(output_threshold):
-                raise ConfigError(f"the output-text threshold must be a finite number, got {output_threshold!r}")
+                    or math.isnan(output_threshold):
+                raise ConfigError(f"the output-text threshold must be a number, got {output_threshold!r}")
             self.output_threshold = float(output_threshold)
         layers = self.config.text_config.num_hidden_layers
         if not 0 <= sparse.sparse_layer < layers:
