@@ -121,7 +121,7 @@ class TextPredictor(nn.Module):
 
     def margin(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., D] -> logit0 - logit1 [...]
-        logits = self.forward(x)
+        logits = self(x)
         return logits[..., 0] - logits[..., 1]
 
     def keep(self, x: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
