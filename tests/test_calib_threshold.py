@@ -15,8 +15,8 @@ from dynllava.calib.data import Encoded
 from dynllava.calib.sweep import run_pass, threshold_for_share
 from tests.conftest import prompt_ids, random_pixels
 
-PROMPTS = ["What is in this picture?", "Describe the colours.", "Tell me a story about a boat.", "Count them."]
-STEPS = 16
+PROMPTS = ["What is in this picture?", "Tell me a story about a boat.", "Describe the colours."]
+STEPS = 12
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def test_t0_is_the_trained_rule(loaded, encoded):
 
 def test_threshold_moves_the_kept_share_monotonically(loaded, encoded, reference, at_threshold):
     margins = np.asarray([m for ms in reference.text_margins for m in ms])
-    assert len(margins) > 20 and len(np.unique(margins)) > 10
+    assert len(margins) > 20 and len(np.unique(margins)) > 20
     shares = []
-    for share in (1.0, 0.75, 0.5, 0.25, 0.0):
+    for share in (1.0, 0.6, 0.3, 0.0):
         t = threshold_for_share(margins, share)
         run = run_pass(at_threshold(t), encoded, STEPS, set(), forced=reference.tokens)
         kept = [k for ks in run.keep for k in ks]
@@ -77,7 +77,7 @@ def test_threshold_moves_the_kept_share_monotonically(loaded, encoded, reference
         assert kept == [bool(m > t) for m in margins]
         shares.append(sum(kept) / len(kept))
     assert shares == sorted(shares, reverse=True)
-    assert shares[0] == 1.0 and shares[-1] == 0.0 and 0.3 < shares[2] < 0.7
+    assert shares[0] == 1.0 and shares[-1] == 0.0 and 0.15 < shares[2] < 0.45
 
 
 def test_threshold_changes_the_kv_held_and_the_eq12_selection(loaded, encoded, reference, at_threshold):
@@ -100,44 +100,68 @@ def test_threshold_changes_the_kv_held_and_the_eq12_selection(loaded, encoded, r
 
 @pytest.fixture(scope="module")
 def mid_threshold(reference):
-    """A threshold that keeps about half the generated tokens, and that decides differently from t = 0."""
+    """A threshold far from t = 0 in kept share (0.8 or 0.2 of the generated tokens, whichever is further)."""
     margins = np.asarray([m for ms in reference.text_margins for m in ms])
-    t = threshold_for_share(margins, 0.5)
-    assert (margins > t).sum() != (margins > 0).sum()
+    trained = (margins > 0).mean()
+    t = threshold_for_share(margins, 0.8 if trained < 0.5 else 0.2)
+    assert abs((margins > t).mean() - trained) > 0.25
     return t
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
-def test_exported_graphs_decide_as_the_reference_at_the_same_threshold(loaded, mid_threshold, target,
-                                                                       tmp_path):
-    """Export bakes t into the graphs (the manifest records it); validation (decode keep flags, Eq. 12 kept
-    counts, logits) passes against the reference at the same t and fails against the reference at t = 0."""
+def _export_at(loaded, t: float, target: str, out):
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
-    from dynllava.export.manifest import Manifest
-    from dynllava.export.validate import validate_export
 
     model = loaded.model
     saved = (model.sparse, model.output_threshold)
     try:
-        model.configure_sparsity(model.sparse, mid_threshold)
-        export_model(loaded, tmp_path, ExportConfig(target=target))
-        assert Manifest.read(tmp_path).output_text_threshold == pytest.approx(mid_threshold)
-        checks = validate_export(loaded, tmp_path, 1e-4)
+        model.configure_sparsity(model.sparse, t)
+        export_model(loaded, out, ExportConfig(target=target))
+    finally:
+        model.configure_sparsity(*saved)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fast_export_at_t(loaded, mid_threshold, tmp_path_factory):
+    return _export_at(loaded, mid_threshold, "onnxruntime", tmp_path_factory.mktemp("threshold") / "fast")
+
+
+def _check_against_reference(loaded, export, t: float) -> None:
+    """Validation at the export's t passes (decode keep flags, Eq. 12 kept counts, logits); against the reference
+    at t = 0 the decode decisions fail."""
+    from dynllava.export.manifest import Manifest
+    from dynllava.export.validate import validate_export
+
+    assert Manifest.read(export).output_text_threshold == pytest.approx(t)
+    model = loaded.model
+    saved = (model.sparse, model.output_threshold)
+    try:
+        model.configure_sparsity(model.sparse, t)
+        checks = validate_export(loaded, export, 1e-4)
         assert all(c.ok for c in checks), [(c.graph, c.what, c.max_abs_diff, c.agreed, c.decisions) for c in checks]
         assert sum(c.decisions for c in checks if c.graph == "decode") > 0
         model.configure_sparsity(model.sparse, 0.0)
-        wrong = {c.graph: c for c in validate_export(loaded, tmp_path, 1e-4)}
+        wrong = {c.graph: c for c in validate_export(loaded, export, 1e-4)}
         assert not wrong["decode"].ok
     finally:
         model.configure_sparsity(*saved)
 
 
-def test_engine_on_torch_and_fast_export_keep_the_same_tokens(loaded, official_dir, mid_threshold, tmp_path):
+def test_built_graphs_decide_as_the_reference_at_the_same_threshold(loaded, fast_export_at_t, mid_threshold):
+    _check_against_reference(loaded, fast_export_at_t, mid_threshold)
+
+
+@pytest.mark.slow
+def test_portable_graphs_decide_as_the_reference_at_the_same_threshold(loaded, mid_threshold, tmp_path):
+    """The graphs TensorRT engines are built from carry the same constant."""
+    _check_against_reference(loaded, _export_at(loaded, mid_threshold, "tensorrt", tmp_path), mid_threshold)
+
+
+def test_engine_on_torch_and_fast_export_keep_the_same_tokens(loaded, official_dir, mid_threshold,
+                                                              fast_export_at_t):
     """Greedy through the Engine: the torch backend and the built ONNX Runtime graphs at the same t give the same
     tokens and the same per-token KV decisions, and they differ from t = 0's decisions."""
-    from dynllava.config import ExportConfig
-    from dynllava.export.exporter import export_model
     from dynllava.runtime.backends.torch import TorchExecutor
     from dynllava.runtime.engine import Engine
     from dynllava.runtime.sampling import SamplingParams
@@ -156,10 +180,9 @@ def test_engine_on_torch_and_fast_export_keep_the_same_tokens(loaded, official_d
         trained = engine(TorchExecutor(model)).generate(requests, params)
         model.configure_sparsity(model.sparse, mid_threshold)
         torch_out = engine(TorchExecutor(model)).generate(requests, params)
-        export_model(loaded, tmp_path, ExportConfig(target="onnxruntime"))
     finally:
         model.configure_sparsity(*saved)
-    ort_out = Engine.from_path(tmp_path, "onnxruntime").generate(requests, params)
+    ort_out = Engine.from_path(fast_export_at_t, "onnxruntime").generate(requests, params)
     for a, b in zip(torch_out, ort_out):
         assert a.token_ids == b.token_ids
         assert a.kept.token_kept == b.kept.token_kept
