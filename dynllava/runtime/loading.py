@@ -58,7 +58,8 @@ def open_model(path: str | Path, backend: str = "auto", ort_options: dict[str, A
     exported, engine = is_export_dir(path), is_engine_dir(path)
     if backend == "auto":
         backend = "tensorrt" if engine else "onnxruntime" if exported else "torch"
-    if backend != "torch" and any(v not in (None, False, {}) for v in load_kwargs.values()):
+    # given = anything but the defaults (None, False, no overrides); 0.0 is a given threshold
+    if backend != "torch" and any(v is not None and v is not False and v != {} for v in load_kwargs.values()):
         raise InputError("loading flags (--predictors, --vision-tower, sparse overrides, --output-threshold, "
                          "--no-calibration) apply at export time", hint="pass them to `dynllava export`")
     if backend == "onnxruntime":
