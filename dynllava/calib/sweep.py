@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dynllava.calib.data import CalibExample, Encoded
-from dynllava.config import keep_count
+from dynllava.config import SparseConfig, keep_count
 from dynllava.errors import InputError
 from dynllava.model.generate import kv_bytes_held
 from dynllava.model.sparse_llama import DynamicLlava
@@ -179,12 +179,11 @@ def threshold_for_share(margins: np.ndarray, share: float) -> float:
     return float((m[n - k - 1] + m[n - k]) / 2)
 
 
-def grid(model: DynamicLlava, text_margins: np.ndarray, vision_rates: tuple[float, ...],
+def grid(model: DynamicLlava, sparse: SparseConfig, text_margins: np.ndarray, vision_rates: tuple[float, ...],
          text_shares: tuple[float, ...]) -> list[Setting]:
-    """Settings to sweep: vision rates (those that keep at least one image token; the checkpoint's own added)
-    x thresholds at the wanted kept shares of the measured margins, plus t = 0. Without a predictor its knob has
-    one value."""
-    sparse = model.sparse
+    """Settings to sweep from the checkpoint's `sparse` config: vision rates (those that keep at least one image
+    token; the checkpoint's own added) x thresholds at the wanted kept shares of the measured margins, plus t = 0.
+    Without a predictor its knob has one value."""
     for r in (*vision_rates, *text_shares):
         if isinstance(r, bool) or not 0.0 < r <= 1.0:
             raise InputError(f"vision keep rates and text keep shares must be in (0, 1], got {r}")
@@ -193,7 +192,7 @@ def grid(model: DynamicLlava, text_margins: np.ndarray, vision_rates: tuple[floa
         rates = [r for r in rates if keep_count(r, model.num_image_tokens) >= 1]
     else:
         rates = [1.0]
-    if model.output_predictor_on and len(text_margins):
+    if sparse.use_text_predictor and sparse.use_output_text_predictor and len(text_margins):
         thresholds = sorted({0.0, *(threshold_for_share(text_margins, s) for s in text_shares)})
     else:
         thresholds = [0.0]
@@ -243,7 +242,7 @@ def sweep(loaded, examples: list[CalibExample], encoded: list[Encoded], max_new_
         reference = run_pass(model, encoded, max_new_tokens, stop, batch_size=batch_size)
         text_margins = np.asarray([m for ms in reference.text_margins for m in ms])
         image_margins = np.asarray([m for ms in reference.image_margins for m in ms])
-        settings = grid(model, text_margins, vision_rates, text_shares)
+        settings = grid(model, original[0], text_margins, vision_rates, text_shares)
         trained = Setting(original[0].vision_keep_rate if original[0].use_vision_predictor else 1.0, 0.0)
         timer = _Timer(loaded, examples, max_new_tokens, backend, timing_requests)
         rows = []
