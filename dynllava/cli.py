@@ -287,6 +287,9 @@ def generate(
                         kv_cache_bytes=kv_cache_mb * 2**20 if kv_cache_mb else None)
         outputs = engine.generate([Request(prompt=r["prompt"], image=r["image"]) for r in requests], params,
                                   progress=not as_json and err_console.is_terminal)
+    note = _calibration_note(opened)
+    if note and not as_json:
+        err_console.print(f"[dim]{note}[/]", highlight=False, soft_wrap=True)
     for i, (req, out) in enumerate(zip(requests, outputs)):
         stats = out.stats.to_dict()
         if as_json:
@@ -298,6 +301,22 @@ def generate(
                 console.rule(f"request {i}", style="dim")
             console.print(printable(out.text.strip()), highlight=False, markup=False)
             console.print(f"[dim]{summary_line(stats)}[/]", highlight=False, soft_wrap=True)
+
+
+def _calibration_note(opened) -> str | None:
+    """Which knobs a calibration record set for this run (a checkpoint's, or the one an export was made with)."""
+    manifest = getattr(opened.executor, "manifest", None)
+    if manifest is not None:
+        entry = manifest.calibration
+        applied = entry["applied"] if entry else []
+    else:
+        cal = getattr(opened.model, "calibration", None)
+        entry, applied = (cal.manifest_entry(), list(cal.applied)) if cal else (None, [])
+    if not entry or not applied:
+        return None
+    knobs = {"vision_keep_rate": f"vision keep rate {entry['vision_keep_rate']:g}",
+             "output_text_threshold": f"output threshold {entry['output_text_threshold']:.4g}"}
+    return f"calibrated ({entry['path']}): " + ", ".join(knobs[k] for k in applied)
 
 
 def _generate_without_cache(opened, requests: list[dict], params) -> list:
@@ -660,7 +679,10 @@ def bench(
     work = out / "work" / _bench_key(checkpoint)
     engines = _bench_engines(checkpoint, backend, work)
     results = suite.run(checkpoint, engines, cfg, work, log=lambda msg: console.print(f"[dim]{msg}[/]"))
-    results.update(model_path=str(checkpoint), backend=backend)
+    from dynllava.calib.record import read_record
+
+    record = read_record(checkpoint)  # what the sparse runs used (load_model applied it)
+    results.update(model_path=str(checkpoint), backend=backend, calibration=record.to_dict() if record else None)
     if kv_capacity:
         from dynllava.bench.decode import decode_suite
 

@@ -132,3 +132,38 @@ def test_a_bad_record_is_one_clear_error(official_dir, tmp_path, content, messag
     # --no-calibration gets past it
     assert runner.invoke(app, ["generate", str(path), "--prompt", "hi", "--max-new-tokens", "2",
                                "--no-calibration"]).exit_code == 0
+
+
+def test_generate_says_which_knobs_the_record_set(calibrated):
+    result = runner.invoke(app, ["generate", str(calibrated), "--prompt", "hi", "--max-new-tokens", "2",
+                                 "--output-threshold", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"calibrated ({calibrated / RECORD_FILE}): vision keep rate 0.5" in result.stderr
+    assert "output threshold" not in result.stderr  # the flag set t, not the record
+    plain = runner.invoke(app, ["generate", str(calibrated), "--prompt", "hi", "--max-new-tokens", "2",
+                                "--no-calibration"])
+    assert "calibrated" not in plain.stderr
+
+
+def test_bench_report_names_the_record():
+    from dynllava.bench import suite
+
+    record = CalibrationRecord(0.3, 0.25, {"kind": "kv_bytes", "value": 1000}).to_dict()
+    base = {"machine": {"platform": "x", "cpus": 2}, "flops_vs_time": {}}
+    md = suite.markdown({**base, "calibration": record})
+    assert "sparse = the calibration record: vision keep rate 0.3, output threshold 0.25 (target kv_bytes 1000)" in md
+    assert "calibration record" not in suite.markdown(base)
+
+
+def test_a_manifest_before_schema_3_means_the_trained_threshold(export_dir, tmp_path):
+    from dynllava.export.manifest import Manifest
+    from dynllava.runtime.model_info import ModelInfo
+
+    raw = json.loads((export_dir / "dynllava.json").read_text())
+    for key in ("output_text_threshold", "calibration"):
+        raw.pop(key)
+    raw["schema_version"] = 2
+    (tmp_path / "dynllava.json").write_text(json.dumps(raw))
+    manifest = Manifest.read(tmp_path, check_files=False)
+    assert manifest.output_text_threshold == 0.0 and manifest.calibration is None
+    assert ModelInfo.from_manifest(manifest).output_text_threshold == 0.0
