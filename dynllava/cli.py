@@ -838,6 +838,7 @@ def calibrate(
         print(json.dumps(report.to_json(result, metric, target, chosen, str(written) if written else None)))
         return
     console.print(report.table(result, metric, chosen))
+    console.print(f"[dim]{report.margins_line(result)}[/]", highlight=False)
     if chosen is not None:
         console.print(f"chosen: vision keep rate [bold]{chosen.vision_keep_rate:g}[/], output threshold "
                       f"[bold]{chosen.threshold:.4g}[/] (keeps {chosen.text_keep:.0%} of generated tokens, "

@@ -131,6 +131,7 @@ def test_the_table_marks_the_chosen_and_trained_settings(official_dir, data):
     assert result.exit_code == 0, result.output
     assert "chosen" in result.stdout and "trained" in result.stdout and "keep-all" in result.stdout
     assert "pass --write" in result.stdout
+    assert "predictor margins on keep-all: image tokens (64)" in result.stdout  # one example with an image
     assert not (official_dir / RECORD_FILE).exists()
 
 

@@ -32,6 +32,17 @@ def table(result: SweepResult, metric: str, chosen: Row | None) -> Table:
     return t
 
 
+def margins_line(result: SweepResult) -> str:
+    """The measured margins (logit0 - logit1) of both predictors on the keep-all run, as quantiles."""
+    parts = []
+    for name, what in (("image", "image tokens"), ("text", "generated tokens")):
+        m = result.margin_summary()[name]
+        if m:
+            parts.append(f"{what} ({m['count']}): p5 {m['p5']:.3g}, median {m['p50']:.3g}, p95 {m['p95']:.3g}, "
+                         f"{m['share_above_0']:.0%} above 0")
+    return "predictor margins on keep-all: " + "; ".join(parts) if parts else ""
+
+
 def to_json(result: SweepResult, metric: str, target: Target | None, chosen: Row | None,
             record_path: str | None) -> dict:
     return {"examples": result.examples, "max_new_tokens": result.max_new_tokens, "backend": result.backend,

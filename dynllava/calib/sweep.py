@@ -262,6 +262,8 @@ def sweep(loaded, examples: list[CalibExample], encoded: list[Encoded], max_new_
         progress("done", len(settings), len(settings))
     finally:
         model.configure_sparsity(*original)
+        if "timer" in locals():
+            timer.close()
     if keep_all_row is None:  # a grid without rate 1 / share 1: the reference's own numbers
         t_all = threshold_for_share(text_margins, 1.0) if len(text_margins) else 0.0
         keep_all_row = Row(1.0, t_all, 1.0, 1.0, float(np.mean([kv_bytes_held(model, d, s)
@@ -276,6 +278,10 @@ class _Timer:
         self.loaded, self.examples, self.backend = loaded, examples, backend
         self.max_new_tokens, self.timing = max_new_tokens, max(timing, 0)
         self._scratch = tempfile.TemporaryDirectory(prefix="dynllava-calib-") if backend == "onnxruntime" else None
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def _engine(self, model: DynamicLlava):
         from dynllava.runtime.engine import Engine
