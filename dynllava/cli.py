@@ -863,7 +863,8 @@ def flops(
     bytes_per_element: int = typer.Option(2, min=1, help="KV element size (2 = fp16/bf16)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Prefill image-token FLOPs (paper Appendix A.4.5) and KV-cache bytes, dense vs sparse."""
+    """Prefill image-token FLOPs (paper Appendix A.4.5) and KV-cache bytes, dense vs sparse. A checkpoint's
+    calibration record sets the vision keep rate and the kept share of generated tokens (the share it measured)."""
     from dynllava.flops import PRESETS, cost_report, shape_from_model_dir
 
     if (model is None) == (preset is None):
@@ -887,8 +888,15 @@ def flops(
     table.add_row(f"KV bytes ({prompt_tokens}+{answer_tokens} tokens)", _fmt_bytes(report.kv_bytes_dense),
                   _fmt_bytes(report.kv_bytes_sparse), f"{report.kv_bytes_sparse / report.kv_bytes_dense:.2f}")
     console.print(table)
-    console.print(f"[dim]generated tokens assumed kept at output_text_keep_rate={shape.output_text_keep_rate}; "
+    console.print(f"[dim]generated tokens assumed kept at output_text_keep_rate={shape.output_text_keep_rate:.3g}"
+                  f"{' (the calibration record)' if model is not None and _has_record(model) else ''}; "
                   f"KV at {bytes_per_element} bytes/element[/]")
+
+
+def _has_record(model: Path) -> bool:
+    from dynllava.calib.record import record_path
+
+    return record_path(model).is_file()
 
 
 def main() -> None:

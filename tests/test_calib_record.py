@@ -167,3 +167,20 @@ def test_a_manifest_before_schema_3_means_the_trained_threshold(export_dir, tmp_
     manifest = Manifest.read(tmp_path, check_files=False)
     assert manifest.output_text_threshold == 0.0 and manifest.calibration is None
     assert ModelInfo.from_manifest(manifest).output_text_threshold == 0.0
+
+
+def test_flops_uses_the_record(calibrated, official_dir):
+    """The record's vision keep rate (32 of 64 kept) and the kept share it measured (here: 0.25)."""
+    result = runner.invoke(app, ["flops", str(calibrated), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["image_tokens_kept"] == 32
+    copy = calibrated.parent / "flops-ckpt"
+    shutil.copytree(official_dir, copy)
+    write_record(copy, CalibrationRecord(0.5, 0.1, {"kind": "text_keep", "value": 0.3},
+                                         measured={"chosen": {"text_keep": 0.25}}))
+    a = json.loads(runner.invoke(app, ["flops", str(copy), "--json", "--prompt-tokens", "0",
+                                       "--answer-tokens", "100"]).stdout)
+    b = json.loads(runner.invoke(app, ["flops", str(official_dir), "--json", "--prompt-tokens", "0",
+                                       "--answer-tokens", "100"]).stdout)
+    # the trained rate is 0.5, the record's share 0.25: the sparse layers hold fewer answer rows
+    assert a["kv_bytes_sparse"] < b["kv_bytes_sparse"] and a["kv_bytes_dense"] == b["kv_bytes_dense"]
