@@ -184,3 +184,14 @@ def test_flops_uses_the_record(calibrated, official_dir):
                                        "--answer-tokens", "100"]).stdout)
     # the trained rate is 0.5, the record's share 0.25: the sparse layers hold fewer answer rows
     assert a["kv_bytes_sparse"] < b["kv_bytes_sparse"] and a["kv_bytes_dense"] == b["kv_bytes_dense"]
+
+
+def test_engine_admits_by_the_share_the_record_measured(official_dir, tmp_path):
+    from dynllava.runtime.engine import Engine
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(official_dir, path)
+    write_record(path, CalibrationRecord(0.5, 0.1, {"kind": "text_keep", "value": 0.3},
+                                         measured={"chosen": {"text_keep": 0.25}}))
+    assert Engine.from_path(path, "torch").keep_rate == 0.25
+    assert Engine.from_path(path, "torch", output_threshold=0.0).keep_rate == 0.5  # trained output_text_keep_rate

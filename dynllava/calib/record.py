@@ -122,3 +122,13 @@ def resolve(record: CalibrationRecord | None, sparse_overrides: dict[str, Any], 
         threshold = record.output_text_threshold
         applied.append("output_text_threshold")
     return overrides, threshold, tuple(applied)
+
+
+def expected_text_keep(entry: dict[str, Any] | None, default: float) -> float:
+    """The share of generated tokens a run is expected to keep: what the record measured at its threshold when
+    the threshold came from it (`entry`: `AppliedCalibration.manifest_entry()`, as in a manifest), else `default`
+    (the trained output_text_keep_rate). The engine admits requests by it until it has seen its own."""
+    if not entry or "output_text_threshold" not in entry.get("applied", ()):
+        return default
+    share = entry.get("measured", {}).get("chosen", {}).get("text_keep")
+    return float(share) if isinstance(share, (int, float)) and 0.0 <= share <= 1.0 else default
