@@ -156,32 +156,9 @@ def _read_requests(prompt: str | None, image: Path | None, batch: Path | None) -
         return [{"prompt": prompt, "image": str(image) if image else None}]
     if prompt is not None or image is not None:
         raise InputError("--batch cannot be combined with --prompt/--image")
-    if not batch.is_file():
-        raise InputError(f"batch file {batch} not found")
-    requests = []
-    for n, raw in enumerate(batch.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{batch}:{n}: not UTF-8 text (byte {exc.start + 1} of the line)",
-                             hint="save the batch file as UTF-8") from exc
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{batch}:{n}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(req, dict) or not isinstance(req.get("prompt"), str):
-            raise InputError(f"{batch}:{n}: expected an object with a string \"prompt\" (and \"image\": path or null)")
-        img = req.get("image")
-        if img is not None and not isinstance(img, str):
-            raise InputError(f"{batch}:{n}: \"image\" must be a path or null")
-        if img is not None and not Path(img).is_absolute() and (batch.parent / img).exists():
-            img = str(batch.parent / img)  # relative to the batch file, like most tools
-        requests.append({"prompt": req["prompt"], "image": img})
-    if not requests:
-        raise InputError(f"batch file {batch} holds no requests")
-    return requests
+    from dynllava.calib.data import read_jsonl
+
+    return read_jsonl(batch, with_answers=False)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -218,6 +195,16 @@ def _sparse_overrides(vision_keep_rate: float | None, sparse_layer: int | None, 
         overrides.update(use_vision_predictor=False, use_output_text_predictor=False)
     return {k: v for k, v in overrides.items() if v is not None}
 
+
+# the deploy-time knobs a calibration record (`dynllava calibrate --write`) sets; explicit flags win over it
+VISION_KEEP_RATE = typer.Option(None, help="Override sparse_config.vision_keep_rate (and the calibration "
+                                "record's).")
+OUTPUT_THRESHOLD = typer.Option(None, help="Threshold t on the output-text predictor's margin: a generated token "
+                                "stays in the KV cache of layers >= l iff logit0 - logit1 > t (0 = the trained "
+                                "rule; higher keeps fewer). Overrides the calibration record's.")
+NO_CALIBRATION = typer.Option(False, "--no-calibration", help="Ignore the checkpoint's calibration record "
+                              "(dynllava_calibration.json from `dynllava calibrate --write`): run the trained "
+                              "sparse_config with t = 0.")
 
 # ONNX Runtime's session threads, shared by the commands that run a model
 ORT_THREADS = typer.Option(None, min=1, help="ONNX Runtime intra-op threads (default: the CPUs available).")
@@ -260,7 +247,9 @@ def generate(
                                              "(engine directories) or auto (by what MODEL holds)."),
     predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
     vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
-    vision_keep_rate: float | None = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
+    vision_keep_rate: float | None = VISION_KEEP_RATE,
+    output_threshold: float | None = OUTPUT_THRESHOLD,
+    no_calibration: bool = NO_CALIBRATION,
     sparse_layer: int | None = typer.Option(None, help="Override sparse_config.sparse_layer."),
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
@@ -279,7 +268,9 @@ def generate(
 ) -> None:
     """Generate answers and print each with a one-line summary of what sparsification saved. Requests run through
     the engine (continuous batching, sparse KV cache); --no-kv-cache re-runs whole sequences instead. --explain DIR
-    shows which image patches and generated tokens the predictors kept."""
+    shows which image patches and generated tokens the predictors kept. A checkpoint's calibration record
+    (dynllava_calibration.json) sets the vision keep rate and the output-text threshold unless --vision-keep-rate /
+    --output-threshold are given; an export runs what it was exported with."""
     from dynllava.runtime.loading import open_model
     from dynllava.runtime.sampling import SamplingParams
 
@@ -296,6 +287,7 @@ def generate(
     with console.status("loading the model"):
         opened = open_model(model, backend, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense),
+                            output_threshold=output_threshold, no_calibration=no_calibration,
                             ort_options={"threads": ort_threads, "spinning": ort_spinning})
     if no_kv_cache:
         outputs = _generate_without_cache(opened, requests, params)
@@ -308,6 +300,9 @@ def generate(
         outputs = engine.generate([Request(prompt=r["prompt"], image=r["image"]) for r in requests], params,
                                   progress=not as_json and err_console.is_terminal)
     explanations = _write_explanations(explain_dir, opened, requests, outputs) if explain_dir else None
+    note = _calibration_note(opened)
+    if note and not as_json:
+        err_console.print(f"[dim]{note}[/]", highlight=False, soft_wrap=True)
     for i, (req, out) in enumerate(zip(requests, outputs)):
         stats = out.stats.to_dict()
         if as_json:
@@ -345,6 +340,22 @@ def _write_explanations(out_dir: Path, opened, requests: list[dict], outputs: li
                           opened.image_aspect_ratio)
         explanations.append(expl)
     return explanations
+
+
+def _calibration_note(opened) -> str | None:
+    """Which knobs a calibration record set for this run (a checkpoint's, or the one an export was made with)."""
+    manifest = getattr(opened.executor, "manifest", None)
+    if manifest is not None:
+        entry = manifest.calibration
+        applied = entry["applied"] if entry else []
+    else:
+        cal = getattr(opened.model, "calibration", None)
+        entry, applied = (cal.manifest_entry(), list(cal.applied)) if cal else (None, [])
+    if not entry or not applied:
+        return None
+    knobs = {"vision_keep_rate": f"vision keep rate {entry['vision_keep_rate']:g}",
+             "output_text_threshold": f"output threshold {entry['output_text_threshold']:.4g}"}
+    return f"calibrated ({entry['path']}): " + ", ".join(knobs[k] for k in applied)
 
 
 def _generate_without_cache(opened, requests: list[dict], params) -> list:
@@ -395,7 +406,9 @@ def export(
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the comparison with the reference model."),
     predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
     vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
-    vision_keep_rate: float | None = typer.Option(None, help="Override sparse_config.vision_keep_rate."),
+    vision_keep_rate: float | None = VISION_KEEP_RATE,
+    output_threshold: float | None = OUTPUT_THRESHOLD,
+    no_calibration: bool = NO_CALIBRATION,
     sparse_layer: int | None = typer.Option(None, help="Override sparse_config.sparse_layer."),
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (a dense LLaVA-1.5 export)."),
     target: str = typer.Option("onnxruntime", help="onnxruntime: prefill and decode built with ONNX Runtime's fused "
@@ -405,7 +418,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Export vision / prefill / nocache / decode ONNX graphs, tokenizer, processor and dynllava.json, then check
-    them against the reference model with ONNX Runtime."""
+    them against the reference model with ONNX Runtime. The vision keep rate and the output-text threshold are
+    baked into the graphs: the checkpoint's calibration record's unless overridden here; dynllava.json records
+    both and carries the record."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dynllava.config import ExportConfig
@@ -420,7 +435,8 @@ def export(
     _check_predictors(model, predictors)
     with console.status("loading the model"):
         loaded = load_model(model, predictors=predictors, vision_tower=vision_tower,
-                            sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense))
+                            sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense),
+                            output_threshold=output_threshold, no_calibration=no_calibration)
     existed = out.exists()
     fresh = not existed or not any(out.iterdir())  # then a failure removes what this command wrote
     try:
@@ -705,6 +721,9 @@ def serve(
                                                  "(default: MODEL's directory name)."),
     predictors: Path | None = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
     vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    vision_keep_rate: float | None = VISION_KEEP_RATE,
+    output_threshold: float | None = OUTPUT_THRESHOLD,
+    no_calibration: bool = NO_CALIBRATION,
     triton: bool = typer.Option(False, "--triton", help="Serve through NVIDIA Triton (PyTriton) as a decoupled "
                                 "model instead: HTTP on --port, gRPC on --port+1, metrics on --port+2."),
     ort_threads: int | None = ORT_THREADS,
@@ -713,7 +732,8 @@ def serve(
     """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
     /v1/models, /health, /metrics) with continuous batching in the background, and a chat page at / that shows
     which image patches and answer tokens the predictors kept (requests may ask for the same data with
-    "dynllava": {"explain": true})."""
+    "dynllava": {"explain": true}). A checkpoint's calibration record sets the vision keep rate and the output-text
+    threshold unless overridden here; an export runs what it was exported with."""
     from dynllava.runtime.engine import Engine
     from dynllava.serve.openai import ServerConfig, build_app
     from dynllava.serve.server import run
@@ -723,6 +743,8 @@ def serve(
     _check_predictors(model, predictors)
     with console.status("loading the model"):
         engine = Engine.from_path(model, backend, predictors=predictors, vision_tower=vision_tower,
+                                  sparse_overrides=_sparse_overrides(vision_keep_rate, None, False),
+                                  output_threshold=output_threshold, no_calibration=no_calibration,
                                   kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch, threads=ort_threads,
                                   spinning=ort_spinning)
     if triton:
@@ -788,7 +810,8 @@ def bench(
 ) -> None:
     """Dense (keep-all) vs sparse on one machine in one run: TTFT, decode tokens/s, KV bytes while generating,
     sequences per KV budget, peers (ONNX Runtime GenAI fed the same prompt embeddings, transformers generate) and the
-    paper's FLOPs beside the measured times. Ratios are the headline; absolute numbers are for this machine only."""
+    paper's FLOPs beside the measured times. Ratios are the headline; absolute numbers are for this machine only.
+    Sparse runs the checkpoint's calibration record when it has one (`dynllava calibrate --write`)."""
     from dynllava.bench import suite
     from dynllava.model.tiny import PRESETS, init_tiny
 
@@ -820,7 +843,10 @@ def bench(
         quantized = quantized_exports(_bench_export(checkpoint, work / "exports" / "sparse", None),
                                       work / "exports", log)
     results = suite.run(checkpoint, engines, cfg, work, log=log, quantized_exports=quantized)
-    results.update(model_path=str(checkpoint), backend=backend)
+    from dynllava.calib.record import read_record
+
+    record = read_record(checkpoint)  # what the sparse runs used (load_model applied it)
+    results.update(model_path=str(checkpoint), backend=backend, calibration=record.to_dict() if record else None)
     if kv_capacity:
         from dynllava.bench.decode import decode_suite
 
@@ -834,11 +860,16 @@ def bench(
 
 
 def _bench_key(checkpoint: Path) -> str:
-    """A folder name per checkpoint, so exports and GenAI builds of one model are never reused for another."""
+    """A folder name per checkpoint and calibration record, so exports and GenAI builds of one model are never
+    reused for another, nor an export made before `dynllava calibrate --write` changed the record."""
     import hashlib
 
+    from dynllava.calib.record import record_path
+
     resolved = str(Path(checkpoint).resolve())
-    return f"{Path(resolved).name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
+    record = record_path(checkpoint)
+    key = resolved.encode() + (record.read_bytes() if record.is_file() else b"")
+    return f"{Path(resolved).name}-{hashlib.sha1(key).hexdigest()[:8]}"
 
 
 def _bench_export(checkpoint: Path, target: Path, overrides: dict | None) -> Path:
@@ -866,6 +897,124 @@ def _bench_engines(checkpoint: Path, backend: str, work: Path) -> dict:
     return {mode: functools.partial(Engine.from_path, path, "onnxruntime") for mode, path in dirs.items()}
 
 
+# ---------------------------------------------------------------------- calibrate
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise InputError(f"{flag} needs at least one number")
+    return values
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    model: Path = typer.Argument(..., help="Checkpoint directory (official Dynamic-LLaVA or llava-hf layout)."),
+    data: str = typer.Option(..., help="Calibration data: a JSONL file in `generate --batch`'s format "
+                             "({\"prompt\", \"image\"}, optionally \"answer\" for task accuracy), or `shapes` "
+                             "(the synthetic task's held-out split, for the tiny trained model)."),
+    limit: int | None = typer.Option(None, min=1, help="Use only the first N examples."),
+    max_new_tokens: int = typer.Option(32, min=2, help="Tokens generated per example."),
+    backend: str = typer.Option("torch", help="Where TTFT and decode tok/s are measured (through the Engine): torch, "
+                                "or onnxruntime (an export per setting in a temporary directory). Quality is "
+                                "measured on the torch reference either way."),
+    target_kv_bytes: float | None = typer.Option(None, help="Choose the best-quality setting whose KV cache per "
+                                                 "sequence is at most this many bytes."),
+    target_text_keep: float | None = typer.Option(None, help="Choose the best-quality setting that keeps at most "
+                                                  "this share (0-1] of the generated tokens in the KV cache."),
+    max_quality_drop: float | None = typer.Option(None, help="Choose the setting with the smallest KV cache whose "
+                                                  "quality is within this much (0-1) of keep-all's."),
+    quality_metric: str = typer.Option("auto", "--quality", help="What quality means: accuracy (needs answers), "
+                                       "agreement (teacher-forced next-token agreement with keep-all), or auto "
+                                       "(accuracy when the data has answers)."),
+    vision_keep_rates: str = typer.Option("1,0.5,0.3,0.2,0.1", help="Vision keep rates to sweep (comma-separated; "
+                                          "the checkpoint's own is added)."),
+    text_keep_shares: str = typer.Option("1,0.75,0.5,0.25,0.1", help="Shares of generated tokens to keep: each "
+                                         "becomes a threshold t at that quantile of the measured margins (t = 0, "
+                                         "the trained rule, is added)."),
+    batch_size: int = typer.Option(8, min=1, help="Examples per batch in the reference passes."),
+    timing_requests: int = typer.Option(3, min=0, help="Requests timed one at a time for TTFT, per setting."),
+    write: bool = typer.Option(False, "--write", help="Write the chosen setting as MODEL/dynllava_calibration.json, "
+                               "which generate, serve, export and bench then use (explicit --vision-keep-rate / "
+                               "--output-threshold still win; --no-calibration ignores it)."),
+    plot: Path | None = typer.Option(None, help="Write a PNG of quality vs KV bytes and vs TTFT, chosen point "
+                                     "marked."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
+    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+) -> None:
+    """Choose the sparsity budget from measured quality: sweep the vision keep rate and a threshold t on the
+    output-text predictor's margin over a calibration set, and report for each setting the KV bytes per sequence,
+    TTFT and decode tok/s, and quality against keep-all on the same model (teacher-forced next-token agreement,
+    mean KL, task accuracy where the data has answers). A target picks a setting; --write records it next to the
+    checkpoint's config.json. The sweep starts from the checkpoint's sparse_config (an existing record is ignored)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dynllava.calib import report
+    from dynllava.calib.data import encode, load_examples
+    from dynllava.calib.record import write_record
+    from dynllava.calib.select import parse_target, select
+    from dynllava.calib.select import quality_metric as pick_metric
+    from dynllava.calib.sweep import BACKENDS, sweep
+    from dynllava.model.checkpoint import load_model
+
+    target = parse_target(target_kv_bytes, target_text_keep, max_quality_drop)
+    if backend not in BACKENDS:
+        raise InputError(f"unknown calibration backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
+    if write and target is None:
+        raise InputError("--write needs a target to choose a setting",
+                         hint="add --target-kv-bytes, --target-text-keep or --max-quality-drop")
+    if write:
+        _check_writable(model)
+    if plot is not None:
+        _check_writable(plot.parent if str(plot.parent) else Path("."))
+    rates = _floats(vision_keep_rates, "--vision-keep-rates")
+    shares = _floats(text_keep_shares, "--text-keep-shares")
+    _check_predictors(model, predictors)
+    with console.status("loading the model and the calibration data"):
+        loaded = load_model(model, predictors=predictors, vision_tower=vision_tower, no_calibration=True)
+        size = loaded.model.config.vision_config.image_size
+        examples = load_examples(data, limit, image_size=size)
+        encoded = encode(examples, loaded.tokenizer, loaded.image_processor, loaded.image_aspect_ratio)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True,
+                  disable=as_json or not err_console.is_terminal) as progress:
+        task = progress.add_task("calibrating", total=None)
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            progress.update(task, description=what, completed=done, total=total)
+
+        result = sweep(loaded, examples, encoded, max_new_tokens, backend, rates, shares, batch_size,
+                       timing_requests, on_progress)
+    metric = pick_metric(result.rows, quality_metric)
+    chosen = select(result.rows, result.keep_all, target, metric) if target is not None else None
+    written = None
+    if write:
+        written = write_record(model, report.make_record(result, metric, target, chosen, data))
+    if plot is not None:
+        from dynllava.calib.plot import plot_sweep
+
+        plot_sweep(result.rows, metric, plot, chosen, title=f"{model.name}: calibration on {Path(data).name}")
+    if as_json:
+        print(json.dumps(report.to_json(result, metric, target, chosen, str(written) if written else None)))
+        return
+    console.print(report.table(result, metric, chosen))
+    console.print(f"[dim]{report.margins_line(result)}[/]", highlight=False)
+    if chosen is not None:
+        console.print(f"chosen: vision keep rate [bold]{chosen.vision_keep_rate:g}[/], output threshold "
+                      f"[bold]{chosen.threshold:.4g}[/] (keeps {chosen.text_keep:.0%} of generated tokens, "
+                      f"{chosen.kv_bytes / 1024:,.1f} KiB KV per sequence)")
+    if written:
+        console.print(f"wrote {written}; generate, serve, export and bench now use it")
+    elif chosen is not None:
+        console.print("[dim]pass --write to record it next to the checkpoint[/]")
+    if plot is not None:
+        console.print(f"wrote {plot}")
+
+
 # ---------------------------------------------------------------------- flops
 @app.command()
 @handle_errors
@@ -878,7 +1027,8 @@ def flops(
     bytes_per_element: int = typer.Option(2, min=1, help="KV element size (2 = fp16/bf16)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Prefill image-token FLOPs (paper Appendix A.4.5) and KV-cache bytes, dense vs sparse."""
+    """Prefill image-token FLOPs (paper Appendix A.4.5) and KV-cache bytes, dense vs sparse. A checkpoint's
+    calibration record sets the vision keep rate and the kept share of generated tokens (the share it measured)."""
     from dynllava.flops import PRESETS, cost_report, shape_from_model_dir
 
     if (model is None) == (preset is None):
@@ -902,8 +1052,15 @@ def flops(
     table.add_row(f"KV bytes ({prompt_tokens}+{answer_tokens} tokens)", _fmt_bytes(report.kv_bytes_dense),
                   _fmt_bytes(report.kv_bytes_sparse), f"{report.kv_bytes_sparse / report.kv_bytes_dense:.2f}")
     console.print(table)
-    console.print(f"[dim]generated tokens assumed kept at output_text_keep_rate={shape.output_text_keep_rate}; "
+    console.print(f"[dim]generated tokens assumed kept at output_text_keep_rate={shape.output_text_keep_rate:.3g}"
+                  f"{' (the calibration record)' if model is not None and _has_record(model) else ''}; "
                   f"KV at {bytes_per_element} bytes/element[/]")
+
+
+def _has_record(model: Path) -> bool:
+    from dynllava.calib.record import record_path
+
+    return record_path(model).is_file()
 
 
 def main() -> None:

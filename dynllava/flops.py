@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dynllava.calib.record import read_record
 from dynllava.config import SparseConfig, keep_count
 from dynllava.errors import ConfigError
 from dynllava.jsonfile import read_json
@@ -105,7 +106,9 @@ def cost_report(shape: ModelShape, prompt_text_tokens: int = 64, answer_tokens: 
 
 
 def shape_from_model_dir(path: str | Path) -> ModelShape:
-    """Read a checkpoint directory's config.json (official or llava-hf layout) without loading weights."""
+    """Read a checkpoint directory's config.json (official or llava-hf layout) without loading weights; its
+    calibration record, when it has one, sets the vision keep rate and the kept share of generated tokens (the
+    share the record measured at its threshold)."""
     path = Path(path)
     cfg = read_json(path / "config.json")
     text = cfg.get("text_config", cfg)
@@ -118,10 +121,14 @@ def shape_from_model_dir(path: str | Path) -> ModelShape:
     # without a readable tower, assume LLaVA-1.5's CLIP ViT-L/14-336: 576 image tokens
     n = (vision["image_size"] // vision["patch_size"]) ** 2 if vision else 576
     heads = text["num_attention_heads"]
+    vision_rate, text_rate = sparse.vision_keep_rate, sparse.output_text_keep_rate
+    record = read_record(path)
+    if record is not None:
+        vision_rate = record.vision_keep_rate
+        text_rate = float(record.measured.get("chosen", {}).get("text_keep", text_rate))
     return ModelShape(
         name=path.name, hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
         kv_heads=text.get("num_key_value_heads") or heads,
         head_dim=text.get("head_dim") or text["hidden_size"] // heads, num_image_tokens=n,
-        sparse_layer=sparse.sparse_layer, vision_keep_rate=sparse.vision_keep_rate,
-        output_text_keep_rate=sparse.output_text_keep_rate,
+        sparse_layer=sparse.sparse_layer, vision_keep_rate=vision_rate, output_text_keep_rate=text_rate,
     )

@@ -463,6 +463,11 @@ def markdown(r: dict) -> str:
     if r.get("ort"):
         lines.append(f"ONNX Runtime sessions: intra-op threads {r['ort']['intra_op_num_threads']} (0 = one per "
                      f"physical core), spinning {r['ort']['allow_spinning']}")
+    cal = r.get("calibration")
+    if cal:
+        lines.append(f"sparse = the calibration record: vision keep rate {cal['vision_keep_rate']:g}, output threshold "
+                     f"{cal['output_text_threshold']:.4g} (target {cal['target'].get('kind')} "
+                     f"{cal['target'].get('value')})")
     rows = []
     for row in r.get("ttft", []):
         rows.append(f"| TTFT batch {row['batch']} (s) | {row['dense']:.3f} | {row['sparse']:.3f} | "

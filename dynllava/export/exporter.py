@@ -185,6 +185,8 @@ def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
                    "bos_token_id": loaded.tokenizer.bos_token_id, "image_placeholder": -200},
         producer={"name": "dynllava", "version": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         target=cfg.target,
+        output_text_threshold=model.output_threshold,
+        calibration=model.calibration.manifest_entry() if model.calibration is not None else None,
     )
     manifest.write(out)
     return manifest

@@ -113,7 +113,7 @@ class PrefillGraph(nn.Module):
     def _select_generated(self, h, j, lengths, new_lengths, generated_from):
         """Paper Eq. 12 on the reduced sequence: which generated tokens other tokens may attend to.
 
-        Scored = generated tokens but the newest; num_keep = batch max of #(logit0 > logit1); a scored token is
+        Scored = generated tokens but the newest; num_keep = batch max of #(margin > t); a scored token is
         kept iff fewer than num_keep scored tokens of its sequence rank above it by margin logit0 - logit1 (equal
         margins: the earlier token ranks above), the reference's rule. Masking the others as keys equals gathering
         the kept ones (every token still attends to itself)."""
@@ -125,9 +125,9 @@ class PrefillGraph(nn.Module):
         if predictor is None or not self.model.output_predictor_on:
             return torch.ones_like(scored), scored.sum(1) + has_generated
         logits = predictor(h.float())  # [B, S', 2]
-        votes = (logits[..., 0] > logits[..., 1]) & scored
-        num_keep = votes.sum(1).max()
         margin = logits[..., 0] - logits[..., 1]
+        votes = (margin > self.model.output_threshold) & scored  # the threshold is a constant of the graph
+        num_keep = votes.sum(1).max()
         score = torch.where(scored, margin, torch.full_like(margin, float("-inf")))
         a, b = score[:, :, None], score[:, None, :]  # rank of i = scored j ahead of i (higher, or equal and earlier)
         earlier = j[0][None, :, None] > j[0][None, None, :]
@@ -161,7 +161,7 @@ class DecodeGraph(nn.Module):
         presents = []
         for i, layer in enumerate(m.language_model.layers):
             if i == l and m.output_predictor_on:
-                keep = m.output_text_score_predictor.keep(h[:, 0].float())
+                keep = m.output_text_score_predictor.keep(h[:, 0].float(), m.output_threshold)
             tables, lengths = (dense_block_tables, dense_lengths) if i < l else (sparse_block_tables, sparse_lengths)
             k_pool, v_pool = pools[2 * i], pools[2 * i + 1]
             past_k, past_v = _gather_blocks(k_pool, tables), _gather_blocks(v_pool, tables)  # [B, Hkv, T, Dh]

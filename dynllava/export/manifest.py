@@ -11,11 +11,10 @@ from typing import Any
 
 from dynllava.errors import CheckpointError
 
-SCHEMA_VERSION = 2
-# version 1 (no `target`, no graph `flavour`) is a portable export; version 3 adds `quantization` (written only by
-# `dynllava quantize`, so a dynllava that cannot run quantized graphs refuses them with a clear error)
+SCHEMA_VERSION = 3
+# version 1 (no `target`, no graph `flavour`) is a portable export; version 3 adds the output-text threshold (before
+# 3: 0), the calibration record and `quantization` (from `dynllava quantize`)
 READABLE_VERSIONS = (1, 2, 3)
-QUANTIZED_SCHEMA_VERSION = 3
 MANIFEST = "dynllava.json"
 GRAPHS = ("vision", "prefill", "nocache", "decode")
 # export targets: the graphs ONNX Runtime runs fastest (built with its fused ops, KV in per-sequence slots), or the
@@ -57,6 +56,12 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     producer: dict[str, str] = field(default_factory=dict)
     target: str = "tensorrt"  # see TARGETS
+    # the deploy-time knobs baked into the graphs: sparse_config.vision_keep_rate above, and the output-text
+    # predictor's threshold t (keep iff logit0 - logit1 > t; 0 = the trained rule)
+    output_text_threshold: float = 0.0
+    # the calibration record (dynllava_calibration.json) the export was made with, as read, or None; `applied`
+    # says which of its knobs the export uses (an explicit override at export wins over the record)
+    calibration: dict[str, Any] | None = None
     # None: fp32/fp16 graphs. Else what `dynllava quantize` did (calib/quantize.py): mode (int8 / int4), method,
     # format, per-graph counts and sizes, what stayed fp32, the source export. Graph I/O is unchanged by it.
     quantization: dict[str, Any] | None = None
@@ -67,8 +72,6 @@ class Manifest:
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST
-        if self.quantization:
-            self.schema_version = max(self.schema_version, QUANTIZED_SCHEMA_VERSION)
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
 

@@ -183,10 +183,12 @@ def _to_float(g: GraphBuilder, x: str) -> str:
 
 
 def output_text_keep(g: GraphBuilder, model: DynamicLlava, h: str) -> str:
-    """bool keep decisions of the output-text predictor on h [..., D] (logit 0 > logit 1, in fp32)."""
+    """bool keep decisions of the output-text predictor on h [..., D]: margin logit 0 - logit 1 > t, in fp32, with
+    t = model.output_threshold baked in as a constant (0 = the trained rule; the manifest records t)."""
     logits = _mlp_chain(g, _to_float(g, h), model.output_text_score_predictor.output_mlp, "output_text_predictor")
     keep0, keep1 = g.op("Split", [logits, g.const([1, 1])], 2, axis=-1)
-    return g.op("Squeeze", [g.op("Greater", [keep0, keep1]), g.const([-1])])
+    margin = g.op("Sub", [keep0, keep1])
+    return g.op("Squeeze", [g.op("Greater", [margin, g.const(model.output_threshold, np.float32)]), g.const([-1])])
 
 
 # ---------------------------------------------------------------------- decode

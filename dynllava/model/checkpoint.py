@@ -30,6 +30,7 @@ from transformers import (
     LlavaConfig,
 )
 
+from dynllava.calib.record import AppliedCalibration, read_record, record_path, resolve
 from dynllava.config import SparseConfig
 from dynllava.errors import CheckpointError, ConfigError
 from dynllava.jsonfile import read_json
@@ -247,23 +248,34 @@ def _load_hf(directory: Path, cfg: dict, predictors: str | Path | None) -> tuple
 
 
 def load_model(path: str | Path, *, predictors: str | Path | None = None, vision_tower: str | Path | None = None,
-               sparse_overrides: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a checkpoint directory in any supported layout, with its tokenizer and image processor."""
+               sparse_overrides: dict[str, Any] | None = None, output_threshold: float | None = None,
+               no_calibration: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a checkpoint directory in any supported layout, with its tokenizer and image processor.
+
+    The checkpoint's calibration record (`dynllava_calibration.json`, dynllava.calib.record) sets the vision keep
+    rate and the output-text threshold unless `sparse_overrides["vision_keep_rate"]` / `output_threshold` say
+    otherwise (explicit values win) or no_calibration is set."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"model directory {directory} does not exist")
     layout = detect_layout(directory)
     cfg = read_json(directory / "config.json")
-    overrides = {k: v for k, v in (sparse_overrides or {}).items() if v is not None}
+    record = None if no_calibration else read_record(directory)
+    overrides, threshold, applied = resolve(record, sparse_overrides or {}, output_threshold)
     if layout == "official":
         model, image_processor = _load_official(directory, cfg, vision_tower)
     else:
         model, image_processor = _load_hf(directory, cfg, predictors)
-    if overrides:  # built with the checkpoint's own sparse_config (its predictors), run with the overridden one
+    if overrides or threshold is not None:  # built with the checkpoint's own sparse_config (its predictors)
         try:
-            model.configure_sparsity(model.sparse.replace(**overrides))
+            model.configure_sparsity(model.sparse.replace(**overrides), threshold)
         except ConfigError as exc:
-            raise CheckpointError(f"cannot apply {', '.join(overrides)}: {exc.message}") from exc
+            names = [*overrides, *(["output_threshold"] if threshold is not None else [])]
+            raise CheckpointError(f"cannot apply {', '.join(names)}: {exc.message}") from exc
+    if record is not None:
+        on = {"vision_keep_rate": model.sparse.use_vision_predictor, "output_text_threshold": model.output_predictor_on}
+        model.calibration = AppliedCalibration(record, str(record_path(directory)),
+                                               tuple(k for k in applied if on[k]))
     model = model.to(dtype).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -102,7 +102,9 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TextPredictor(nn.Module):
-    """Decides per generated token whether its K/V enter the caches of layers >= l: keep iff logit0 > logit1."""
+    """Decides per generated token whether its K/V enter the caches of layers >= l: keep iff the margin
+    logit0 - logit1 > t. t = 0 is the trained rule (logit0 > logit1); a deploy-time threshold t (`dynllava
+    calibrate`, the calibration record) moves the kept share: a higher t keeps fewer tokens."""
 
     def __init__(self, input_dim: int, d_model: int = 512):
         super().__init__()
@@ -117,7 +119,11 @@ class TextPredictor(nn.Module):
         # x: [..., D] -> [..., 2]
         return self.output_mlp(x)
 
-    def keep(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., D] -> bool [...]
-        logits = self.forward(x)
-        return logits[..., 0] > logits[..., 1]
+    def margin(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., D] -> logit0 - logit1 [...]
+        logits = self(x)
+        return logits[..., 0] - logits[..., 1]
+
+    def keep(self, x: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+        # x: [..., D] -> bool [...]; at threshold 0 exactly logit0 > logit1 (a - b > 0 iff a > b in IEEE floats)
+        return self.margin(x) > threshold

@@ -7,9 +7,10 @@ RMSNorm and rotary embedding); what is ours is the sparse control flow around th
   by the margin logit[0] - logit[1], equal margins -> lower index first; original order, original RoPE positions);
   layers >= l run on the reduced sequence.
 * decode with KV cache: layers < l always append; at layer l the output-text predictor decides whether the token's
-  K/V enter the caches of layers >= l; the token always attends to itself.
+  K/V enter the caches of layers >= l (margin logit0 - logit1 > t; t = `output_threshold`, 0 = the trained rule,
+  set per deployment by a calibration record); the token always attends to itself.
 * decode without KV cache (paper Eq. 12): the whole sequence is re-run each step; among the generated tokens the
-  top num_keep by margin are kept (same tie rule), num_keep = batch max of #(logit0 > logit1); the newest token is
+  top num_keep by margin are kept (same tie rule), num_keep = batch max of #(margin > t); the newest token is
   always kept. For the sequence with the most votes (any sequence alone) that is exactly Eq. 12's set
   {logit0 > logit1}, so a batch of one decodes as the KV-cache mode does.
 
@@ -19,6 +20,7 @@ cache lengths, right-padded with masks, so a batch gives what each sequence give
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -130,10 +132,20 @@ class DynamicLlava(nn.Module):
                                       if sparse.use_vision_predictor else None)
         self.output_text_score_predictor = (TextPredictor(text.hidden_size, sparse.d_model)
                                             if _output_predictor_on(sparse) else None)
+        # deploy-time threshold on the output-text predictor's margin (keep iff logit0 - logit1 > t); 0 = trained
+        self.output_threshold = 0.0
+        self.calibration = None  # the calibration record in effect (dynllava.calib.record), set by the loader
         self.configure_sparsity(sparse)
 
-    def configure_sparsity(self, sparse: SparseConfig) -> None:
-        """Switch to another sparse_config (e.g. a --vision-keep-rate override) over the same weights."""
+    def configure_sparsity(self, sparse: SparseConfig, output_threshold: float | None = None) -> None:
+        """Switch to another sparse_config (e.g. a --vision-keep-rate override) over the same weights;
+        output_threshold: a new threshold t on the output-text predictor's margin (None: keep the current one; -inf
+        keeps every token, as calibration's keep-all reference does)."""
+        if output_threshold is not None:
+            if isinstance(output_threshold, bool) or not isinstance(output_threshold, (int, float)) \
+                    or math.isnan(output_threshold):
+                raise ConfigError(f"the output-text threshold must be a number, got {output_threshold!r}")
+            self.output_threshold = float(output_threshold)
         layers = self.config.text_config.num_hidden_layers
         if not 0 <= sparse.sparse_layer < layers:
             raise ConfigError(f"sparse_config.sparse_layer must be in [0, {layers - 1}] for a {layers}-layer "
@@ -301,7 +313,8 @@ class DynamicLlava(nn.Module):
     def _select_generated(self, h: torch.Tensor, keep_index: list[torch.Tensor], generated_from: list[int],
                           lengths: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Paper Eq. 12: among generated tokens (all but the newest), keep the top num_keep by margin
-        logit0 - logit1 (equal margins -> the earlier token), where num_keep is the batch max of #(logit0 > logit1);
+        logit0 - logit1 (equal margins -> the earlier token), where num_keep is the batch max of #(margin > t)
+        (t = output_threshold, 0 = the trained #(logit0 > logit1));
         the newest generated token is always kept.
 
         The official code ranks by logit 0 alone, which can keep a token the predictor drops while dropping one it
@@ -311,7 +324,8 @@ class DynamicLlava(nn.Module):
         kept: list[torch.Tensor] = []
         if self.output_predictor_on and any(scored):
             logits = [self.output_text_score_predictor(h[b, idx]) if idx else None for b, idx in enumerate(scored)]
-            num_keep = max(int((lg[:, 0] > lg[:, 1]).sum()) for lg in logits if lg is not None)
+            t = self.output_threshold
+            num_keep = max(int((lg[:, 0] - lg[:, 1] > t).sum()) for lg in logits if lg is not None)
             for lg in logits:
                 if lg is None:
                     kept.append(torch.zeros(0, dtype=torch.long, device=h.device))
@@ -355,20 +369,24 @@ class DynamicLlava(nn.Module):
                        torch.zeros(batch, dtype=torch.long, device=device))
 
     @torch.no_grad()
-    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step with the KV cache. token_ids: [B] -> (logits [B, V], keep [B] bool).
+    def decode_step(self, token_ids: torch.Tensor, cache: KVCache, with_margins: bool = False):
+        """One decode step with the KV cache. token_ids: [B] -> (logits [B, V], keep [B] bool), and the output
+        predictor's margins [B] (fp32; None with the predictor off) when with_margins.
 
         Layers < l always append the token's K/V; layers >= l append them only if the output-text predictor
-        keeps the token. The token attends to the cache and itself in every layer either way.
+        keeps the token (margin > output_threshold). The token attends to the cache and itself in every layer
+        either way.
         """
         h = self.language_model.embed_tokens(token_ids.to(self.device))[:, None]  # [B, 1, D]
         positions = cache.positions[:, None]  # [B, 1]
         cos, sin = self.language_model.rotary_emb(h, positions)
         l = self.sparse_layer
         keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        margins = None
         for layer_idx, layer in enumerate(self.language_model.layers):
             if layer_idx == l and self.output_predictor_on:
-                keep = self.output_text_score_predictor.keep(h[:, 0])  # [B]
+                margins = self.output_text_score_predictor.margin(h[:, 0]).float()  # [B]
+                keep = margins > self.output_threshold
             group, i = cache.group(layer_idx, l)
             past_k, past_v, past_valid = group.past(i)
             mask = torch.cat([past_valid, torch.ones_like(past_valid[:, :1])], dim=1)[:, None, None]  # [B,1,1,T+1]
@@ -378,7 +396,7 @@ class DynamicLlava(nn.Module):
         cache.sparse.commit(keep)
         cache.positions += 1
         logits = self.lm_head(self.language_model.norm(h[:, 0]))
-        return logits, keep
+        return (logits, keep, margins) if with_margins else (logits, keep)
 
     @torch.no_grad()
     def forward_no_cache(self, input_ids: list[list[int]], image_features: list[torch.Tensor | None],

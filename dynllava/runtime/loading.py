@@ -49,17 +49,19 @@ def _open_graphs(path: Path, runner: Any, backend: str) -> OpenModel:
 
 def open_model(path: str | Path, backend: str = "auto", ort_options: dict[str, Any] | None = None,
                **load_kwargs: Any) -> OpenModel:
-    """load_kwargs (predictors, vision_tower, sparse_overrides) apply to checkpoints on the torch backend;
-    ort_options (threads, spinning) to ONNX Runtime sessions."""
+    """load_kwargs (predictors, vision_tower, sparse_overrides, output_threshold, no_calibration) apply to
+    checkpoints on the torch backend (which honours the checkpoint's calibration record; an export carries the
+    record it was made with, baked into its graphs); ort_options (threads, spinning) to ONNX Runtime sessions."""
     path = Path(path)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
     exported, engine = is_export_dir(path), is_engine_dir(path)
     if backend == "auto":
         backend = "tensorrt" if engine else "onnxruntime" if exported else "torch"
-    if backend != "torch" and any(load_kwargs.values()):
-        raise InputError("loading flags (--predictors, --vision-tower, sparse overrides) apply at export time",
-                         hint="pass them to `dynllava export`")
+    # given = anything but the defaults (None, False, no overrides); 0.0 is a given threshold
+    if backend != "torch" and any(v is not None and v is not False and v != {} for v in load_kwargs.values()):
+        raise InputError("loading flags (--predictors, --vision-tower, sparse overrides, --output-threshold, "
+                         "--no-calibration) apply at export time", hint="pass them to `dynllava export`")
     if backend == "onnxruntime":
         if not exported:
             raise InputError(f"{path} is not an export directory (no {MANIFEST} with ONNX graphs); the onnxruntime "

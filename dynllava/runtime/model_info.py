@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dynllava.calib.record import expected_text_keep
 from dynllava.config import keep_count
 from dynllava.export.manifest import Manifest
 
@@ -24,13 +25,14 @@ class ModelInfo:
     max_positions: int
     np_dtype: np.dtype
     vision_keep_rate: float  # 1.0 without the image predictor
-    output_text_keep_rate: float
+    output_text_keep_rate: float  # expected kept share of generated tokens: trained, or the calibration record's
     output_predictor_on: bool
     max_batch: int
     max_seq_len: int
     kv_layout: str = PAGED
     block_size: int | None = None  # KV rows per block when fixed (a TensorRT engine's build); None = any
     max_pool_blocks: int | None = None  # most blocks a pool may have (a TensorRT decode profile)
+    output_text_threshold: float = 0.0  # keep a generated token iff logit0 - logit1 > this (calibration record)
 
     @property
     def kept_image_tokens(self) -> int:
@@ -43,10 +45,11 @@ class ModelInfo:
                    head_dim=m["head_dim"], hidden_size=m["hidden_size"], num_image_tokens=m["num_image_tokens"],
                    max_positions=m["max_position_embeddings"], np_dtype=np.dtype(manifest.np_dtype),
                    vision_keep_rate=sparse["vision_keep_rate"] if sparse["use_vision_predictor"] else 1.0,
-                   output_text_keep_rate=sparse["output_text_keep_rate"],
+                   output_text_keep_rate=expected_text_keep(manifest.calibration, sparse["output_text_keep_rate"]),
                    output_predictor_on=bool(sparse["use_text_predictor"] and sparse["use_output_text_predictor"]),
                    max_batch=manifest.limits["max_batch"], max_seq_len=manifest.limits["max_seq_len"],
-                   kv_layout=manifest.kv_cache.get("layout", PAGED))
+                   kv_layout=manifest.kv_cache.get("layout", PAGED),
+                   output_text_threshold=manifest.output_text_threshold)
         return cls(**{**info.__dict__, **overrides})
 
     @classmethod
@@ -59,6 +62,8 @@ class ModelInfo:
                    np_dtype=np.dtype({"float16": np.float16}.get(str(model.dtype).removeprefix("torch."),
                                                                  np.float32)),
                    vision_keep_rate=model.sparse.vision_keep_rate if model.sparse.use_vision_predictor else 1.0,
-                   output_text_keep_rate=model.sparse.output_text_keep_rate,
+                   output_text_keep_rate=expected_text_keep(
+                       model.calibration.manifest_entry() if model.calibration else None,
+                       model.sparse.output_text_keep_rate),
                    output_predictor_on=model.output_predictor_on, max_batch=1 << 30,
-                   max_seq_len=text.max_position_embeddings)
+                   max_seq_len=text.max_position_embeddings, output_text_threshold=model.output_threshold)
