@@ -288,3 +288,17 @@ def test_build_engine_reads_qdq_exports_strongly_typed_and_refuses_onnxruntime_f
         quantized_qdq(Manifest.read(int4_dir), int4_dir)
     result = CliRunner().invoke(app, ["build-engine", str(int4_dir), "-o", str(tmp_path / "engine")])
     assert result.exit_code == 1 and "TensorRT builds from the portable graphs" in result.stderr
+
+
+def test_fp8_needs_a_tensorrt_export_and_modelopt_before_any_work(fast_export_dir, export_dir, tmp_path):
+    wrong = CliRunner().invoke(app, ["quantize", str(fast_export_dir), "-o", str(tmp_path / "a"), "--mode", "fp8"])
+    assert wrong.exit_code == 1 and "quantize a --target tensorrt export" in wrong.stderr
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+        pytest.skip("ModelOpt is installed here")
+    except ImportError:
+        pass
+    missing = CliRunner().invoke(app, ["quantize", str(export_dir), "-o", str(tmp_path / "b"), "--mode", "fp8"])
+    assert missing.exit_code == 2 and "needs NVIDIA ModelOpt" in missing.stderr
+    assert "dynllava[modelopt]" in missing.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
