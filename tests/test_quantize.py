@@ -302,3 +302,18 @@ def test_fp8_needs_a_tensorrt_export_and_modelopt_before_any_work(fast_export_di
     assert missing.exit_code == 2 and "needs NVIDIA ModelOpt" in missing.stderr
     assert "dynllava[modelopt]" in missing.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_keep_fp32_leaves_the_named_linear_kinds_untouched(fast_export_dir, loaded, tmp_path):
+    out = tmp_path / "q"
+    quantize_export(fast_export_dir, out, QuantizeConfig("int8", keep_fp32=("down", "lm_head")))
+    before, after = _inits(fast_export_dir / "decode.onnx"), _inits(out / "decode.onnx")
+    kept = [n for n in before if re.match(r"^(l\d+\.down|lm_head)$", n)]
+    assert len(kept) == loaded.model.num_layers + 1
+    assert all(np.array_equal(after[n], before[n]) for n in kept)
+    assert _ops(out / "decode.onnx").count("MatMulInteger") == 4 * loaded.model.num_layers
+    # the traced nocache graph: q, k, v, o, gate, up quantized per layer (kinds read from the node names)
+    assert _ops(out / "nocache.onnx").count("MatMulInteger") == 6 * loaded.model.num_layers
+    assert Manifest.read(out).quantization["kept_fp32_linears"] == ["down", "lm_head"]
+    with pytest.raises(ConfigError, match="unknown linear layer kind"):
+        QuantizeConfig("int8", keep_fp32=("mlp",))
