@@ -92,6 +92,8 @@ def test_manifest_records_the_quantization_and_old_readers_refuse_it(int8_dir, f
     manifest = Manifest.read(int8_dir)
     assert manifest.quantization["mode"] == "int8" and manifest.quantization["method"] == "dynamic"
     assert manifest.schema_version == 3 and Manifest.read(fast_export_dir).quantization is None
+    plain = json.loads((fast_export_dir / "dynllava.json").read_text())  # what schema-2 readers know, unchanged
+    assert plain["schema_version"] == 2 and "quantization" not in plain
     # graph I/O unchanged: the runtime binds the quantized graphs as it binds the fp32 ones
     assert manifest.graphs["decode"] == Manifest.read(fast_export_dir).graphs["decode"]
 

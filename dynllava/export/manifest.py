@@ -67,9 +67,12 @@ class Manifest:
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST
+        data = asdict(self)
         if self.quantization:
-            self.schema_version = max(self.schema_version, QUANTIZED_SCHEMA_VERSION)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+            self.schema_version = data["schema_version"] = max(self.schema_version, QUANTIZED_SCHEMA_VERSION)
+        else:  # an unquantized manifest stays what schema 2 readers know
+            del data["quantization"]
+        path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
     @classmethod
