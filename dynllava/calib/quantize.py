@@ -1,4 +1,5 @@
-"""`dynllava quantize`: an fp32 export directory -> an int8 or int4 export directory the runtime runs unchanged.
+"""`dynllava quantize`: an fp32 export directory -> an int8 or int4 export directory the runtime runs unchanged (or
+fp8 Q/DQ graphs for TensorRT).
 
 Only the language model's linear layers are quantized (the q/k/v (packed), o, gate, up, down projections of every
 decoder layer and the lm_head), in the prefill, decode and nocache graphs; the predictors (image score predictor,
@@ -15,7 +16,8 @@ and outputs are unchanged, so `dynllava.json` keeps its graph specs and gains a 
 * int4: `MatMulNBitsQuantizer` (weight-only, blocks of `block_size` along the input dimension, symmetric), one
   MatMulNBits node per linear layer; `accuracy_level` is MatMulNBits' compute type (4 = int8 activations).
 
-Which int8 method is the default, and why, is measured by `dynllava bench --only quantized` (README).
+int8 defaults to dynamic: on ONNX Runtime's CPU EP it measured faster than static QDQ and needs no calibration
+data (README, "Which int8"); `dynllava bench --only quantized` measures the exports against fp32.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ _PREDICTOR = re.compile(r"predictor|output_mlp|down_mlp|transformer\.\d")
 
 @dataclass
 class QuantizeConfig:
-    mode: str  # int8 | int4
-    method: str | None = None  # int8: dynamic | static (default: dynamic); int4: rtn
-    block_size: int = 32  # int4: input channels per scale
-    accuracy_level: int = 4  # int4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    mode: str  # MODES
+    method: str | None = None  # int8: dynamic (default) | static | nbits; int4: rtn; fp8: modelopt
+    block_size: int = 32  # MatMulNBits (int4, int8 nbits): input channels per scale
+    accuracy_level: int = 4  # MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
     calib_steps: int = 8  # static / fp8: decode steps recorded per calibration batch
     keep_fp32: tuple[str, ...] = ()  # linear kinds (LINEAR_KINDS) left in fp32
 
@@ -228,9 +230,8 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
 
 
 def _copy_unquantized(src: Path, out: Path, manifest: Manifest) -> None:
-    for name in ("tokenizer", "processor"):
-        shutil.copytree(src / manifest.tokenizer[f"{name}_dir" if name == "processor" else "dir"], out / name,
-                        dirs_exist_ok=True)
+    for key in ("dir", "processor_dir"):  # where the manifest (copied with the export) says they are
+        shutil.copytree(src / manifest.tokenizer[key], out / manifest.tokenizer[key], dirs_exist_ok=True)
     for name, spec in manifest.graphs.items():
         if name not in QUANTIZED_GRAPHS:
             for path in (src / spec.file, src / (spec.file + ".data")):
@@ -259,7 +260,8 @@ def check_source(manifest: Manifest, src: Path, cfg: QuantizeConfig) -> None:
 def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list | None = None,
                     on_graph: Callable[[GraphReport], None] | None = None) -> Manifest:
     """Write OUT: the export in SRC with its language model quantized (cfg), tokenizer / processor / vision graph
-    copied, and a dynllava.json recording the quantization. calibration: samples (calib/feeds.py) for int8 static."""
+    copied, and a dynllava.json recording the quantization. calibration: samples (calib/feeds.py) for int8 static
+    and fp8."""
     import onnxruntime
 
     src, out = Path(src), Path(out)
