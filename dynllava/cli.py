@@ -517,6 +517,9 @@ def quantize(
     block_size: int = typer.Option(32, help="MatMulNBits: input channels per scale (a power of two >= 16)."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits compute type: 4 = int8 (the fastest on the CPU), "
                                        "1 = fp32, 0 = the kernel's default."),
+    keep_fp32: str | None = typer.Option(None, "--keep-fp32", metavar="KINDS", help="Linear layers to leave in "
+                                         "fp32, comma-separated: qkv, o, gate, up, down, lm_head (e.g. down,lm_head: "
+                                         "the ones whose error moves the next token most).", show_default=False),
     eval_data: Path | None = typer.Option(None, help="Held-out validation requests (JSONL as --calib-data). "
                                           "Default: 8 built-in requests that calibration does not use."),
     steps: int = typer.Option(16, min=1, help="Teacher-forced decode steps per validation request."),
@@ -541,7 +544,8 @@ def quantize(
     from dynllava.export.manifest import Manifest
     from dynllava.runtime.loading import open_model
 
-    cfg = QuantizeConfig(mode, method, block_size, accuracy_level, calib_steps)
+    kinds = tuple(k.strip() for k in keep_fp32.split(",") if k.strip()) if keep_fp32 else ()
+    cfg = QuantizeConfig(mode, method, block_size, accuracy_level, calib_steps, kinds)
     check_source(Manifest.read(export_dir), export_dir, cfg)  # clear errors before any work
     _check_empty(out, force)
     opened = open_model(export_dir, "onnxruntime")

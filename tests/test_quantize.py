@@ -92,6 +92,8 @@ def test_manifest_records_the_quantization_and_old_readers_refuse_it(int8_dir, f
     manifest = Manifest.read(int8_dir)
     assert manifest.quantization["mode"] == "int8" and manifest.quantization["method"] == "dynamic"
     assert manifest.schema_version == 3 and Manifest.read(fast_export_dir).quantization is None
+    plain = json.loads((fast_export_dir / "dynllava.json").read_text())  # an unquantized export has no such key
+    assert "quantization" not in plain
     # graph I/O unchanged: the runtime binds the quantized graphs as it binds the fp32 ones
     assert manifest.graphs["decode"] == Manifest.read(fast_export_dir).graphs["decode"]
 
@@ -288,3 +290,32 @@ def test_build_engine_reads_qdq_exports_strongly_typed_and_refuses_onnxruntime_f
         quantized_qdq(Manifest.read(int4_dir), int4_dir)
     result = CliRunner().invoke(app, ["build-engine", str(int4_dir), "-o", str(tmp_path / "engine")])
     assert result.exit_code == 1 and "TensorRT builds from the portable graphs" in result.stderr
+
+
+def test_fp8_needs_a_tensorrt_export_and_modelopt_before_any_work(fast_export_dir, export_dir, tmp_path):
+    wrong = CliRunner().invoke(app, ["quantize", str(fast_export_dir), "-o", str(tmp_path / "a"), "--mode", "fp8"])
+    assert wrong.exit_code == 1 and "quantize a --target tensorrt export" in wrong.stderr
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+        pytest.skip("ModelOpt is installed here")
+    except ImportError:
+        pass
+    missing = CliRunner().invoke(app, ["quantize", str(export_dir), "-o", str(tmp_path / "b"), "--mode", "fp8"])
+    assert missing.exit_code == 2 and "needs NVIDIA ModelOpt" in missing.stderr
+    assert "dynllava[modelopt]" in missing.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_keep_fp32_leaves_the_named_linear_kinds_untouched(fast_export_dir, loaded, tmp_path):
+    out = tmp_path / "q"
+    quantize_export(fast_export_dir, out, QuantizeConfig("int8", keep_fp32=("down", "lm_head")))
+    before, after = _inits(fast_export_dir / "decode.onnx"), _inits(out / "decode.onnx")
+    kept = [n for n in before if re.match(r"^(l\d+\.down|lm_head)$", n)]
+    assert len(kept) == loaded.model.num_layers + 1
+    assert all(np.array_equal(after[n], before[n]) for n in kept)
+    assert _ops(out / "decode.onnx").count("MatMulInteger") == 4 * loaded.model.num_layers
+    # the traced nocache graph: q, k, v, o, gate, up quantized per layer (kinds read from the node names)
+    assert _ops(out / "nocache.onnx").count("MatMulInteger") == 6 * loaded.model.num_layers
+    assert Manifest.read(out).quantization["kept_fp32_linears"] == ["down", "lm_head"]
+    with pytest.raises(ConfigError, match="unknown linear layer kind"):
+        QuantizeConfig("int8", keep_fp32=("mlp",))

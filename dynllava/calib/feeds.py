@@ -116,10 +116,15 @@ def graph_feeds(export_dir: Path, samples: list[Sample], graph: str, steps: int,
     """The feeds of every `graph` call while the export runs the samples greedily (`batch_size` at a time: prefill,
     `steps` decode steps, then Eq. 12 over the prompt and the generated tokens), one call at a time, lazily: only
     one step's KV copy is alive."""
+    from dataclasses import replace
+
     from dynllava.runtime.backends.onnxruntime import OrtExecutor
     from dynllava.runtime.batch import BatchRunner
 
-    recorder = FeedRecorder(OrtExecutor(export_dir), graph)
+    executor = OrtExecutor(export_dir)
+    # the export's max_batch / max_seq_len bound what the runtime sends, not what the graphs take
+    executor.info = replace(executor.info, max_batch=1 << 30, max_seq_len=1 << 30)
+    recorder = FeedRecorder(executor, graph)
     runner = BatchRunner(recorder)
     for chunk in batches(samples, batch_size):
         prompts, feats = [s.ids for s in chunk], features(runner, chunk)

@@ -1,4 +1,5 @@
-"""`dynllava quantize`: an fp32 export directory -> an int8 or int4 export directory the runtime runs unchanged.
+"""`dynllava quantize`: an fp32 export directory -> an int8 or int4 export directory the runtime runs unchanged (or
+fp8 Q/DQ graphs for TensorRT).
 
 Only the language model's linear layers are quantized (the q/k/v (packed), o, gate, up, down projections of every
 decoder layer and the lm_head), in the prefill, decode and nocache graphs; the predictors (image score predictor,
@@ -15,7 +16,8 @@ and outputs are unchanged, so `dynllava.json` keeps its graph specs and gains a 
 * int4: `MatMulNBitsQuantizer` (weight-only, blocks of `block_size` along the input dimension, symmetric), one
   MatMulNBits node per linear layer; `accuracy_level` is MatMulNBits' compute type (4 = int8 activations).
 
-Which int8 method is the default, and why, is measured by `dynllava bench --only quantized` (README).
+int8 defaults to dynamic: on ONNX Runtime's CPU EP it measured faster than static QDQ and needs no calibration
+data (README, "Which int8"); `dynllava bench --only quantized` measures the exports against fp32.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ _PREDICTOR = re.compile(r"predictor|output_mlp|down_mlp|transformer\.\d")
 
 @dataclass
 class QuantizeConfig:
-    mode: str  # int8 | int4
-    method: str | None = None  # int8: dynamic | static (default: dynamic); int4: rtn
-    block_size: int = 32  # int4: input channels per scale
-    accuracy_level: int = 4  # int4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    mode: str  # MODES
+    method: str | None = None  # int8: dynamic (default) | static | nbits; int4: rtn; fp8: modelopt
+    block_size: int = 32  # MatMulNBits (int4, int8 nbits): input channels per scale
+    accuracy_level: int = 4  # MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
     calib_steps: int = 8  # static / fp8: decode steps recorded per calibration batch
+    keep_fp32: tuple[str, ...] = ()  # linear kinds (LINEAR_KINDS) left in fp32
 
     @property
     def calibrated(self) -> bool:
@@ -76,6 +79,12 @@ class QuantizeConfig:
             raise ConfigError(f"--block-size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+        unknown = [k for k in self.keep_fp32 if k not in LINEAR_KINDS]
+        if unknown:
+            raise ConfigError(f"--keep-fp32: unknown linear layer kind(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(LINEAR_KINDS)}")
+        if set(self.keep_fp32) == set(LINEAR_KINDS):
+            raise ConfigError("--keep-fp32 names every linear layer: nothing left to quantize")
         if self.calib_steps < 1:
             raise ConfigError(f"--calib-steps must be >= 1, got {self.calib_steps}")
 
@@ -84,7 +93,7 @@ class QuantizeConfig:
 class GraphReport:
     graph: str
     quantized: int  # linear layers quantized
-    kept_fp32: int  # MatMuls with a constant weight left in fp32 (predictors)
+    kept_fp32: int  # MatMuls with a constant weight left in fp32 (predictors, --keep-fp32 kinds)
     ops: dict[str, int] = field(default_factory=dict)  # quantized op types in the result, counted
     bytes_before: int = 0
     bytes_after: int = 0
@@ -108,23 +117,32 @@ def _nbits(cfg: QuantizeConfig) -> bool:
     return cfg.mode == "int4" or cfg.method == "nbits"
 
 
-def _is_language_linear(node: onnx.NodeProto, inits: set[str]) -> bool:
+LINEAR_KINDS = ("qkv", "o", "gate", "up", "down", "lm_head")
+_TRACED_KIND = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate",
+                "up_proj": "up", "down_proj": "down", "lm_head": "lm_head"}
+
+
+def linear_kind(node: onnx.NodeProto, inits: set[str]) -> str | None:
+    """Which of the language model's linear layers a MatMul is (LINEAR_KINDS), or None (predictors, attention)."""
     if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
-        return False
-    if _BUILT_WEIGHT.match(node.input[1]):
-        return True
-    return bool(_TRACED_NODE.search(node.name)) and not _PREDICTOR.search(node.name)
+        return None
+    built = _BUILT_WEIGHT.match(node.input[1])
+    if built:
+        return built.group(2) or "lm_head"
+    traced = _TRACED_NODE.search(node.name)
+    return _TRACED_KIND[traced.group(1)] if traced and not _PREDICTOR.search(node.name) else None
 
 
-def language_linears(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """(names of the language model's MatMul nodes with a constant weight, names of every other such MatMul)."""
+def language_linears(model: onnx.ModelProto, keep_fp32: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(names of the language model's MatMul nodes with a constant weight, except the kinds in keep_fp32; names of
+    every other such MatMul)."""
     inits = {i.name for i in model.graph.initializer}
     constant = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
     unnamed = [n for n in constant if not n.name]
     if unnamed:
         raise DynLlavaError(f"graph {model.graph.name} has unnamed MatMul nodes; cannot tell predictors from the "
                             "language model", hint="re-export the model with this version of dynllava")
-    lm = [n.name for n in constant if _is_language_linear(n, inits)]
+    lm = [n.name for n in constant if linear_kind(n, inits) not in (None, *keep_fp32)]
     return lm, [n.name for n in constant if n.name not in set(lm)]
 
 
@@ -161,7 +179,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
 
     _quiet_quantizer_logs()
     model = onnx.load(str(src))
-    lm, others = language_linears(model)
+    lm, others = language_linears(model, cfg.keep_fp32)
     if not lm:
         raise DynLlavaError(f"{src.name}: no language-model MatMul found to quantize",
                             hint="is this a dynllava export? re-export it with this version")
@@ -212,9 +230,8 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
 
 
 def _copy_unquantized(src: Path, out: Path, manifest: Manifest) -> None:
-    for name in ("tokenizer", "processor"):
-        shutil.copytree(src / manifest.tokenizer[f"{name}_dir" if name == "processor" else "dir"], out / name,
-                        dirs_exist_ok=True)
+    for key in ("dir", "processor_dir"):  # where the manifest (copied with the export) says they are
+        shutil.copytree(src / manifest.tokenizer[key], out / manifest.tokenizer[key], dirs_exist_ok=True)
     for name, spec in manifest.graphs.items():
         if name not in QUANTIZED_GRAPHS:
             for path in (src / spec.file, src / (spec.file + ".data")):
@@ -243,7 +260,8 @@ def check_source(manifest: Manifest, src: Path, cfg: QuantizeConfig) -> None:
 def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list | None = None,
                     on_graph: Callable[[GraphReport], None] | None = None) -> Manifest:
     """Write OUT: the export in SRC with its language model quantized (cfg), tokenizer / processor / vision graph
-    copied, and a dynllava.json recording the quantization. calibration: samples (calib/feeds.py) for int8 static."""
+    copied, and a dynllava.json recording the quantization. calibration: samples (calib/feeds.py) for int8 static
+    and fp8."""
     import onnxruntime
 
     src, out = Path(src), Path(out)
@@ -266,6 +284,7 @@ def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list
         "mode": cfg.mode, "method": cfg.method, "format": _FORMATS[cfg.method].format(
             bits=4 if cfg.mode == "int4" else 8, symmetric=", symmetric" if manifest.target == "tensorrt" else ""),
         **({"block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level} if _nbits(cfg) else {}),
+        "kept_fp32_linears": list(cfg.keep_fp32),
         "graphs": {name: asdict(r) for name, r in reports.items()},
         "fp32": "vision graph, image and output-text predictors, norms, embeddings, rotary caches",
         "source": str(src.resolve()), "onnxruntime": onnxruntime.__version__,

@@ -72,7 +72,10 @@ class Manifest:
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        data = asdict(self)
+        if not self.quantization:  # only `dynllava quantize` writes the key
+            del data["quantization"]
+        path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
     @classmethod
