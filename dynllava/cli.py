@@ -346,33 +346,38 @@ def train_tiny_cmd(
     out: Path = typer.Argument(..., help="Directory to write the trained checkpoint to (official layout)."),
     seed: int = typer.Option(0, help="Seed of the weights, the data stream and the Gumbel noise; the same seed "
                              "trains the same model."),
-    dense_steps: int = typer.Option(1200, min=1, help="Stage 1 steps: vision tower, projector and LM, dense."),
-    sparse_steps: int = typer.Option(600, min=0, help="Stage 2 steps: predictors (Gumbel-Softmax, mask loss) and "
+    vision_steps: int = typer.Option(2000, min=0, help="Stage 0 steps: the CLIP tower pretrained on the task's "
+                                     "images (LLaVA starts from a pretrained CLIP)."),
+    dense_steps: int = typer.Option(1500, min=1, help="Stage 1 steps: vision tower, projector and LM, dense."),
+    sparse_steps: int = typer.Option(400, min=0, help="Stage 2 steps: predictors (Gumbel-Softmax, mask loss) and "
                                      "the whole model through the masked attention."),
     batch_size: int = typer.Option(32, min=1, help="Examples per step."),
     threads: int = typer.Option(1, min=1, help="torch threads (results are reproducible for a fixed count)."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Train a tiny Dynamic-LLaVA on the synthetic shapes task (colour, shape, position and count questions) on
-    the CPU with the paper's recipe: dense first, then the predictors with Gumbel-Softmax straight-through masks
+    the CPU with the paper's recipe: the vision tower pretrained, dense LLaVA training, then the predictors with Gumbel-Softmax straight-through masks
     toward r_I = 0.2 and r_OT = 0.5. The package ships the result of the defaults (dynllava/assets/shapes-tiny)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dynllava.training.trainer import TrainConfig, train_tiny
 
-    cfg = TrainConfig(seed=seed, dense_steps=dense_steps, sparse_steps=sparse_steps, batch_size=batch_size,
-                      threads=threads)
+    cfg = TrainConfig(seed=seed, vision_steps=vision_steps, dense_steps=dense_steps, sparse_steps=sparse_steps,
+                      batch_size=batch_size, threads=threads)
     _check_empty(out, force)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[metrics]}"))
     with Progress(*columns, console=console, transient=False) as progress:
-        tasks = {"dense": progress.add_task("stage 1 dense", total=dense_steps, metrics=""),
+        tasks = {"vision": progress.add_task("stage 0 vision", total=vision_steps, metrics=""),
+                 "dense": progress.add_task("stage 1 dense", total=dense_steps, metrics="", start=False),
                  "sparse": progress.add_task("stage 2 sparse", total=sparse_steps, metrics="", start=False)}
 
         def on_step(stage: str, step: int, total: int, m: dict) -> None:
-            if stage == "sparse" and step == 0:
-                progress.start_task(tasks["sparse"])
+            if step == 0:
+                progress.start_task(tasks[stage])
             text = f"loss {m['loss']:.3f}"
+            if stage == "vision":
+                text += f" (all labels right {m['exact']:.0%})"
             if stage == "sparse":
                 text += (f" (lm {m['lm_loss']:.3f}, mask {m['mask_loss']:.4f}) image kept {m['image_keep']:.2f} "
                          f"text kept {m['text_keep']:.2f} tau {m['tau']:.2f}")

@@ -1,6 +1,7 @@
 """`dynllava train-tiny`: a tiny Dynamic-LLaVA trained on the shapes task, on the CPU, with the paper's recipe.
 
-Stage 1 (dense): the CLIP-shaped vision tower, the mlp2x_gelu projector and the LLaMA-shaped LM learn to answer
+Stage 0 (vision): the CLIP-shaped tower is pretrained on the task's images (LLaVA starts from a pretrained CLIP; we
+have none), see `pretrain_vision`. Stage 1 (dense): the CLIP-shaped vision tower, the mlp2x_gelu projector and the LLaMA-shaped LM learn to answer
 (loss on the answer tokens only), predictors unused. Stage 2 (sparse): the predictors join, their decisions sampled
 by Gumbel-Softmax with straight-through hard masks in prefill (image tokens) and decode (answer tokens), the LM loss
 flowing through the masked attention, the mask loss pulling the kept shares toward r_I and r_OT; the temperature
@@ -23,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dynllava.config import SparseConfig
 from dynllava.errors import ConfigError
 from dynllava.model.sparse_llama import DynamicLlava
 from dynllava.model.tiny import TinySpec, _processor, build_tokenizer, llava_config, save_official
-from dynllava.tasks.shapes import render, sample_scene, task_corpus
+from dynllava.runtime.processor import preprocess_image
+from dynllava.tasks.shapes import COLORS, KINDS, REGIONS, render, sample_example, sample_scene, task_corpus
 from dynllava.training.data import Encoder, example_stream
 from dynllava.training.masked import training_forward
 
@@ -43,9 +46,11 @@ PROGRESS_FILE = "dynllava_train.json"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    dense_steps: int = 1200
-    sparse_steps: int = 600
+    vision_steps: int = 2000
+    dense_steps: int = 1500
+    sparse_steps: int = 400
     batch_size: int = 32
+    vision_lr: float = 2e-3  # stage 0 peak
     lr: float = 2e-3  # stage 1 peak
     sparse_lr: float = 3e-4  # stage 2, vision tower + projector + LM
     predictor_lr: float = 2e-3  # stage 2, predictors
@@ -57,10 +62,12 @@ class TrainConfig:
     output_text_len_for_training: int = 4  # LEN^OT: answers here are 5-9 tokens, all are sparsified
     mask_loss_weight: float = 100.0  # lambda
     threads: int = 1
+    sincos_positions: bool = True  # start the CLIP tower's position embeddings at 2D sin-cos (as MAE does)
 
     def validate(self) -> None:
-        if self.dense_steps < 1 or self.sparse_steps < 0 or self.batch_size < 1 or self.threads < 1:
-            raise ConfigError("dense steps, batch size and threads must be >= 1, sparse steps >= 0")
+        if (self.dense_steps < 1 or self.sparse_steps < 0 or self.vision_steps < 0 or self.batch_size < 1
+                or self.threads < 1):
+            raise ConfigError("dense steps, batch size and threads must be >= 1, vision and sparse steps >= 0")
         if not (0 < self.vision_keep_rate <= 1 and 0 < self.output_text_keep_rate <= 1):
             raise ConfigError("keep rates must be in (0, 1]")
 
@@ -88,7 +95,27 @@ def build_model(spec: TinySpec, cfg: TrainConfig):
                           d_model=spec.predictor_width, nhead=spec.predictor_heads, dim_feedforward=spec.predictor_ff)
     config = llava_config(spec, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(cfg.seed)
-    return DynamicLlava(config, sparse), tokenizer
+    model = DynamicLlava(config, sparse)
+    if cfg.sincos_positions:
+        _init_sincos_positions(model, spec.image_size // spec.patch_size)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def _init_sincos_positions(model: DynamicLlava, grid: int) -> None:
+    """2D sin-cos values for the patch positions (the CLS row zero): a from-scratch tower then knows where each
+    patch is from the first step instead of learning it (only the initial values; the embeddings stay learned)."""
+    table = model.vision_tower.embeddings.position_embedding.weight  # [1 + grid^2, C]
+    c = table.shape[1]
+    quarter = c // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # [C/4]
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    angles_r = rows.reshape(-1, 1) * freqs  # [grid^2, C/4]
+    angles_c = cols.reshape(-1, 1) * freqs
+    values = torch.cat([angles_r.sin(), angles_r.cos(), angles_c.sin(), angles_c.cos()], dim=1)  # [grid^2, 4*(C/4)]
+    table.zero_()
+    table[1:, : values.shape[1]] = values
 
 
 def _is_predictor(name: str) -> bool:
@@ -113,7 +140,10 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
     model.train()
     encoder = Encoder(tokenizer, _processor(spec), model.num_image_tokens)
     stream = example_stream(np.random.default_rng([cfg.seed, 1]), spec.image_size, cfg.batch_size)
-    history: dict[str, list] = {"dense": [], "sparse": []}
+    history: dict[str, list] = {"vision": [], "dense": [], "sparse": []}
+    if cfg.vision_steps:
+        pretrain_vision(model, encoder, np.random.default_rng([cfg.seed, 3]), spec.image_size, cfg,
+                        lambda step, m: (history["vision"].append(m), on_step("vision", step, cfg.vision_steps, m)))
 
     base = [p for n, p in model.named_parameters() if not _is_predictor(n)]
     opt = torch.optim.AdamW(base, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -160,6 +190,45 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
     return out
 
 
+def _scene_targets(example) -> list[float]:
+    """Multi-label targets of a scene: kinds, colours and regions present, one or two shapes."""
+    shapes = example.scene.shapes
+    kinds = [float(any(s.kind == k for s in shapes)) for k in KINDS]
+    colors = [float(any(s.color == c for s in shapes)) for c in COLORS]
+    regions = [float(any(s.region == r for s in shapes)) for r in REGIONS]
+    return kinds + colors + regions + [float(len(shapes) == 1), float(len(shapes) == 2)]
+
+
+def pretrain_vision(model: DynamicLlava, encoder: Encoder, rng: np.random.Generator, image_size: int,
+                    cfg: TrainConfig, on_step) -> None:
+    """Stage 0: the vision tower learns to see the scenes before the LM reads it (LLaVA starts from a pretrained
+    CLIP tower; ours is pretrained here). Objective: which kinds, colours and regions are present and how many
+    shapes, from the channel-wise max over the patch features the LM will get (hidden layer -2); the linear head is
+    thrown away. A from-scratch ViT read through an average (as attention reads it) learns shapes far slower."""
+    tower = model.vision_tower
+    layer = model.config.vision_feature_layer
+    n_targets = len(KINDS) + len(COLORS) + len(REGIONS) + 2
+    torch.manual_seed(cfg.seed + 1)
+    head = torch.nn.Linear(tower.config.hidden_size, n_targets)
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    for step in range(cfg.vision_steps):
+        for group in opt.param_groups:
+            group["lr"] = cfg.vision_lr * _lr_factor(step, cfg.vision_steps, cfg.warmup)
+        examples = [sample_example(rng, image_size) for _ in range(cfg.batch_size)]
+        pixels = torch.stack([preprocess_image(encoder.image_processor, ex.image) for ex in examples])
+        targets = torch.tensor([_scene_targets(ex) for ex in examples])  # [B, T]
+        feats = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # [B, N, C]
+        logits = head(feats.max(dim=1).values)  # [B, T]
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        exact = ((logits > 0) == (targets > 0.5)).all(1).float().mean().item()
+        on_step(step, {"loss": loss.item(), "exact": exact})
+
+
 def _write_examples(out: Path, image_size: int, seed: int) -> None:
     """example.png: a scene with two shapes, for the demo (from its own seed, not the held-out split's)."""
     rng = np.random.default_rng([seed, 2])
@@ -168,4 +237,4 @@ def _write_examples(out: Path, image_size: int, seed: int) -> None:
 
 def quick_config(seed: int = 0) -> TrainConfig:
     """A few-second run (tests): the loss falls, the checkpoint loads; it does not learn the task."""
-    return replace(TrainConfig(seed=seed), dense_steps=12, sparse_steps=4, batch_size=8, warmup=2)
+    return replace(TrainConfig(seed=seed), vision_steps=4, dense_steps=12, sparse_steps=4, batch_size=8, warmup=2)
