@@ -357,7 +357,8 @@ def train_tiny_cmd(
 ) -> None:
     """Train a tiny Dynamic-LLaVA on the synthetic shapes task (colour, shape, position and count questions) on
     the CPU with the paper's recipe: the vision tower pretrained, dense LLaVA training, then the predictors with
-    Gumbel-Softmax straight-through masks toward r_I = 0.2 and r_OT = 0.5. The package ships the result of the defaults (dynllava/assets/shapes-tiny)."""
+    Gumbel-Softmax straight-through masks toward r_I = 0.2 and r_OT = 0.5. The package ships the result of the
+    defaults (dynllava/assets/shapes-tiny)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dynllava.training.trainer import TrainConfig, train_tiny
