@@ -3,8 +3,8 @@
 Stage 0 (vision): the CLIP-shaped tower is pretrained on the task's images (LLaVA starts from a pretrained CLIP; we
 have none), see `pretrain_vision`. Stage 1 (dense): the vision tower, the mlp2x_gelu projector and the LLaMA-shaped
 LM learn to answer (loss on the answer tokens only), predictors unused. Stage 2 (sparse): the predictors join, their
-decisions sampled by Gumbel-Softmax with straight-through hard masks in prefill (image tokens) and decode (answer tokens), the LM loss
-flowing through the masked attention, the mask loss pulling the kept shares toward r_I and r_OT; the temperature
+decisions sampled by Gumbel-Softmax with straight-through hard masks in prefill (image tokens) and decode (answer
+tokens), the LM loss flowing through the masked attention, the mask loss pulling the kept shares toward r_I and r_OT; the temperature
 decays exponentially from 1 to 0.1 (paper Sec. 3.3.3); the whole model keeps training, the predictors at a higher
 learning rate.
 
