@@ -4,9 +4,9 @@ Stage 0 (vision): the CLIP-shaped tower is pretrained on the task's images (LLaV
 have none), see `pretrain_vision`. Stage 1 (dense): the vision tower, the mlp2x_gelu projector and the LLaMA-shaped
 LM learn to answer (loss on the answer tokens only), predictors unused. Stage 2 (sparse): the predictors join, their
 decisions sampled by Gumbel-Softmax with straight-through hard masks in prefill (image tokens) and decode (answer
-tokens), the LM loss flowing through the masked attention, the mask loss pulling the kept shares toward r_I and r_OT; the temperature
-decays exponentially from 1 to 0.1 (paper Sec. 3.3.3); the whole model keeps training, the predictors at a higher
-learning rate.
+tokens), the LM loss flowing through the masked attention, the mask loss pulling the kept shares toward r_I and r_OT;
+the temperature decays exponentially from 1 to 0.1 (paper Sec. 3.3.3); the whole model keeps training, the predictors
+at a higher learning rate.
 
 Deterministic for a seed: the data stream is numpy's PCG64 from the seed, weights and Gumbel noise come from
 torch.manual_seed(seed), and torch runs on a fixed number of threads (1 by default). The result is written in the
