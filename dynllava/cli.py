@@ -378,7 +378,7 @@ def train_tiny_cmd(
                 progress.start_task(tasks[stage])
             text = f"loss {m['loss']:.3f}"
             if stage == "vision":
-                text += f" (all labels right {m['exact']:.0%})"
+                text += f" (shape patches' kind right {m['kind_accuracy']:.0%})"
             if stage == "sparse":
                 text += (f" (lm {m['lm_loss']:.3f}, mask {m['mask_loss']:.4f}) image kept {m['image_keep']:.2f} "
                          f"text kept {m['text_keep']:.2f} tau {m['tau']:.2f}")

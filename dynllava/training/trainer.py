@@ -31,7 +31,7 @@ from dynllava.errors import ConfigError
 from dynllava.model.sparse_llama import DynamicLlava
 from dynllava.model.tiny import TinySpec, _processor, build_tokenizer, llava_config, save_official
 from dynllava.runtime.processor import preprocess_image
-from dynllava.tasks.shapes import COLORS, KINDS, REGIONS, render, sample_example, sample_scene, task_corpus
+from dynllava.tasks.shapes import COLORS, KINDS, render, sample_example, sample_scene, shape_pixel_mask, task_corpus
 from dynllava.training.data import Encoder, example_stream
 from dynllava.training.masked import training_forward
 
@@ -190,43 +190,53 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
     return out
 
 
-def _scene_targets(example) -> list[float]:
-    """Multi-label targets of a scene: kinds, colours and regions present, one or two shapes."""
-    shapes = example.scene.shapes
-    kinds = [float(any(s.kind == k for s in shapes)) for k in KINDS]
-    colors = [float(any(s.color == c for s in shapes)) for c in COLORS]
-    regions = [float(any(s.region == r for s in shapes)) for r in REGIONS]
-    return kinds + colors + regions + [float(len(shapes) == 1), float(len(shapes) == 2)]
+def patch_targets(scene, image_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch token (row-major): the kind (0 = background, 1 + index in KINDS) and colour (0 = background,
+    1 + index in COLORS) of the shape covering most of its pixels. [grid^2] each."""
+    p = image_size // grid
+    kinds, colors = np.zeros(grid * grid, np.int64), np.zeros(grid * grid, np.int64)
+    best = np.zeros(grid * grid)
+    for shape in scene.shapes:
+        alone = replace(scene, shapes=(shape,))
+        area = shape_pixel_mask(alone, image_size).reshape(grid, p, grid, p).sum(axis=(1, 3)).reshape(-1)
+        win = area > best
+        kinds[win], colors[win], best[win] = 1 + KINDS.index(shape.kind), 1 + list(COLORS).index(shape.color), area[win]
+    return kinds, colors
 
 
 def pretrain_vision(model: DynamicLlava, encoder: Encoder, rng: np.random.Generator, image_size: int,
                     cfg: TrainConfig, on_step) -> None:
     """Stage 0: the vision tower learns to see the scenes before the LM reads it (LLaVA starts from a pretrained
-    CLIP tower; ours is pretrained here). Objective: which kinds, colours and regions are present and how many
-    shapes, from the channel-wise max over the patch features the LM will get (hidden layer -2); the linear head is
-    thrown away. A from-scratch ViT read through an average (as attention reads it) learns shapes far slower."""
+    CLIP tower; ours is pretrained here). Objective: for every patch token at the layer the LM reads (hidden layer
+    -2), the kind and colour of the shape on it (or background), through linear heads that are thrown away. A
+    from-scratch ViT trained only through the LM's answers learns shapes far slower."""
     tower = model.vision_tower
     layer = model.config.vision_feature_layer
-    n_targets = len(KINDS) + len(COLORS) + len(REGIONS) + 2
+    grid = image_size // tower.config.patch_size
     torch.manual_seed(cfg.seed + 1)
-    head = torch.nn.Linear(tower.config.hidden_size, n_targets)
-    params = list(tower.parameters()) + list(head.parameters())
+    kind_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(KINDS))
+    color_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(COLORS))
+    params = list(tower.parameters()) + list(kind_head.parameters()) + list(color_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0, betas=(0.9, 0.98))
     for step in range(cfg.vision_steps):
         for group in opt.param_groups:
             group["lr"] = cfg.vision_lr * _lr_factor(step, cfg.vision_steps, cfg.warmup)
         examples = [sample_example(rng, image_size) for _ in range(cfg.batch_size)]
         pixels = torch.stack([preprocess_image(encoder.image_processor, ex.image) for ex in examples])
-        targets = torch.tensor([_scene_targets(ex) for ex in examples])  # [B, T]
+        labels = [patch_targets(ex.scene, image_size, grid) for ex in examples]
+        kinds = torch.from_numpy(np.stack([k for k, _ in labels]))  # [B, N]
+        colors = torch.from_numpy(np.stack([c for _, c in labels]))  # [B, N]
         feats = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # [B, N, C]
-        logits = head(feats.max(dim=1).values)  # [B, T]
-        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        kind_logits, color_logits = kind_head(feats), color_head(feats)  # [B, N, K], [B, N, C']
+        loss = (F.cross_entropy(kind_logits.flatten(0, 1), kinds.flatten())
+                + F.cross_entropy(color_logits.flatten(0, 1), colors.flatten()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        exact = ((logits > 0) == (targets > 0.5)).all(1).float().mean().item()
-        on_step(step, {"loss": loss.item(), "exact": exact})
+        on_shape = kinds > 0
+        right = (kind_logits.argmax(-1) == kinds)[on_shape].float().mean().item()
+        on_step(step, {"loss": loss.item(), "kind_accuracy": right})
 
 
 def _write_examples(out: Path, image_size: int, seed: int) -> None:
