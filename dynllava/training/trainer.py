@@ -31,7 +31,16 @@ from dynllava.errors import ConfigError
 from dynllava.model.sparse_llama import DynamicLlava
 from dynllava.model.tiny import TinySpec, _processor, build_tokenizer, llava_config, save_official
 from dynllava.runtime.processor import preprocess_image
-from dynllava.tasks.shapes import COLORS, KINDS, render, sample_example, sample_scene, shape_pixel_mask, task_corpus
+from dynllava.tasks.shapes import (
+    COLORS,
+    KINDS,
+    REGIONS,
+    render,
+    sample_example,
+    sample_scene,
+    shape_pixel_mask,
+    task_corpus,
+)
 from dynllava.training.data import Encoder, example_stream
 from dynllava.training.masked import training_forward
 
@@ -179,6 +188,8 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
             on_step("sparse", step, cfg.sparse_steps, metrics)
 
     model.eval()
+    if cfg.sparse_steps:
+        calibrate_text_predictor(model, encoder, np.random.default_rng([cfg.seed, 4]), spec.image_size, cfg)
     save_official(model, tokenizer, spec, out)
     _write_examples(out, spec.image_size, cfg.seed)
     (out / PROGRESS_FILE).write_text(json.dumps({
@@ -190,53 +201,88 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
     return out
 
 
-def patch_targets(scene, image_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch token (row-major): the kind (0 = background, 1 + index in KINDS) and colour (0 = background,
-    1 + index in COLORS) of the shape covering most of its pixels. [grid^2] each."""
+def patch_targets(scene, image_size: int, grid: int) -> np.ndarray:
+    """Per patch token (row-major): the kind (0 = background, 1 + index in KINDS), colour (0 = background,
+    1 + index in COLORS) and region (0 = background, 1 + index in REGIONS) of the shape covering most of its
+    pixels. [3, grid^2]."""
     p = image_size // grid
-    kinds, colors = np.zeros(grid * grid, np.int64), np.zeros(grid * grid, np.int64)
+    targets = np.zeros((3, grid * grid), np.int64)
     best = np.zeros(grid * grid)
     for shape in scene.shapes:
         alone = replace(scene, shapes=(shape,))
         area = shape_pixel_mask(alone, image_size).reshape(grid, p, grid, p).sum(axis=(1, 3)).reshape(-1)
         win = area > best
-        kinds[win], colors[win], best[win] = 1 + KINDS.index(shape.kind), 1 + list(COLORS).index(shape.color), area[win]
-    return kinds, colors
+        labels = (1 + KINDS.index(shape.kind), 1 + list(COLORS).index(shape.color), 1 + REGIONS.index(shape.region))
+        targets[:, win] = np.array(labels)[:, None]
+        best[win] = area[win]
+    return targets
 
 
 def pretrain_vision(model: DynamicLlava, encoder: Encoder, rng: np.random.Generator, image_size: int,
                     cfg: TrainConfig, on_step) -> None:
     """Stage 0: the vision tower learns to see the scenes before the LM reads it (LLaVA starts from a pretrained
     CLIP tower; ours is pretrained here). Objective: for every patch token at the layer the LM reads (hidden layer
-    -2), the kind and colour of the shape on it (or background), through linear heads that are thrown away. A
+    -2), the kind, colour and region of the shape on it (or background), through linear heads thrown away. A
     from-scratch ViT trained only through the LM's answers learns shapes far slower."""
     tower = model.vision_tower
     layer = model.config.vision_feature_layer
     grid = image_size // tower.config.patch_size
     torch.manual_seed(cfg.seed + 1)
-    kind_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(KINDS))
-    color_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(COLORS))
-    params = list(tower.parameters()) + list(kind_head.parameters()) + list(color_head.parameters())
+    heads = torch.nn.ModuleList([torch.nn.Linear(tower.config.hidden_size, 1 + len(values))
+                                 for values in (KINDS, COLORS, REGIONS)])
+    params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0, betas=(0.9, 0.98))
     for step in range(cfg.vision_steps):
         for group in opt.param_groups:
             group["lr"] = cfg.vision_lr * _lr_factor(step, cfg.vision_steps, cfg.warmup)
         examples = [sample_example(rng, image_size) for _ in range(cfg.batch_size)]
         pixels = torch.stack([preprocess_image(encoder.image_processor, ex.image) for ex in examples])
-        labels = [patch_targets(ex.scene, image_size, grid) for ex in examples]
-        kinds = torch.from_numpy(np.stack([k for k, _ in labels]))  # [B, N]
-        colors = torch.from_numpy(np.stack([c for _, c in labels]))  # [B, N]
+        targets = torch.from_numpy(np.stack([patch_targets(ex.scene, image_size, grid) for ex in examples]))  # [B,3,N]
         feats = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # [B, N, C]
-        kind_logits, color_logits = kind_head(feats), color_head(feats)  # [B, N, K], [B, N, C']
-        loss = (F.cross_entropy(kind_logits.flatten(0, 1), kinds.flatten())
-                + F.cross_entropy(color_logits.flatten(0, 1), colors.flatten()))
+        logits = [head(feats) for head in heads]  # each [B, N, classes]
+        loss = sum(F.cross_entropy(lg.flatten(0, 1), targets[:, i].flatten()) for i, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        on_shape = kinds > 0
-        right = (kind_logits.argmax(-1) == kinds)[on_shape].float().mean().item()
+        on_shape = targets[:, 0] > 0
+        right = (logits[0].argmax(-1) == targets[:, 0])[on_shape].float().mean().item()
         on_step(step, {"loss": loss.item(), "kind_accuracy": right})
+
+
+@torch.no_grad()
+def calibrate_text_predictor(model: DynamicLlava, encoder: Encoder, rng: np.random.Generator, image_size: int,
+                             cfg: TrainConfig, batches: int = 8) -> float:
+    """Shift the output-text predictor's keep threshold so that its argmax decisions keep r_OT of the answer tokens.
+
+    Training samples the decisions (Gumbel), so the mask loss makes the *expected* share r_OT; inference keeps a
+    token iff logit0 > logit1, which keeps every token whose keep probability is a little above one half. The shift
+    is the (1 - r_OT) quantile of the margins over teacher-forced training answers (the same hidden states entering
+    layer l that decoding sees: layers < l are dense). Returns the shift."""
+    margins = []
+    for _ in range(batches):
+        batch = encoder.batch([sample_example(rng, image_size) for _ in range(cfg.batch_size)])
+        h = _hidden_at_sparse_layer(model, batch)  # [B, S, D]
+        logits = model.output_text_score_predictor(h[batch.decided])  # [T, 2]
+        margins.append(logits[:, 0] - logits[:, 1])
+    shift = torch.quantile(torch.cat(margins).float(), 1.0 - cfg.output_text_keep_rate)
+    model.output_text_score_predictor.output_mlp[-1].bias[0] -= shift
+    return float(shift)
+
+
+def _hidden_at_sparse_layer(model: DynamicLlava, batch) -> torch.Tensor:
+    from dynllava.model.sparse_llama import layer_forward, self_attention_mask
+
+    feats = model.encode_images(batch.pixel_values)  # [B, N, D]
+    n, off = feats.shape[1], batch.image_offset
+    tokens = model.language_model.embed_tokens(batch.input_ids)
+    h = torch.cat([tokens[:, :off], feats.to(tokens.dtype), tokens[:, off + n:]], dim=1)
+    b, s, _ = h.shape
+    cos, sin = model.language_model.rotary_emb(h, torch.arange(s)[None].expand(b, s))
+    allowed = self_attention_mask(batch.valid)
+    for layer in model.language_model.layers[: model.sparse_layer]:
+        h = layer_forward(layer, h, cos, sin, None, None, allowed)[0]
+    return h
 
 
 def _write_examples(out: Path, image_size: int, seed: int) -> None:
