@@ -187,3 +187,20 @@ def test_shipped_model_same_answers_on_onnxruntime(tmp_path, shipped_report):
     ort = evaluate(tmp_path / "onnx", "onnxruntime", limit=40)
     assert list(ort.modes) == ["sparse"]
     assert ort.modes["sparse"].answers == shipped_report.modes["sparse"].answers
+
+
+def test_eval_cli_json_and_bad_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynllava.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(shapes_model_dir()), "--limit", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["examples"] == 4 and set(report["modes"]) == {"dense", "sparse"}
+    sparse = report["modes"]["sparse"]
+    assert sum(sparse["total"].values()) == 4 and len(sparse["answers"]) == 4
+    assert sparse["image_tokens"] == 4 * 36 and sparse["image_tokens_kept"] == 4 * 7
+    missing = runner.invoke(app, ["eval", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
