@@ -25,12 +25,11 @@ $(STAMP): pyproject.toml Makefile
 
 # the trained tiny model shipped in the package (dynllava train-tiny, seed 0) and a picture from its task
 SHAPES := dynllava/assets/shapes-tiny
-DEMO_PROMPT := --image $(SHAPES)/example.png --prompt "Where is the purple shape?" --max-new-tokens 16
+DEMO_PROMPT := --image $(SHAPES)/example.png --prompt "How many shapes are there?" --max-new-tokens 16
 
 demo: setup
 	rm -rf demo-out
 	$(BIN)/dynllava generate $(SHAPES) $(DEMO_PROMPT)
-	$(BIN)/dynllava generate $(SHAPES) --image $(SHAPES)/example.png --prompt "How many shapes are there?"
 	$(BIN)/dynllava export $(SHAPES) -o demo-out/shapes-onnx
 	$(BIN)/dynllava generate demo-out/shapes-onnx --backend onnxruntime $(DEMO_PROMPT)
 	$(BIN)/dynllava eval $(SHAPES) --limit 80

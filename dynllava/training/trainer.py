@@ -34,7 +34,6 @@ from dynllava.runtime.processor import preprocess_image
 from dynllava.tasks.shapes import (
     COLORS,
     KINDS,
-    REGIONS,
     render,
     sample_example,
     sample_scene,
@@ -202,17 +201,17 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
 
 
 def patch_targets(scene, image_size: int, grid: int) -> np.ndarray:
-    """Per patch token (row-major): the kind (0 = background, 1 + index in KINDS), colour (0 = background,
-    1 + index in COLORS) and region (0 = background, 1 + index in REGIONS) of the shape covering most of its
-    pixels. [3, grid^2]."""
+    """Per patch token (row-major): the kind (0 = background, 1 + index in KINDS) and colour (0 = background,
+    1 + index in COLORS) of the shape covering most of its pixels. [2, grid^2]. (Adding the shape's region as a
+    third target made the LM's shape answers worse, 75% instead of 97%, and its position answers better.)"""
     p = image_size // grid
-    targets = np.zeros((3, grid * grid), np.int64)
+    targets = np.zeros((2, grid * grid), np.int64)
     best = np.zeros(grid * grid)
     for shape in scene.shapes:
         alone = replace(scene, shapes=(shape,))
         area = shape_pixel_mask(alone, image_size).reshape(grid, p, grid, p).sum(axis=(1, 3)).reshape(-1)
         win = area > best
-        labels = (1 + KINDS.index(shape.kind), 1 + list(COLORS).index(shape.color), 1 + REGIONS.index(shape.region))
+        labels = (1 + KINDS.index(shape.kind), 1 + list(COLORS).index(shape.color))
         targets[:, win] = np.array(labels)[:, None]
         best[win] = area[win]
     return targets
@@ -222,14 +221,14 @@ def pretrain_vision(model: DynamicLlava, encoder: Encoder, rng: np.random.Genera
                     cfg: TrainConfig, on_step) -> None:
     """Stage 0: the vision tower learns to see the scenes before the LM reads it (LLaVA starts from a pretrained
     CLIP tower; ours is pretrained here). Objective: for every patch token at the layer the LM reads (hidden layer
-    -2), the kind, colour and region of the shape on it (or background), through linear heads thrown away. A
+    -2), the kind and colour of the shape on it (or background), through linear heads thrown away. A
     from-scratch ViT trained only through the LM's answers learns shapes far slower."""
     tower = model.vision_tower
     layer = model.config.vision_feature_layer
     grid = image_size // tower.config.patch_size
     torch.manual_seed(cfg.seed + 1)
     heads = torch.nn.ModuleList([torch.nn.Linear(tower.config.hidden_size, 1 + len(values))
-                                 for values in (KINDS, COLORS, REGIONS)])
+                                 for values in (KINDS, COLORS)])
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0, betas=(0.9, 0.98))
     for step in range(cfg.vision_steps):
@@ -237,7 +236,7 @@ def pretrain_vision(model: DynamicLlava, encoder: Encoder, rng: np.random.Genera
             group["lr"] = cfg.vision_lr * _lr_factor(step, cfg.vision_steps, cfg.warmup)
         examples = [sample_example(rng, image_size) for _ in range(cfg.batch_size)]
         pixels = torch.stack([preprocess_image(encoder.image_processor, ex.image) for ex in examples])
-        targets = torch.from_numpy(np.stack([patch_targets(ex.scene, image_size, grid) for ex in examples]))  # [B,3,N]
+        targets = torch.from_numpy(np.stack([patch_targets(ex.scene, image_size, grid) for ex in examples]))  # [B,2,N]
         feats = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # [B, N, C]
         logits = [head(feats) for head in heads]  # each [B, N, classes]
         loss = sum(F.cross_entropy(lg.flatten(0, 1), targets[:, i].flatten()) for i, lg in enumerate(logits))
