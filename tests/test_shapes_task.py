@@ -161,18 +161,18 @@ def shipped_report():
 
     if not (shapes_model_dir() / "config.json").is_file():
         pytest.fail("the trained shapes model is not in the package (dynllava/assets/shapes-tiny)")
-    return evaluate(shapes_model_dir(), "torch", limit=24)
+    return evaluate(shapes_model_dir(), "torch", limit=40)
 
 
 def test_shipped_model_answers_dense_and_sparse(shipped_report):
     dense, sparse = shipped_report.modes["dense"], shipped_report.modes["sparse"]
     for kind in QUESTION_KINDS:
-        assert dense.total[kind] == 6
+        assert dense.total[kind] == 10
         if kind == "position":  # the known weak spot (two-shape scenes): well above chance (1 in 5), not yet 95%
             assert dense.accuracy[kind] >= 0.4 and sparse.accuracy[kind] >= 0.4
             continue
-        assert dense.accuracy[kind] >= 5 / 6, (kind, dense.answers)
-        assert sparse.accuracy[kind] >= 5 / 6, (kind, sparse.answers)
+        assert dense.accuracy[kind] >= 0.9, (kind, dense.answers)
+        assert sparse.accuracy[kind] >= 0.9, (kind, sparse.answers)
     assert dense.image_keep == 1.0 and sparse.image_keep == 7 / 36
     assert 0.35 <= sparse.text_keep <= 0.65
     assert sparse.kept_on_shape_share >= 0.8 and sparse.shape_coverage < 0.35
@@ -187,7 +187,7 @@ def test_shipped_model_same_answers_on_onnxruntime(tmp_path, shipped_report):
 
     result = CliRunner().invoke(app, ["export", str(shapes_model_dir()), "-o", str(tmp_path / "onnx")])
     assert result.exit_code == 0, result.output
-    ort = evaluate(tmp_path / "onnx", "onnxruntime", limit=24)
+    ort = evaluate(tmp_path / "onnx", "onnxruntime", limit=40)
     assert list(ort.modes) == ["sparse"]
     assert ort.modes["sparse"].answers == shipped_report.modes["sparse"].answers
 
