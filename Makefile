@@ -36,14 +36,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "protobuf>=7"
 	touch $(STAMP)
 
-DEMO_PROMPT := --image demo-out/tiny/example.png --prompt "What is in this picture?" --max-new-tokens 32
+# the trained tiny model shipped in the package (dynllava train-tiny, seed 0) and a picture from its task
+SHAPES := dynllava/assets/shapes-tiny
+DEMO_PROMPT := --image $(SHAPES)/example.png --prompt "How many shapes are there?" --max-new-tokens 16
 
 demo: setup
 	rm -rf demo-out
+	$(BIN)/dynllava generate $(SHAPES) $(DEMO_PROMPT)
+	$(BIN)/dynllava export $(SHAPES) -o demo-out/shapes-onnx
+	$(BIN)/dynllava generate demo-out/shapes-onnx --backend onnxruntime $(DEMO_PROMPT)
+	$(BIN)/dynllava eval $(SHAPES) --limit 80
 	$(BIN)/dynllava init-tiny demo-out/tiny
-	$(BIN)/dynllava generate demo-out/tiny $(DEMO_PROMPT)
-	$(BIN)/dynllava export demo-out/tiny -o demo-out/tiny-onnx
-	$(BIN)/dynllava generate demo-out/tiny-onnx --backend onnxruntime $(DEMO_PROMPT)
 	$(BIN)/dynllava flops --preset llava-1.5-7b
 	$(BIN)/dynllava doctor
 

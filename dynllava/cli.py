@@ -389,6 +389,107 @@ def _generate_without_cache(opened, requests: list[dict], params) -> list:
             for i, g in enumerate(gens)]
 
 
+# ---------------------------------------------------------------------- train-tiny / eval
+@app.command("train-tiny")
+@handle_errors
+def train_tiny_cmd(
+    out: Path = typer.Argument(..., help="Directory to write the trained checkpoint to (official layout)."),
+    seed: int = typer.Option(0, help="Seed of the weights, the data stream and the Gumbel noise; the same seed "
+                             "trains the same model."),
+    vision_steps: int = typer.Option(2000, min=0, help="Stage 0 steps: the CLIP tower pretrained on the task's "
+                                     "images (LLaVA starts from a pretrained CLIP)."),
+    dense_steps: int = typer.Option(1500, min=1, help="Stage 1 steps: vision tower, projector and LM, dense."),
+    sparse_steps: int = typer.Option(400, min=0, help="Stage 2 steps: predictors (Gumbel-Softmax, mask loss) and "
+                                     "the whole model through the masked attention."),
+    batch_size: int = typer.Option(32, min=1, help="Examples per step."),
+    threads: int = typer.Option(1, min=1, help="torch threads (results are reproducible for a fixed count)."),
+    force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
+) -> None:
+    """Train a tiny Dynamic-LLaVA on the synthetic shapes task (colour, shape, position and count questions) on
+    the CPU with the paper's recipe: the vision tower pretrained, dense LLaVA training, then the predictors with
+    Gumbel-Softmax straight-through masks toward r_I = 0.2 and r_OT = 0.5. The package ships the result of the
+    defaults (dynllava/assets/shapes-tiny)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dynllava.training.trainer import TrainConfig, train_tiny
+
+    cfg = TrainConfig(seed=seed, vision_steps=vision_steps, dense_steps=dense_steps, sparse_steps=sparse_steps,
+                      batch_size=batch_size, threads=threads)
+    _check_empty(out, force)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[metrics]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks = {"vision": progress.add_task("stage 0 vision", total=vision_steps, metrics=""),
+                 "dense": progress.add_task("stage 1 dense", total=dense_steps, metrics="", start=False),
+                 "sparse": progress.add_task("stage 2 sparse", total=sparse_steps, metrics="", start=False)}
+
+        def on_step(stage: str, step: int, total: int, m: dict) -> None:
+            if step == 0:
+                progress.start_task(tasks[stage])
+            text = f"loss {m['loss']:.3f}"
+            if stage == "vision":
+                text += f" (shape patches' kind right {m['kind_accuracy']:.0%})"
+            if stage == "sparse":
+                text += (f" (lm {m['lm_loss']:.3f}, mask {m['mask_loss']:.4f}) image kept {m['image_keep']:.2f} "
+                         f"text kept {m['text_keep']:.2f} tau {m['tau']:.2f}")
+            progress.update(tasks[stage], completed=step + 1, metrics=text)
+
+        train_tiny(out, cfg, on_step=on_step)
+    console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB); measure it: [bold]dynllava eval {out}[/]")
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    model: Path | None = typer.Argument(None, help="Checkpoint, export or engine directory (default: the shipped "
+                                        "shapes model, dynllava/assets/shapes-tiny)."),
+    backend: str = typer.Option("auto", help="torch (checkpoints), onnxruntime (export directories), tensorrt "
+                                             "(engine directories) or auto."),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate the first N held-out examples (default all 400; "
+                                     "question kinds stay balanced)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with every answer) instead of a "
+                                 "table."),
+    ort_threads: int | None = ORT_THREADS,
+) -> None:
+    """Exact-word accuracy per question kind on the shapes task's held-out split, dense (predictors off) vs sparse,
+    with image tokens kept, generated tokens kept in the KV cache and the share of kept image tokens on a shape. A
+    checkpoint runs both modes; an export runs the mode it was exported with."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dynllava.tasks.evaluate import evaluate
+    from dynllava.tasks.shapes import HELDOUT_SIZE, QUESTION_KINDS, shapes_model_dir
+
+    model = model or shapes_model_dir()
+    if not model.is_dir():
+        raise InputError(f"model directory {model} does not exist")
+    total = min(limit or HELDOUT_SIZE, HELDOUT_SIZE)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True, disable=as_json) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_done(mode: str, n: int) -> None:
+            if mode not in tasks:
+                tasks[mode] = progress.add_task(f"eval {mode}", total=total)
+            progress.advance(tasks[mode], n)
+
+        report = evaluate(model, backend, limit, on_done=on_done, threads=ort_threads)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    modes = list(report.modes)
+    table = Table(title=f"{model} on the shapes held-out split ({report.examples} examples, {report.backend})")
+    table.add_column("question")
+    for m in modes:
+        table.add_column(f"{m} accuracy", justify="right")
+    for kind in (*QUESTION_KINDS, "all"):
+        table.add_row(kind, *(f"{report.modes[m].accuracy.get(kind, float('nan')):.1%}" for m in modes))
+    table.add_row("image tokens kept", *(f"{report.modes[m].image_keep:.1%}" for m in modes))
+    table.add_row("generated tokens kept in KV", *(f"{report.modes[m].text_keep:.1%}" for m in modes))
+    table.add_row("kept image tokens on a shape", *(f"{report.modes[m].kept_on_shape_share:.1%}" for m in modes))
+    table.add_row("image tokens on a shape (all)", *(f"{report.modes[m].shape_coverage:.1%}" for m in modes))
+    console.print(table)
+
+
 # ---------------------------------------------------------------------- export
 @app.command()
 @handle_errors

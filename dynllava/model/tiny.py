@@ -93,14 +93,17 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (any text encodes) with LLaMA-style BOS on single sequences."""
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) with LLaMA-style BOS on single sequences, trained on `corpus`
+    (default: a few generic chat lines) plus the chat template's system prompt."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    # the system prompt starts every prompt: as frequent as the corpus' lines, so its words become single tokens
+    lines = _CORPUS * 4 if corpus is None else [VICUNA_V1_SYSTEM] * len(corpus) + corpus
+    tok.train_from_iterator(lines, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
