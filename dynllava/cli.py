@@ -795,7 +795,12 @@ def calibrate(
     from dynllava.calib.select import quality_metric as pick_metric
     from dynllava.calib.sweep import BACKENDS, sweep
     from dynllava.model.checkpoint import load_model
+    from dynllava.runtime.loading import is_engine_dir, is_export_dir
 
+    if is_export_dir(model) or is_engine_dir(model):
+        raise InputError(f"{model} is an export or engine directory; calibrate takes the checkpoint it came from "
+                         "(an export has the vision keep rate and the threshold baked in)",
+                         hint="calibrate the checkpoint with --write, then export it again")
     target = parse_target(target_kv_bytes, target_text_keep, max_quality_drop)
     if backend not in BACKENDS:
         raise InputError(f"unknown calibration backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
@@ -833,6 +838,7 @@ def calibrate(
     if plot is not None:
         from dynllava.calib.plot import plot_sweep
 
+        plot.parent.mkdir(parents=True, exist_ok=True)
         plot_sweep(result.rows, metric, plot, chosen, title=f"{model.name}: calibration on {Path(data).name}")
     if as_json:
         print(json.dumps(report.to_json(result, metric, target, chosen, str(written) if written else None)))

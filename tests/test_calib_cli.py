@@ -170,3 +170,8 @@ def test_bad_data_is_one_line_error(official_dir, tmp_path):
     bad.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
     result = runner.invoke(app, ["calibrate", str(official_dir), "--data", str(bad)])
     assert result.exit_code == 1 and "bad.jsonl:2: expected an object" in result.stderr
+
+
+def test_an_export_is_not_calibrated(fast_export_dir, data):
+    result = runner.invoke(app, ["calibrate", str(fast_export_dir), "--data", str(data)])
+    assert result.exit_code == 1 and "calibrate takes the checkpoint it came from" in result.stderr
