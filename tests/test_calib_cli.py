@@ -93,7 +93,7 @@ def test_kv_bytes_fall_as_the_budget_tightens(swept):
         assert kv == sorted(kv) and kv[0] < kv[-1]
     # dropping tokens moves the next-token distributions away from keep-all's
     tightest = min(rows, key=lambda r: r["kv_bytes"])
-    assert tightest["kl"] > 1e-6 and tightest["agreement"] <= 1.0
+    assert tightest["kl"] > 1e-6
 
 
 def test_the_chosen_point_meets_the_target_and_is_recorded(checkpoint, data, calibrated):
