@@ -766,10 +766,10 @@ def calibrate(
                                        "agreement (teacher-forced next-token agreement with keep-all), or auto "
                                        "(accuracy when the data has answers)."),
     vision_keep_rates: str = typer.Option("1,0.5,0.3,0.2,0.1", help="Vision keep rates to sweep (comma-separated; "
-                                          "the checkpoint's own is added)."),
+                                          "1 and the checkpoint's own are always added)."),
     text_keep_shares: str = typer.Option("1,0.75,0.5,0.25,0.1", help="Shares of generated tokens to keep: each "
-                                         "becomes a threshold t at that quantile of the measured margins (t = 0, "
-                                         "the trained rule, is added)."),
+                                         "becomes a threshold t at that quantile of the measured margins (share 1 "
+                                         "and t = 0, the trained rule, are always added)."),
     batch_size: int = typer.Option(8, min=1, help="Examples per batch in the reference passes."),
     timing_requests: int = typer.Option(3, min=0, help="Requests timed one at a time for TTFT, per setting."),
     write: bool = typer.Option(False, "--write", help="Write the chosen setting as MODEL/dynllava_calibration.json, "

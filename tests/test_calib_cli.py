@@ -144,7 +144,7 @@ def test_onnxruntime_backend_times_exports_and_measures_the_same_quality(officia
                                  "--backend", "onnxruntime", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["backend"] == "onnxruntime" and len(out["rows"]) == 2
+    assert out["backend"] == "onnxruntime" and len(out["rows"]) == 4  # rates {1, 0.2} x t {keep all, 0}
     torch_rows = {(r["vision_keep_rate"], r["threshold"]): r for r in swept["rows"]}
     for r in out["rows"]:
         same = torch_rows[(r["vision_keep_rate"], r["threshold"])]
