@@ -1035,10 +1035,10 @@ def calibrate(
                                        "agreement (teacher-forced next-token agreement with keep-all), or auto "
                                        "(accuracy when the data has answers)."),
     vision_keep_rates: str = typer.Option("1,0.5,0.3,0.2,0.1", help="Vision keep rates to sweep (comma-separated; "
-                                          "the checkpoint's own is added)."),
+                                          "1 and the checkpoint's own are always added)."),
     text_keep_shares: str = typer.Option("1,0.75,0.5,0.25,0.1", help="Shares of generated tokens to keep: each "
-                                         "becomes a threshold t at that quantile of the measured margins (t = 0, "
-                                         "the trained rule, is added)."),
+                                         "becomes a threshold t at that quantile of the measured margins (share 1 "
+                                         "and t = 0, the trained rule, are always added)."),
     batch_size: int = typer.Option(8, min=1, help="Examples per batch in the reference passes."),
     timing_requests: int = typer.Option(3, min=0, help="Requests timed one at a time for TTFT, per setting."),
     write: bool = typer.Option(False, "--write", help="Write the chosen setting as MODEL/dynllava_calibration.json, "
@@ -1064,7 +1064,12 @@ def calibrate(
     from dynllava.calib.select import quality_metric as pick_metric
     from dynllava.calib.sweep import BACKENDS, sweep
     from dynllava.model.checkpoint import load_model
+    from dynllava.runtime.loading import is_engine_dir, is_export_dir
 
+    if is_export_dir(model) or is_engine_dir(model):
+        raise InputError(f"{model} is an export or engine directory; calibrate takes the checkpoint it came from "
+                         "(an export has the vision keep rate and the threshold baked in)",
+                         hint="calibrate the checkpoint with --write, then export it again")
     target = parse_target(target_kv_bytes, target_text_keep, max_quality_drop)
     if backend not in BACKENDS:
         raise InputError(f"unknown calibration backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
@@ -1102,6 +1107,7 @@ def calibrate(
     if plot is not None:
         from dynllava.calib.plot import plot_sweep
 
+        plot.parent.mkdir(parents=True, exist_ok=True)
         plot_sweep(result.rows, metric, plot, chosen, title=f"{model.name}: calibration on {Path(data).name}")
     if as_json:
         print(json.dumps(report.to_json(result, metric, target, chosen, str(written) if written else None)))

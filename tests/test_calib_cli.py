@@ -91,6 +91,9 @@ def test_kv_bytes_fall_as_the_budget_tightens(swept):
         group = sorted((r for r in rows if r["threshold"] == t), key=lambda r: r["vision_keep_rate"])
         kv = [r["kv_bytes"] for r in group]
         assert kv == sorted(kv) and kv[0] < kv[-1]
+    # dropping tokens moves the next-token distributions away from keep-all's
+    tightest = min(rows, key=lambda r: r["kv_bytes"])
+    assert tightest["kl"] > 1e-6
 
 
 def test_the_chosen_point_meets_the_target_and_is_recorded(checkpoint, data, calibrated):
@@ -141,7 +144,7 @@ def test_onnxruntime_backend_times_exports_and_measures_the_same_quality(officia
                                  "--backend", "onnxruntime", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["backend"] == "onnxruntime" and len(out["rows"]) == 2
+    assert out["backend"] == "onnxruntime" and len(out["rows"]) == 4  # rates {1, 0.2} x t {keep all, 0}
     torch_rows = {(r["vision_keep_rate"], r["threshold"]): r for r in swept["rows"]}
     for r in out["rows"]:
         same = torch_rows[(r["vision_keep_rate"], r["threshold"])]
@@ -170,3 +173,8 @@ def test_bad_data_is_one_line_error(official_dir, tmp_path):
     bad.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
     result = runner.invoke(app, ["calibrate", str(official_dir), "--data", str(bad)])
     assert result.exit_code == 1 and "bad.jsonl:2: expected an object" in result.stderr
+
+
+def test_an_export_is_not_calibrated(fast_export_dir, data):
+    result = runner.invoke(app, ["calibrate", str(fast_export_dir), "--data", str(data)])
+    assert result.exit_code == 1 and "calibrate takes the checkpoint it came from" in result.stderr

@@ -182,18 +182,18 @@ def threshold_for_share(margins: np.ndarray, share: float) -> float:
 def grid(model: DynamicLlava, sparse: SparseConfig, text_margins: np.ndarray, vision_rates: tuple[float, ...],
          text_shares: tuple[float, ...]) -> list[Setting]:
     """Settings to sweep from the checkpoint's `sparse` config: vision rates (those that keep at least one image
-    token; the checkpoint's own added) x thresholds at the wanted kept shares of the measured margins, plus t = 0.
-    Without a predictor its knob has one value."""
+    token; 1 and the checkpoint's own added) x thresholds at the wanted kept shares of the measured margins (share
+    1 added), plus t = 0. Keep-all is always among them. Without a predictor its knob has one value."""
     for r in (*vision_rates, *text_shares):
         if isinstance(r, bool) or not 0.0 < r <= 1.0:
             raise InputError(f"vision keep rates and text keep shares must be in (0, 1], got {r}")
     if sparse.use_vision_predictor:
-        rates = sorted({*vision_rates, sparse.vision_keep_rate}, reverse=True)
+        rates = sorted({1.0, *vision_rates, sparse.vision_keep_rate}, reverse=True)
         rates = [r for r in rates if keep_count(r, model.num_image_tokens) >= 1]
     else:
         rates = [1.0]
     if sparse.use_text_predictor and sparse.use_output_text_predictor and len(text_margins):
-        thresholds = sorted({0.0, *(threshold_for_share(text_margins, s) for s in text_shares)})
+        thresholds = sorted({0.0, *(threshold_for_share(text_margins, s) for s in (1.0, *text_shares))})
     else:
         thresholds = [0.0]
     return [Setting(r, t) for r in rates for t in thresholds]
@@ -234,6 +234,7 @@ def sweep(loaded, examples: list[CalibExample], encoded: list[Encoded], max_new_
     tok = loaded.tokenizer
     stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     progress = on_progress or (lambda *_: None)
+    runs = _EngineRuns(loaded, examples, max_new_tokens, backend, timing_requests)
     try:
         keep_all_sparse = model.sparse.replace(vision_keep_rate=1.0) if model.sparse.use_vision_predictor \
             else model.sparse
@@ -244,9 +245,7 @@ def sweep(loaded, examples: list[CalibExample], encoded: list[Encoded], max_new_
         image_margins = np.asarray([m for ms in reference.image_margins for m in ms])
         settings = grid(model, original[0], text_margins, vision_rates, text_shares)
         trained = Setting(original[0].vision_keep_rate if original[0].use_vision_predictor else 1.0, 0.0)
-        timer = _Timer(loaded, examples, max_new_tokens, backend, timing_requests)
         rows = []
-        keep_all_row = None
         for i, setting in enumerate(settings):
             progress(f"vision {setting.vision_keep_rate:g}, t {setting.threshold:.3g}", i, len(settings))
             model.configure_sparsity(original[0].replace(vision_keep_rate=setting.vision_keep_rate),
@@ -254,24 +253,19 @@ def sweep(loaded, examples: list[CalibExample], encoded: list[Encoded], max_new_
             run = run_pass(model, encoded, max_new_tokens, stop, forced=reference.tokens, batch_size=batch_size)
             row = Row(setting.vision_keep_rate, setting.threshold, **compare(model, reference, run),
                       trained=setting == trained)
-            row.accuracy, row.ttft_s, row.decode_tok_s = timer.measure(model)
+            row.accuracy, row.ttft_s, row.decode_tok_s = runs.measure(model)
             row.keep_all = row.image_keep == 1.0 and row.text_keep == 1.0
-            if row.keep_all and keep_all_row is None:
-                keep_all_row = row
             rows.append(row)
         progress("done", len(settings), len(settings))
     finally:
         model.configure_sparsity(*original)
-        if "timer" in locals():
-            timer.close()
-    if keep_all_row is None:  # a grid without rate 1 / share 1: the reference's own numbers
-        t_all = threshold_for_share(text_margins, 1.0) if len(text_margins) else 0.0
-        keep_all_row = Row(1.0, t_all, 1.0, 1.0, float(np.mean([kv_bytes_held(model, d, s)
-                                                                      for d, s in reference.kv_rows])), 1.0, 0.0)
+        runs.close()
+    # the grid always holds keep-all (rate 1 x share 1); the first such row (with t = 0 if it keeps everything too)
+    keep_all_row = next(r for r in rows if r.keep_all)
     return SweepResult(rows, keep_all_row, image_margins, text_margins, len(examples), max_new_tokens, backend)
 
 
-class _Timer:
+class _EngineRuns:
     """Free-running generation through the Engine on the backend: accuracy, TTFT (batch 1), decode tokens/s."""
 
     def __init__(self, loaded, examples: list[CalibExample], max_new_tokens: int, backend: str, timing: int):
