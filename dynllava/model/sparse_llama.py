@@ -63,6 +63,19 @@ class NoCacheOutput:
         return [len(k) for k in self.kept_generated]
 
 
+def rotated_qkv(layer: LlamaDecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's attention inputs for h [B, S, D]: q [B, Hq, S, Dh], k and v [B, Hkv, S, Dh], q and k after RoPE."""
+    attn = layer.self_attn
+    b, s, _ = h.shape
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
 def layer_forward(layer: LlamaDecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    past_k: torch.Tensor | None, past_v: torch.Tensor | None, mask: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,11 +86,7 @@ def layer_forward(layer: LlamaDecoderLayer, h: torch.Tensor, cos: torch.Tensor, 
     """
     attn = layer.self_attn
     b, s, _ = h.shape
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
-    k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
-    v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = rotated_qkv(layer, h, cos, sin)
     keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # [B, Hkv, T + S, Dh]
     values = v if past_v is None else torch.cat([past_v, v], dim=2)
     groups = attn.num_key_value_groups

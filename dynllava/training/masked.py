@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv
 
-from dynllava.model.sparse_llama import DynamicLlava, layer_forward, self_attention_mask
+from dynllava.model.sparse_llama import DynamicLlava, layer_forward, rotated_qkv, self_attention_mask
 from dynllava.training.data import IGNORE, Batch
 
 
@@ -43,11 +43,7 @@ def masked_layer_forward(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     0/1 in the forward pass with straight-through gradients, 1 for tokens no predictor decides on."""
     attn = layer.self_attn
     b, s, _ = h.shape
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
-    k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
-    v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = rotated_qkv(layer, h, cos, sin)  # [B, Hq, S, Dh], [B, Hkv, S, Dh] x 2
     k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
     scores = (q @ k.transpose(-1, -2)) * attn.scaling  # [B, Hq, S, S]
     scores = scores.masked_fill(~allowed, float("-inf"))
