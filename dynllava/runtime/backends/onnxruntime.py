@@ -125,15 +125,19 @@ class OrtExecutor:
         """The feeds `decode` would bind for this step, as copies (the KV before this step's row is written): for a
         plain `session.run`, e.g. calibration of a quantized export (dynllava/calib)."""
         if isinstance(cache, SlotKVCache):
-            specs = {t.name: t for t in self.manifest.graphs["decode"].inputs}
-            feeds = {name: np.zeros([len(seqs) if isinstance(d, str) else d for d in specs[name].shape],
-                                    dtype=specs[name].dtype) for name in _SLOT_INPUTS}
+            feeds = self._slot_input_arrays(len(seqs))
             _fill_slot_inputs(feeds, seqs, tokens)
             pools = [buffer[:len(seqs)] for buffer in cache.buffers]
         else:
             feeds, pools = paged_decode_feeds(cache, seqs, tokens), cache.pools
         feeds.update({name: np.array(pool) for name, pool in zip(self._past, pools)})
         return feeds
+
+    def _slot_input_arrays(self, batch: int) -> dict[str, np.ndarray]:
+        """Zeroed arrays for the built decode graph's small inputs at this batch size."""
+        specs = {t.name: t for t in self.manifest.graphs["decode"].inputs}
+        return {name: np.zeros([batch if isinstance(d, str) else d for d in specs[name].shape], dtype=specs[name].dtype)
+                for name in _SLOT_INPUTS}
 
     def _bind(self, cache: KVLedger, batch: int) -> _Bound:
         import onnxruntime as ort
@@ -146,10 +150,7 @@ class OrtExecutor:
         inputs: dict[str, np.ndarray] = {}
         if isinstance(cache, SlotKVCache):
             views = [buffer[:batch] for buffer in cache.buffers]  # slots 0..B-1: contiguous
-            specs = {t.name: t for t in self.manifest.graphs["decode"].inputs}
-            for name in _SLOT_INPUTS:  # fixed shapes: bound once, refilled each step
-                shape = [batch if isinstance(d, str) else d for d in specs[name].shape]
-                inputs[name] = np.zeros(shape, dtype=specs[name].dtype)
+            inputs = self._slot_input_arrays(batch)  # fixed shapes: bound once, refilled each step
         else:
             views = cache.pools
         values = [ort.OrtValue.ortvalue_from_numpy(v) for v in views]
