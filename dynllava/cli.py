@@ -210,6 +210,9 @@ NO_CALIBRATION = typer.Option(False, "--no-calibration", help="Ignore the checkp
 ORT_THREADS = typer.Option(None, min=1, help="ONNX Runtime intra-op threads (default: the CPUs available).")
 ORT_SPINNING = typer.Option(False, "--ort-spinning/--no-ort-spinning", help="Let idle ONNX Runtime threads spin "
                             "(off by default: spinning lost 2.3x on a 2-core machine with other load).")
+ORT_LANES = typer.Option(None, min=1, help="ONNX Runtime decode lanes: sessions that share the threads and run a "
+                         "batch's rows at once (default: one per thread while the extra copies of the decode graph's "
+                         "weights stay within 1/8 of memory; 1 = one session). Export target onnxruntime only.")
 
 
 def _check_predictors(model: Path, predictors: Path | None) -> None:
@@ -265,6 +268,7 @@ def generate(
                                             "answer token by token, the stats) and request-I.json."),
     ort_threads: int | None = ORT_THREADS,
     ort_spinning: bool = ORT_SPINNING,
+    ort_lanes: int | None = ORT_LANES,
 ) -> None:
     """Generate answers and print each with a one-line summary of what sparsification saved. Requests run through
     the engine (continuous batching, sparse KV cache); --no-kv-cache re-runs whole sequences instead. --explain DIR
@@ -288,7 +292,7 @@ def generate(
         opened = open_model(model, backend, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense),
                             output_threshold=output_threshold, no_calibration=no_calibration,
-                            ort_options={"threads": ort_threads, "spinning": ort_spinning})
+                            ort_options={"threads": ort_threads, "spinning": ort_spinning, "lanes": ort_lanes})
     if no_kv_cache:
         outputs = _generate_without_cache(opened, requests, params)
     else:
@@ -833,6 +837,7 @@ def serve(
                                 "model instead: HTTP on --port, gRPC on --port+1, metrics on --port+2."),
     ort_threads: int | None = ORT_THREADS,
     ort_spinning: bool = ORT_SPINNING,
+    ort_lanes: int | None = ORT_LANES,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions with images and streaming, /v1/completions,
     /v1/models, /health, /metrics) with continuous batching in the background, and a chat page at / that shows
@@ -851,7 +856,7 @@ def serve(
                                   sparse_overrides=_sparse_overrides(vision_keep_rate, None, False),
                                   output_threshold=output_threshold, no_calibration=no_calibration,
                                   kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch, threads=ort_threads,
-                                  spinning=ort_spinning)
+                                  spinning=ort_spinning, lanes=ort_lanes)
     if triton:
         _serve_triton(engine, port, drain_timeout)
         return

@@ -39,7 +39,7 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
 
     # versions and ONNX Runtime settings are recorded; GenAI runs with ours
     assert data["versions"]["onnxruntime"] and data["versions"]["onnxruntime_genai"]
-    assert set(data["ort"]) == {"intra_op_num_threads", "allow_spinning"}
+    assert set(data["ort"]) == {"intra_op_num_threads", "allow_spinning", "decode_lanes"}
 
     # the peers: none skipped on the dev set-up (onnxruntime-genai and onnx-ir are dev dependencies)
     peers = data["peers"]
@@ -52,6 +52,7 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
         ours_ort, genai_ort = part["ours_ort"], part["genai_ort"]
         assert genai_ort["intra_op_num_threads"] == ours_ort["intra_op_num_threads"] == part["threads"]
         assert str(genai_ort["allow_spinning"]).split()[0] == str(ours_ort["allow_spinning"]).split()[0]
+        assert 1 <= ours_ort["decode_lanes"] <= part["threads"]  # our lanes share the same threads
     for i, r in enumerate(peers["decode"]):
         for key in ("ours_sparse_tok_s", "genai_tok_s"):
             assert r[key] == max(part["decode"][i][key] for part in peers["by_threads"])

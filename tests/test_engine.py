@@ -60,13 +60,18 @@ ARRIVALS = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5], 11: [6, 7]}
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "onnxruntime-fast"])
 def test_continuous_batching_equals_each_request_alone(loaded, official_dir, export_dir, fast_export_dir, backend):
     # onnxruntime: the portable graphs over the paged pool; onnxruntime-fast: the built graphs over per-sequence
-    # slots, where finished sequences make the engine move others into lower slots
+    # slots, where finished sequences make the engine move others into lower slots, and batches of 4 or more run
+    # as two decode lanes (two sessions on halves of the batch, whatever this machine's CPU count)
     path = {"torch": official_dir, "onnxruntime": export_dir, "onnxruntime-fast": fast_export_dir}[backend]
-    engine = Engine.from_path(path, backend.removesuffix("-fast"))
+    lanes = {"threads": 2, "lanes": 2} if backend == "onnxruntime-fast" else {}
+    engine = Engine.from_path(path, backend.removesuffix("-fast"), **lanes)
     got = _staggered(engine, ARRIVALS)
     for i, (text, seed) in enumerate(REQUESTS):
         assert got[i] == _alone(loaded, text, seed, GREEDY.max_new_tokens), f"request {i}"
     assert engine.stats().blocks_used == {"dense": 0, "sparse": 0}
+    if lanes:
+        split = [len(bound.lanes) for batch, bound in engine.executor._bound.items() if batch >= 4]
+        assert split and set(split) == {2}
 
 
 @pytest.mark.parametrize("layout", ["paged", "slots"])

@@ -191,3 +191,63 @@ def test_build_engine_refuses_an_onnxruntime_export_with_the_fix(fast_export_dir
     result = runner.invoke(app, ["build-engine", str(fast_export_dir), "-o", str(tmp_path / "engine")])
     assert result.exit_code == 1 and "--target tensorrt" in result.output
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------- decode lanes
+def test_lane_rows_give_each_lane_two_rows_or_more_and_cover_the_batch():
+    from dynllava.runtime.backends.onnxruntime import lane_rows
+
+    assert lane_rows(3, 2) == [slice(0, 3)]  # one row per lane lost to the second session (measured)
+    assert lane_rows(4, 2) == [slice(0, 2), slice(2, 4)]
+    assert lane_rows(7, 2) == [slice(0, 4), slice(4, 7)]
+    assert lane_rows(9, 4) == [slice(0, 3), slice(3, 5), slice(5, 7), slice(7, 9)]
+    for batch in range(1, 20):
+        rows = lane_rows(batch, 3)
+        assert rows[0].start == 0 and rows[-1].stop == batch
+        assert all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+        assert len(rows) == 1 or min(r.stop - r.start for r in rows) >= 2
+
+
+def test_default_lanes_stop_where_the_weight_copies_would_take_an_eighth_of_memory():
+    from dynllava.runtime.backends.onnxruntime import default_lanes
+
+    assert default_lanes(threads=4, graph_bytes=1 << 20, memory_bytes=1 << 34) == 4  # small model: one per thread
+    assert default_lanes(threads=4, graph_bytes=1 << 30, memory_bytes=16 << 30) == 3  # 2 extra copies = 1/8
+    assert default_lanes(threads=8, graph_bytes=28 << 30, memory_bytes=64 << 30) == 1  # a 7B fp32 decode graph
+    assert default_lanes(threads=1, graph_bytes=1, memory_bytes=1 << 40) == 1
+
+
+def test_lanes_give_the_logits_and_lengths_of_one_session(fast_export_dir):
+    """The same decode step (batch 5, different lengths and positions) through one session and through two lanes
+    of two and three rows: every output row is bit for bit the same, and the KV rows written are the same."""
+    from dynllava.runtime.backends.onnxruntime import OrtExecutor
+
+    outs, caches = [], []
+    tokens = np.random.default_rng(0).integers(4, 100, 5)
+    for lanes in (1, 2):
+        executor = OrtExecutor(fast_export_dir, threads=2, lanes=lanes)
+        cache = executor.new_kv_cache(16, 1 << 26, 8, max_rows=64)
+        seqs = []
+        for b, (dense, sparse) in enumerate([(9, 5), (20, 7), (3, 3), (30, 12), (11, 11)]):
+            seq = SeqKV()
+            cache.reserve(seq, dense + 1, sparse + 1)
+            seq.dense_len, seq.sparse_len, seq.position = dense, sparse, dense + 2 * b
+            seqs.append(seq)
+        seqs = [seqs[i] for i in cache.batch_order(seqs)]
+        for buffer in cache.buffers:  # the same history in both runs
+            buffer[:5] = np.random.default_rng(1).standard_normal(buffer[:5].shape).astype(buffer.dtype)
+        outs.append([np.array(o) for o in executor.decode(tokens, seqs, cache)])
+        caches.append([np.array(b[:5]) for b in cache.buffers])
+        assert len(executor._bound[5].lanes) == lanes
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(*caches):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lanes_are_checked_against_the_threads(fast_export_dir):
+    from dynllava.errors import ConfigError
+    from dynllava.runtime.backends.onnxruntime import OrtExecutor
+
+    with pytest.raises(ConfigError, match="between 1 and the threads"):
+        OrtExecutor(fast_export_dir, threads=1, lanes=2)

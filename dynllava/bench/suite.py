@@ -152,7 +152,8 @@ def capacity(make: Callable[..., Engine], requests: int, new_tokens: int, budget
 
 # ---------------------------------------------------------------------- ONNX Runtime settings
 def ort_settings(engine: Engine) -> dict:
-    """Intra-op threads and spinning of our ONNX Runtime sessions (empty for a backend without them)."""
+    """Intra-op threads, spinning and decode lanes of our ONNX Runtime sessions (empty for a backend without
+    them). The threads are each session's; the decode lanes share them (one thread each by default)."""
     sessions = getattr(engine.executor, "sessions", None)
     if not sessions:
         return {}
@@ -162,7 +163,8 @@ def ort_settings(engine: Engine) -> dict:
     except Exception:  # not set: ONNX Runtime's default
         spinning = None
     return {"intra_op_num_threads": options.intra_op_num_threads,
-            "allow_spinning": spinning if spinning is not None else "1 (default)"}
+            "allow_spinning": spinning if spinning is not None else "1 (default)",
+            "decode_lanes": getattr(engine.executor, "lanes", 1)}
 
 
 def versions() -> dict:
@@ -462,7 +464,9 @@ def markdown(r: dict) -> str:
              f"only); ONNX Runtime {v.get('onnxruntime')}, onnxruntime-genai {v.get('onnxruntime_genai')}"]
     if r.get("ort"):
         lines.append(f"ONNX Runtime sessions: intra-op threads {r['ort']['intra_op_num_threads']} (0 = one per "
-                     f"physical core), spinning {r['ort']['allow_spinning']}")
+                     f"physical core), spinning {r['ort']['allow_spinning']}, decode lanes "
+                     f"{r['ort'].get('decode_lanes', 1)} (batches of 2+ rows per lane run on that many sessions "
+                     f"at once, the threads shared between them)")
     cal = r.get("calibration")
     if cal:
         lines.append(f"sparse = the calibration record: vision keep rate {cal['vision_keep_rate']:g}, output threshold "
@@ -540,7 +544,8 @@ def peers_markdown(p: dict) -> list[str]:
             "|" + "|".join("---" for _ in range(3 * len(rows) + 1)) + "|"]
         for part in parts:
             ort_cfg = part.get("ours_ort", {})
-            label = f"{part['threads']} thread(s), spinning {ort_cfg.get('allow_spinning', '-')}"
+            label = (f"{part['threads']} thread(s), spinning {ort_cfg.get('allow_spinning', '-')}, "
+                     f"our decode lanes {ort_cfg.get('decode_lanes', 1)}")
             lines.append(f"| {label} | " + " | ".join(
                 " | ".join(_num(r.get(k), ".1f") for k in ("ours_sparse_tok_s", "ours_dense_tok_s", "genai_tok_s"))
                 for r in part["decode"]) + " |")

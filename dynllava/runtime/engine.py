@@ -101,18 +101,20 @@ class Engine:
     def from_path(cls, path: str | Path, backend: str = "auto", *, predictors=None, vision_tower=None,
                   sparse_overrides: dict[str, Any] | None = None, output_threshold: float | None = None,
                   no_calibration: bool = False, threads: int | None = None,
-                  spinning: bool | None = None, **engine_kwargs: Any) -> Engine:
+                  spinning: bool | None = None, lanes: int | None = None, **engine_kwargs: Any) -> Engine:
         """A checkpoint directory (torch backend), an export directory (onnxruntime backend) or an engine
         directory from `dynllava build-engine` (tensorrt backend); "auto" picks by what the directory holds.
-        threads / spinning: ONNX Runtime's intra-op threads (default: the CPUs available) and whether idle threads
-        spin (default off). A checkpoint's calibration record sets the vision keep rate and the output-text
-        threshold unless sparse_overrides / output_threshold say otherwise or no_calibration is set (torch backend;
-        an export has them baked in)."""
+        threads / spinning / lanes: ONNX Runtime's intra-op threads (default: the CPUs available), whether idle
+        threads spin (default off) and the decode lanes that share them (runtime/backends/onnxruntime.py). A
+        checkpoint's calibration record sets the vision keep rate and the output-text threshold unless
+        sparse_overrides / output_threshold say otherwise or no_calibration is set (torch backend; an export has
+        them baked in)."""
         from dynllava.runtime.loading import open_model
 
         opened = open_model(path, backend, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=sparse_overrides, output_threshold=output_threshold,
-                            no_calibration=no_calibration, ort_options={"threads": threads, "spinning": spinning})
+                            no_calibration=no_calibration,
+                            ort_options={"threads": threads, "spinning": spinning, "lanes": lanes})
         return cls(opened.executor, opened.tokenizer, opened.image_processor, opened.image_aspect_ratio,
                    **engine_kwargs)
 

@@ -51,7 +51,7 @@ def open_model(path: str | Path, backend: str = "auto", ort_options: dict[str, A
                **load_kwargs: Any) -> OpenModel:
     """load_kwargs (predictors, vision_tower, sparse_overrides, output_threshold, no_calibration) apply to
     checkpoints on the torch backend (which honours the checkpoint's calibration record; an export carries the
-    record it was made with, baked into its graphs); ort_options (threads, spinning) to ONNX Runtime sessions."""
+    record it was made with, baked into its graphs); ort_options (threads, spinning, lanes) to ONNX Runtime sessions."""
     path = Path(path)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
