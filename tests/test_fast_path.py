@@ -215,6 +215,7 @@ def test_default_lanes_stop_where_the_weight_copies_would_take_an_eighth_of_memo
     assert default_lanes(threads=4, graph_bytes=1 << 30, memory_bytes=16 << 30) == 3  # 2 extra copies = 1/8
     assert default_lanes(threads=8, graph_bytes=28 << 30, memory_bytes=64 << 30) == 1  # a 7B fp32 decode graph
     assert default_lanes(threads=1, graph_bytes=1, memory_bytes=1 << 40) == 1
+    assert default_lanes(threads=4, graph_bytes=1, memory_bytes=1 << 40, provider="CUDAExecutionProvider") == 1
 
 
 def test_lanes_give_the_logits_and_lengths_of_one_session(fast_export_dir):
@@ -249,5 +250,8 @@ def test_lanes_are_checked_against_the_threads(fast_export_dir):
     from dynllava.errors import ConfigError
     from dynllava.runtime.backends.onnxruntime import OrtExecutor
 
+    assert OrtExecutor(fast_export_dir, threads=2).lanes == 2  # the default: one per thread (a small model)
+    assert OrtExecutor(fast_export_dir, threads=1).lanes == 1
     with pytest.raises(ConfigError, match="between 1 and the threads"):
         OrtExecutor(fast_export_dir, threads=1, lanes=2)
+

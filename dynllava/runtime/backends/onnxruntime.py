@@ -18,7 +18,8 @@ cut into contiguous row ranges (slots lo..hi-1 are one contiguous view of each b
 own session, writing into its rows of the shared outputs. Smaller batches run on the first lane alone. Measured on
 the 7B-shaped preset, 2 cores, batch 8: 2 lanes x 1 thread 7.6 ms/step against 10.7 for one session with 2 threads
 and 12.4 with 1 (sparse); at batch 3 one lane is faster. Each extra lane holds its own copy of the decode graph's
-weights, so the default stops adding lanes where those copies would pass an eighth of the machine's memory.
+weights, so the default stops adding lanes where those copies would pass an eighth of the machine's memory; with
+the CUDA provider the default is one lane.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ def lane_rows(batch: int, lanes: int) -> list[slice]:
     return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def default_lanes(threads: int, graph_bytes: int, memory_bytes: int) -> int:
+def default_lanes(threads: int, graph_bytes: int, memory_bytes: int, provider: str = "CPUExecutionProvider") -> int:
     """One lane per thread, as long as the extra copies of the decode graph's weights stay within an eighth of the
-    machine's memory."""
+    machine's memory; one on a GPU provider (lanes share CPU cores; a GPU runs one session's batch at once)."""
+    if provider != "CPUExecutionProvider":
+        return 1
     affordable = 1 + (memory_bytes // 8) // max(graph_bytes, 1)
     return max(1, min(threads, affordable))
 
@@ -131,7 +134,8 @@ class OrtExecutor:
             return 1  # the paged graph scatters into shared pools: one session
         if lanes is None:
             size = sum(f.stat().st_size for f in decode_file.parent.glob(decode_file.name + "*"))  # + external data
-            return default_lanes(threads, size, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+            return default_lanes(threads, size, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                                 self.providers[0])
         if not 1 <= lanes <= threads:
             raise ConfigError(f"decode lanes must be between 1 and the threads ({threads}), got {lanes}",
                               hint="each lane needs at least one thread; raise threads or lower lanes")
