@@ -25,7 +25,7 @@ the CUDA provider the default is one lane.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,10 @@ class OrtExecutor:
                 bound.lanes[0].binding.bind_cpu_input(name, value)
         first, *others = bound.lanes
         running = [self._pool.submit(lane.session.run_with_iobinding, lane.binding) for lane in others]
-        first.session.run_with_iobinding(first.binding)  # this thread runs the first lane (ORT releases the GIL)
+        try:
+            first.session.run_with_iobinding(first.binding)  # this thread runs the first lane (ORT releases the GIL)
+        finally:
+            wait(running)  # no lane may still be writing the buffers once the step is over, even after an error
         for future in running:
             future.result()
         return bound.outputs
