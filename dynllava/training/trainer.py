@@ -154,39 +154,10 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
         pretrain_vision(model, encoder, np.random.default_rng([cfg.seed, 3]), spec.image_size, cfg,
                         lambda step, m: (history["vision"].append(m), on_step("vision", step, cfg.vision_steps, m)))
 
-    base = [p for n, p in model.named_parameters() if not _is_predictor(n)]
-    opt = torch.optim.AdamW(base, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    for step in range(cfg.dense_steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, cfg.dense_steps, cfg.warmup)
-        res = training_forward(model, encoder.batch(next(stream)), dense=True)
-        opt.zero_grad(set_to_none=True)
-        res.lm_loss.backward()
-        torch.nn.utils.clip_grad_norm_(base, 1.0)
-        opt.step()
-        metrics = {"loss": res.lm_loss.item()}
-        history["dense"].append(metrics)
-        on_step("dense", step, cfg.dense_steps, metrics)
-
-    if cfg.sparse_steps:
-        predictors = [p for n, p in model.named_parameters() if _is_predictor(n)]
-        opt = torch.optim.AdamW([{"params": base, "lr": cfg.sparse_lr, "base": cfg.sparse_lr},
-                                 {"params": predictors, "lr": cfg.predictor_lr, "base": cfg.predictor_lr}],
-                                weight_decay=0.0, betas=(0.9, 0.98))
-        for step in range(cfg.sparse_steps):
-            for group in opt.param_groups:
-                group["lr"] = group["base"] * _lr_factor(step, cfg.sparse_steps, cfg.warmup)
-            tau = _tau(step, cfg.sparse_steps, cfg.tau_start, cfg.tau_end)
-            res = training_forward(model, encoder.batch(next(stream)), dense=False, tau=tau)
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            metrics = {"loss": res.loss.item(), "lm_loss": res.lm_loss.item(), "mask_loss": res.mask_loss.item(),
-                       "image_keep": res.image_keep, "text_keep": res.text_keep, "tau": tau}
-            history["sparse"].append(metrics)
-            on_step("sparse", step, cfg.sparse_steps, metrics)
-
+    dense_stage(model, encoder, stream, cfg, lambda step, m: (history["dense"].append(m),
+                                                              on_step("dense", step, cfg.dense_steps, m)))
+    sparse_stage(model, encoder, stream, cfg, lambda step, m: (history["sparse"].append(m),
+                                                                on_step("sparse", step, cfg.sparse_steps, m)))
     model.eval()
     if cfg.sparse_steps:
         calibrate_text_predictor(model, encoder, np.random.default_rng([cfg.seed, 4]), spec.image_size, cfg)
@@ -199,6 +170,42 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
                        for stage, h in history.items()},
     }, indent=2))
     return out
+
+
+def dense_stage(model: DynamicLlava, encoder: Encoder, stream, cfg: TrainConfig, on_step) -> None:
+    """Stage 1: vision tower, projector and LM on the answers, predictors unused."""
+    base = [p for n, p in model.named_parameters() if not _is_predictor(n)]
+    opt = torch.optim.AdamW(base, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    for step in range(cfg.dense_steps):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg.dense_steps, cfg.warmup)
+        res = training_forward(model, encoder.batch(next(stream)), dense=True)
+        opt.zero_grad(set_to_none=True)
+        res.lm_loss.backward()
+        torch.nn.utils.clip_grad_norm_(base, 1.0)
+        opt.step()
+        on_step(step, {"loss": res.lm_loss.item()})
+
+
+def sparse_stage(model: DynamicLlava, encoder: Encoder, stream, cfg: TrainConfig, on_step) -> None:
+    """Stage 2: the predictors join (Gumbel-Softmax, straight-through masks, the mask loss); the whole model keeps
+    training, the predictors at their own learning rate."""
+    base = [p for n, p in model.named_parameters() if not _is_predictor(n)]
+    predictors = [p for n, p in model.named_parameters() if _is_predictor(n)]
+    opt = torch.optim.AdamW([{"params": base, "lr": cfg.sparse_lr, "base": cfg.sparse_lr},
+                             {"params": predictors, "lr": cfg.predictor_lr, "base": cfg.predictor_lr}],
+                            weight_decay=0.0, betas=(0.9, 0.98))
+    for step in range(cfg.sparse_steps):
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * _lr_factor(step, cfg.sparse_steps, cfg.warmup)
+        tau = _tau(step, cfg.sparse_steps, cfg.tau_start, cfg.tau_end)
+        res = training_forward(model, encoder.batch(next(stream)), dense=False, tau=tau)
+        opt.zero_grad(set_to_none=True)
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        on_step(step, {"loss": res.loss.item(), "lm_loss": res.lm_loss.item(), "mask_loss": res.mask_loss.item(),
+                       "image_keep": res.image_keep, "text_keep": res.text_keep, "tau": tau})
 
 
 def patch_targets(scene, image_size: int, grid: int) -> np.ndarray:
