@@ -178,6 +178,33 @@ def test_shipped_model_answers_dense_and_sparse(shipped_report):
     assert sparse.kept_on_shape_share >= 0.8 and sparse.shape_coverage < 0.35
 
 
+def test_shipped_model_image_features_say_where_a_shape_is():
+    """Stage 0's row and column targets keep each patch's position in the features the projector reads: a linear
+    probe on the mean feature of a shape's patches names the shape's region (chance: 1 in 5; the model trained
+    without those targets: 1 in 3)."""
+    from dynllava.model.checkpoint import load_model
+    from dynllava.runtime.processor import preprocess_image
+    from dynllava.tasks.shapes import REGIONS, sample_scene
+
+    loaded = load_model(shapes_model_dir())
+    model = loaded.model
+    scenes = [sample_scene(np.random.default_rng([5, i]), 96) for i in range(240)]
+    pixels = torch.stack([preprocess_image(loaded.image_processor, render(s)) for s in scenes])
+    with torch.no_grad():
+        hidden = model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    feats = hidden[model.config.vision_feature_layer][:, 1:]  # [B, 36, C]
+    x, y = [], []
+    for scene, f in zip(scenes, feats):
+        for shape in scene.shapes:
+            on = shape_patch_mask(Scene(96, scene.background, (shape,)), 96, 6)
+            x.append(np.append(f[torch.from_numpy(on)].mean(0).numpy(), 1.0))
+            y.append(REGIONS.index(shape.region))
+    x, y = np.array(x), np.array(y)
+    fit = len(x) * 2 // 3
+    w = np.linalg.solve(x[:fit].T @ x[:fit] + 1e-2 * np.eye(x.shape[1]), x[:fit].T @ np.eye(len(REGIONS))[y[:fit]])
+    assert ((x[fit:] @ w).argmax(1) == y[fit:]).mean() >= 0.6
+
+
 @pytest.mark.slow
 def test_shipped_model_same_answers_on_onnxruntime(tmp_path, shipped_report):
     from typer.testing import CliRunner
