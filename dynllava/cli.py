@@ -407,6 +407,9 @@ def train_tiny_cmd(
                                      "the whole model through the masked attention."),
     batch_size: int = typer.Option(32, min=1, help="Examples per step."),
     threads: int = typer.Option(1, min=1, help="torch threads (results are reproducible for a fixed count)."),
+    position_targets: bool = typer.Option(False, "--position-targets", help="Stage 0 also asks every patch for "
+                                          "its grid row and column (better position answers; the image predictor "
+                                          "then keeps fewer shape patches: see the README)."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Train a tiny Dynamic-LLaVA on the synthetic shapes task (colour, shape, position and count questions) on
@@ -418,7 +421,7 @@ def train_tiny_cmd(
     from dynllava.training.trainer import TrainConfig, train_tiny
 
     cfg = TrainConfig(seed=seed, vision_steps=vision_steps, dense_steps=dense_steps, sparse_steps=sparse_steps,
-                      batch_size=batch_size, threads=threads)
+                      batch_size=batch_size, threads=threads, position_targets=position_targets)
     _check_empty(out, force)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[metrics]}"))

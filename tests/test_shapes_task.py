@@ -154,6 +154,24 @@ def test_short_training_run_learns_reproduces_and_loads(tmp_path):
     assert out.stats.image_tokens == 36 and out.stats.image_tokens_kept == 7  # 96 px / 16 px patches, r_I = 0.2
 
 
+def test_position_targets_ask_each_patch_for_its_row_and_column(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from dynllava.training.trainer import grid_targets, quick_config, train_tiny
+
+    assert grid_targets(3).tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 1, 2, 0, 1, 2, 0, 1, 2]]
+    towers = []
+    for on in (False, True):
+        cfg = replace(quick_config(), vision_steps=3, dense_steps=1, sparse_steps=0, batch_size=4,
+                      position_targets=on)
+        train_tiny(tmp_path / str(on), cfg)
+        towers.append(load_file(tmp_path / str(on) / "vision_tower" / "model.safetensors"))
+    # the extra heads change what stage 0 teaches the tower
+    assert any(not torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
+
+
 # ---------------------------------------------------------------------- the shipped model
 @pytest.fixture(scope="module")
 def shipped_report():
