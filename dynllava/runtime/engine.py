@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image
 from dynllava.runtime.sampling import Sampler, SamplingParams
 from dynllava.runtime.scheduler import Scheduler
 from dynllava.runtime.sequence import Request, RequestOutput, Sequence, Status, as_request
+from dynllava.runtime.virtual_memory import physical_memory_bytes
 
 DEFAULT_KV_BYTES = 1 << 30
 
@@ -51,10 +51,6 @@ class StreamDelta:
     output: RequestOutput | None = None  # set on the last delta
 
 
-def _memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 class Engine:
     def __init__(self, executor, tokenizer, image_processor, image_aspect_ratio: str = "pad",
                  kv_cache_bytes: int | None = None, kv_memory_fraction: float | None = None, max_batch: int = 16,
@@ -68,7 +64,7 @@ class Engine:
         if kv_memory_fraction is not None:
             if not 0 < kv_memory_fraction < 1:
                 raise ConfigError(f"kv_memory_fraction must be in (0, 1), got {kv_memory_fraction}")
-            kv_cache_bytes = int(_memory_bytes() * kv_memory_fraction)
+            kv_cache_bytes = int(physical_memory_bytes() * kv_memory_fraction)
         info = executor.info
         fixed = info.block_size  # TensorRT engines are built for one block size
         if fixed is not None and block_size not in (None, fixed):

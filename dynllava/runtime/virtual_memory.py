@@ -6,12 +6,18 @@ such mappings merge, and one merged region larger than RAM makes every later for
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 
 import numpy as np
 
 PAGE = mmap.PAGESIZE
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+
+
+def physical_memory_bytes() -> int:
+    """The machine's RAM (what a memory fraction is a fraction of)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class VirtualArray:

@@ -37,6 +37,7 @@ from dynllava.runtime.kv_cache import PagedKVCache, paged_decode_feeds
 from dynllava.runtime.kv_ledger import KVLedger, SeqKV
 from dynllava.runtime.kv_slots import SlotKVCache
 from dynllava.runtime.model_info import SLOTS, ModelInfo
+from dynllava.runtime.virtual_memory import physical_memory_bytes
 
 # Measured on the 7B-shaped preset, 2-core CPU (../shared/ort-fast-path-notes.md): spinning threads lost 2.3x when
 # the machine had other load and gained little when idle, so they are off by default.
@@ -134,8 +135,7 @@ class OrtExecutor:
             return 1  # the paged graph scatters into shared pools: one session
         if lanes is None:
             size = sum(f.stat().st_size for f in decode_file.parent.glob(decode_file.name + "*"))  # + external data
-            return default_lanes(threads, size, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                                 self.providers[0])
+            return default_lanes(threads, size, physical_memory_bytes(), self.providers[0])
         if not 1 <= lanes <= threads:
             raise ConfigError(f"decode lanes must be between 1 and the threads ({threads}), got {lanes}",
                               hint="each lane needs at least one thread; raise threads or lower lanes")
