@@ -403,13 +403,16 @@ def train_tiny_cmd(
     vision_steps: int = typer.Option(2000, min=0, help="Stage 0 steps: the CLIP tower pretrained on the task's "
                                      "images (LLaVA starts from a pretrained CLIP)."),
     dense_steps: int = typer.Option(1500, min=1, help="Stage 1 steps: vision tower, projector and LM, dense."),
-    sparse_steps: int = typer.Option(400, min=0, help="Stage 2 steps: predictors (Gumbel-Softmax, mask loss) and "
+    sparse_steps: int = typer.Option(800, min=0, help="Stage 2 steps: predictors (Gumbel-Softmax, mask loss) and "
                                      "the whole model through the masked attention."),
     batch_size: int = typer.Option(32, min=1, help="Examples per step."),
     threads: int = typer.Option(1, min=1, help="torch threads (results are reproducible for a fixed count)."),
     position_targets: bool = typer.Option(False, "--position-targets", help="Stage 0 also asks every patch for "
                                           "its grid row and column (better position answers; the image predictor "
                                           "then keeps fewer shape patches: see the README)."),
+    answer_word_weight: float = typer.Option(1.0, min=0.0, help="Loss weight of the answer's key word (the "
+                                             "colour, shape, position or count word) against 1 for the other "
+                                             "answer tokens."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Train a tiny Dynamic-LLaVA on the synthetic shapes task (colour, shape, position and count questions) on
@@ -421,7 +424,8 @@ def train_tiny_cmd(
     from dynllava.training.trainer import TrainConfig, train_tiny
 
     cfg = TrainConfig(seed=seed, vision_steps=vision_steps, dense_steps=dense_steps, sparse_steps=sparse_steps,
-                      batch_size=batch_size, threads=threads, position_targets=position_targets)
+                      batch_size=batch_size, threads=threads, position_targets=position_targets,
+                      answer_word_weight=answer_word_weight)
     _check_empty(out, force)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[metrics]}"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -120,9 +121,33 @@ def test_masked_softmax_equals_dropping_the_tokens():
     torch.testing.assert_close(full[:, idx], reduced, atol=1e-5, rtol=1e-5)
 
 
-def _train_quick(out, seed=0):
-    from dataclasses import replace
+def test_answer_word_weight_weighs_the_key_word_tokens_only():
+    """--answer-word-weight: the loss is a weighted mean over the answer tokens, the key word (the colour, shape,
+    region or count the question asks for) weighing w, the other answer tokens 1, prompt and padding 0."""
+    from dynllava.model.tiny import _processor
+    from dynllava.training.data import IGNORE, Encoder
+    from dynllava.training.masked import training_forward
+    from dynllava.training.trainer import SHAPES_SPEC, TrainConfig, build_model
 
+    model, tokenizer = build_model(SHAPES_SPEC, TrainConfig(vision_steps=0))
+    plain = Encoder(tokenizer, _processor(SHAPES_SPEC), model.num_image_tokens)
+    weighted = Encoder(tokenizer, _processor(SHAPES_SPEC), model.num_image_tokens, answer_word_weight=5.0)
+    examples = heldout_split(SHAPES_SPEC.image_size, size=8)
+    a, b = plain.batch(examples), weighted.batch(examples)
+    assert a.weights is None and torch.equal(a.labels, b.labels)
+    assert torch.equal(b.weights == 0, b.labels == IGNORE)
+    for row, ex in enumerate(examples):
+        heavy = b.labels[row][b.weights[row] == 5.0].tolist()
+        assert tokenizer.decode(heavy).strip() == ex.answer_word, (ex.answer, tokenizer.decode(heavy))
+    with torch.no_grad():
+        mean = training_forward(model, a, dense=True).lm_loss
+        ones = training_forward(model, replace(b, weights=(b.weights > 0).float()), dense=True).lm_loss
+        five = training_forward(model, b, dense=True).lm_loss
+    torch.testing.assert_close(ones, mean)  # weight 1 everywhere is the plain mean
+    assert not torch.isclose(five, mean)
+
+
+def _train_quick(out, seed=0):
     from dynllava.training.trainer import quick_config, train_tiny
 
     losses = []
@@ -145,6 +170,8 @@ def test_short_training_run_learns_reproduces_and_loads(tmp_path):
     assert _train_quick(tmp_path / "b") == losses  # same seed, same run
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    record = json.loads((tmp_path / "a" / "dynllava_train.json").read_text())
+    assert record["versions"]["torch"] == torch.__version__  # what the weights reproduce under
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert cfg["model_type"] == "llava_llama" and cfg["sparse_config"]["vision_keep_rate"] == 0.2
     assert any(k.startswith("model.image_score_predictor.") for k in wa)
@@ -155,8 +182,6 @@ def test_short_training_run_learns_reproduces_and_loads(tmp_path):
 
 
 def test_position_targets_ask_each_patch_for_its_row_and_column(tmp_path):
-    from dataclasses import replace
-
     from safetensors.torch import load_file
 
     from dynllava.training.trainer import grid_targets, quick_config, train_tiny

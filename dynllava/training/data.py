@@ -28,15 +28,17 @@ class Batch:
     labels: torch.Tensor  # [B, S] long: the next token to predict at each position, IGNORE where no loss
     valid: torch.Tensor  # bool [B, S]: not padding
     decided: torch.Tensor  # bool [B, S]: generated tokens fed back (the output-text predictor decides on them)
+    weights: torch.Tensor | None = None  # [B, S] loss weight per label (None: every answer token weighs the same)
 
 
 class Encoder:
     """Turns examples into token ids and pixels with a tokenizer and image processor (prompts are cached)."""
 
-    def __init__(self, tokenizer, image_processor, num_image_tokens: int):
+    def __init__(self, tokenizer, image_processor, num_image_tokens: int, answer_word_weight: float = 1.0):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.n = num_image_tokens
+        self.answer_word_weight = answer_word_weight  # loss weight of the tokens of the word that matters
         self._prompts: dict[str, list[int]] = {}
         self._answers: dict[str, list[int]] = {}
 
@@ -55,6 +57,15 @@ class Encoder:
             self._answers[answer] = ids + [self.tokenizer.eos_token_id]
         return self._answers[answer]
 
+    def answer_word_span(self, example: Example) -> tuple[int, int]:
+        """[start, end) of the answer word's tokens within `answer_ids(example.answer)` (the last occurrence)."""
+        ids = self.answer_ids(example.answer)
+        word = self.tokenizer(" " + example.answer_word, add_special_tokens=False)["input_ids"]
+        for start in range(len(ids) - len(word), -1, -1):
+            if ids[start: start + len(word)] == word:
+                return start, start + len(word)
+        raise ValueError(f"the answer word {example.answer_word!r} is not a token span of {example.answer!r}")
+
     def image_offset(self) -> int:
         ids = tokenize_prompt(self.tokenizer, chat_prompt([("user", "?")], True))
         return ids.index(IMAGE_PLACEHOLDER)
@@ -71,14 +82,20 @@ class Encoder:
         labels = torch.full((b, s), IGNORE, dtype=torch.long)
         valid = torch.zeros(b, s, dtype=torch.bool)
         decided = torch.zeros(b, s, dtype=torch.bool)
-        for i, (row, p) in enumerate(zip(rows, prompt_lens)):
+        weighted = self.answer_word_weight != 1.0
+        weights = torch.zeros(b, s) if weighted else None
+        for i, (row, p, ex) in enumerate(zip(rows, prompt_lens, examples)):
             n = len(row)
             ids[i, :n] = torch.tensor(row)
             valid[i, :n] = True
             labels[i, p - 1: n - 1] = torch.tensor(row[p:])  # position t predicts token t + 1
             decided[i, p: n - 1] = True  # answer tokens but </s>
+            if weighted:
+                weights[i, p - 1: n - 1] = 1.0
+                start, end = self.answer_word_span(ex)
+                weights[i, p - 1 + start: p - 1 + end] = self.answer_word_weight
         pixels = torch.stack([preprocess_image(self.image_processor, ex.image) for ex in examples])
-        return Batch(ids, pixels, self.image_offset(), labels, valid, decided)
+        return Batch(ids, pixels, self.image_offset(), labels, valid, decided, weights)
 
 
 # question kinds in training: shape recognition and binding a colour to a position take the longest to learn

@@ -102,5 +102,11 @@ def training_forward(model: DynamicLlava, batch: Batch, dense: bool, tau: float 
             text_keep = text_share.mean().item()
 
     logits = model.lm_head(model.language_model.norm(h))  # [B, S, V]
-    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
+    if batch.weights is None:
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
+    else:  # a weighted mean over the answer tokens (weights are 0 where labels are IGNORE)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
+                             reduction="none")
+        w = batch.weights.flatten()
+        lm_loss = (ce * w).sum() / w.sum()
     return ForwardOut(lm_loss + sparse.mask_loss_weight * mask_loss, lm_loss, mask_loss, image_keep, text_keep)

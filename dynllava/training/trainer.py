@@ -44,9 +44,11 @@ from dynllava.training.data import Encoder, example_stream
 from dynllava.training.masked import training_forward
 
 # the shipped model's shape: 96 px images in 16 px patches (36 image tokens, 7 kept at r_I = 0.2), a 4-layer LM
+# sparsified from layer l = 1 (with l = 2, half of this LM, the answer was read into the text tokens before l: the
+# image tokens after l did not matter, so the image predictor learnt no content and tighter budgets cost nothing)
 SHAPES_SPEC = TinySpec(image_size=96, patch_size=16, vision_hidden=64, vision_layers=3, vision_heads=4,
                        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
-                       vocab_size=512, sparse_layer=2, vision_keep_rate=0.2, predictor_width=64, predictor_heads=4,
+                       vocab_size=512, sparse_layer=1, vision_keep_rate=0.2, predictor_width=64, predictor_heads=4,
                        predictor_ff=128, storage_dtype="float32")
 PROGRESS_FILE = "dynllava_train.json"
 
@@ -56,7 +58,7 @@ class TrainConfig:
     seed: int = 0
     vision_steps: int = 2000
     dense_steps: int = 1500
-    sparse_steps: int = 400
+    sparse_steps: int = 800
     batch_size: int = 32
     vision_lr: float = 2e-3  # stage 0 peak
     lr: float = 2e-3  # stage 1 peak
@@ -72,11 +74,13 @@ class TrainConfig:
     threads: int = 1
     sincos_positions: bool = True  # start the CLIP tower's position embeddings at 2D sin-cos (as MAE does)
     position_targets: bool = False  # stage 0 also asks every patch for its grid row and column (see pretrain_vision)
+    answer_word_weight: float = 1.0  # loss weight of the answer's key word's tokens (1 for the other answer tokens)
 
     def validate(self) -> None:
         if (self.dense_steps < 1 or self.sparse_steps < 0 or self.vision_steps < 0 or self.batch_size < 1
-                or self.threads < 1):
-            raise ConfigError("dense steps, batch size and threads must be >= 1, vision and sparse steps >= 0")
+                or self.threads < 1 or self.answer_word_weight <= 0):
+            raise ConfigError("dense steps, batch size and threads must be >= 1, vision and sparse steps >= 0, the "
+                              "answer word's weight > 0")
         if not (0 < self.vision_keep_rate <= 1 and 0 < self.output_text_keep_rate <= 1):
             raise ConfigError("keep rates must be in (0, 1]")
 
@@ -147,7 +151,7 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
     start = time.perf_counter()
     model, tokenizer = build_model(spec, cfg)
     model.train()
-    encoder = Encoder(tokenizer, _processor(spec), model.num_image_tokens)
+    encoder = Encoder(tokenizer, _processor(spec), model.num_image_tokens, cfg.answer_word_weight)
     stream = example_stream(np.random.default_rng([cfg.seed, 1]), spec.image_size, cfg.batch_size)
     history: dict[str, list] = {"vision": [], "dense": [], "sparse": []}
     if cfg.vision_steps:
@@ -165,11 +169,20 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
     _write_examples(out, spec.image_size, cfg.seed)
     (out / PROGRESS_FILE).write_text(json.dumps({
         "task": "shapes", "config": asdict(cfg), "spec": asdict(spec), "seconds": time.perf_counter() - start,
+        "versions": library_versions(),
         "final": {stage: h[-1] if h else None for stage, h in history.items()},
         "loss_curve": {stage: [round(m["loss"], 4) for m in h[:: max(len(h) // 50, 1)]]
                        for stage, h in history.items()},
     }, indent=2))
     return out
+
+
+def library_versions() -> dict[str, str]:
+    """The libraries the weights depend on: the same seed gives the same weights only under the same versions
+    (float summation order and the tokenizer trainer change between releases)."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "tokenizers", "numpy")}
 
 
 def dense_stage(model: DynamicLlava, encoder: Encoder, stream, cfg: TrainConfig, on_step) -> None:
