@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
@@ -319,3 +320,55 @@ def test_keep_fp32_leaves_the_named_linear_kinds_untouched(fast_export_dir, load
     assert Manifest.read(out).quantization["kept_fp32_linears"] == ["down", "lm_head"]
     with pytest.raises(ConfigError, match="unknown linear layer kind"):
         QuantizeConfig("int8", keep_fp32=("mlp",))
+
+
+class _ScriptedRunner:
+    """A stand-in for an export's runner: greedy tokens 5, 6, eos (2), then 7, 8, ... The candidate's logits differ
+    from the reference's only after eos (`diverge`), and its no-cache graph only after more than two tokens."""
+
+    num_image_tokens = 0
+
+    def __init__(self, diverge: bool):
+        self.diverge, self.step = diverge, 0
+
+    def _logits(self, token: int) -> torch.Tensor:
+        logits = torch.zeros(1, 16)
+        logits[0, 15 if self.diverge and self.step > 3 else token] = 1.0
+        return logits
+
+    def encode_images(self, pixels):
+        raise AssertionError("text-only samples")
+
+    def prefill(self, prompts, feats, capacity):
+        from types import SimpleNamespace
+
+        self.step = 1
+        return SimpleNamespace(logits=self._logits(5), kept_image_indices=[None], cache=None)
+
+    def decode_step(self, forced, cache):
+        self.step += 1
+        return self._logits([5, 6, 2, 7, 8, 9, 10, 11][self.step - 1]), torch.ones(1, dtype=torch.bool)
+
+    def forward_no_cache(self, seqs, feats, starts):
+        from types import SimpleNamespace
+
+        generated = len(seqs[0]) - starts[0]
+        return SimpleNamespace(logits=torch.tensor([[0.0] * 15 + [1.0]]) if self.diverge and generated > 2
+                               else torch.eye(16)[2:3])
+
+
+def test_agreement_stops_at_the_references_end_of_sequence():
+    """Past eos a trained model's logits are near-ties: generation never sees them, so the check does not count them."""
+    from dynllava.calib.agreement import compare_runners
+    from dynllava.calib.feeds import Sample
+
+    sample = [Sample(ids=[1, 4], pixels=None)]
+    shares = {}
+    for eos in (2, None):
+        result = compare_runners(_ScriptedRunner(False), _ScriptedRunner(True), sample, steps=6, eos_id=eos)
+        shares[eos] = {m.name.split(" ")[0]: (m.agreed, m.total) for m in result.metrics}
+    assert shares[2]["next-token"] == (3, 3)  # 5, 6, eos: compared; nothing after
+    assert shares[2]["text"] == (2, 2)  # the keep decisions of the two tokens fed back before eos
+    assert shares[2]["Eq."] == (1, 1)  # no-cache after "5 6" predicts eos in both
+    assert shares[None]["next-token"][0] < shares[None]["next-token"][1] == 7
+    assert shares[None]["Eq."] == (0, 1)

@@ -7,6 +7,8 @@ are fed the fp32 export's greedy tokens, so every step compares the two models o
   token (prefill) included;
 * Eq. 12 (nocache) next token: the same on the no-cache graph's logits after the generated tokens.
 
+A sequence is compared up to the step where the fp32 export ends it (its greedy token is eos), as generation does.
+
 Each metric has a threshold; `ok` is all of them met."""
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ class Counts:
 @torch.no_grad()
 def compare_runners(reference, candidate, samples: list[Sample], steps: int, min_next_token: float = MIN_NEXT_TOKEN,
                     min_image_overlap: float = MIN_IMAGE_OVERLAP, min_text_keep: float = MIN_TEXT_KEEP,
-                    batch_size: int = 4) -> Agreement:
-    """reference / candidate: objects with the reference model's calls (BatchRunners over the two exports)."""
+                    batch_size: int = 4, eos_id: int | None = None) -> Agreement:
+    """reference / candidate: objects with the reference model's calls (BatchRunners over the two exports).
+
+    A row is compared until the reference's greedy token is eos_id (that step included): generation stops there, and
+    past it the logits of a trained model are near-ties that say nothing about the quantization."""
     image, keep, token, nocache = Counts(), Counts(), Counts(), Counts()
     worst = 0.0
     for chunk in batches(samples, batch_size):
@@ -82,16 +87,23 @@ def compare_runners(reference, candidate, samples: list[Sample], steps: int, min
                 image.agreed += len(set(a.tolist()) & set(b.tolist()))
                 image.total += len(a)
         ref_logits, cand_logits, generated = ref.logits, cand.logits, []
+        live = torch.ones(len(chunk), dtype=torch.bool)  # [B] rows the reference has not ended
         for _ in range(steps):
-            token.add(ref_logits.argmax(-1) == cand_logits.argmax(-1))
-            worst = max(worst, float((ref_logits - cand_logits).abs().max()))
+            token.add((ref_logits.argmax(-1) == cand_logits.argmax(-1))[live])
+            worst = max(worst, float((ref_logits - cand_logits)[live].abs().max()))
             forced = ref_logits.argmax(-1)  # teacher forcing: the fp32 export's greedy token to both
+            if eos_id is not None:
+                live &= forced != eos_id
+            if not live.any():
+                break
             generated.append(forced)
             ref_logits, ref_keep = reference.decode_step(forced, ref.cache)
             cand_logits, cand_keep = candidate.decode_step(forced, cand.cache)
-            keep.add(ref_keep == cand_keep)
-        token.add(ref_logits.argmax(-1) == cand_logits.argmax(-1))
-        seqs = [p + [int(t[b]) for t in generated] for b, p in enumerate(prompts)]
+            keep.add((ref_keep == cand_keep)[live])
+        else:
+            token.add((ref_logits.argmax(-1) == cand_logits.argmax(-1))[live])
+        # each row's tokens before the reference's end: the no-cache graph predicts the next one (eos if it ended)
+        seqs = [p + _until(eos_id, [int(t[b]) for t in generated]) for b, p in enumerate(prompts)]
         starts = [len(p) for p in prompts]
         ref_nc = reference.forward_no_cache(seqs, feats, starts)
         cand_nc = candidate.forward_no_cache(seqs, feats, starts)
@@ -103,14 +115,20 @@ def compare_runners(reference, candidate, samples: list[Sample], steps: int, min
     return Agreement(metrics, worst)
 
 
+def _until(eos_id: int | None, tokens: list[int]) -> list[int]:
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
 def compare_exports(reference_dir: Path, candidate_dir: Path, samples: list[Sample], steps: int = 16,
                     **thresholds) -> Agreement:
     """The two export directories on ONNX Runtime (their limits lifted: the check's batches are small)."""
     from dataclasses import replace
 
+    from dynllava.export.manifest import Manifest
     from dynllava.runtime.batch import OnnxRuntimeModel
 
     runners = [OnnxRuntimeModel(reference_dir), OnnxRuntimeModel(candidate_dir)]
     for runner in runners:
         runner.executor.info = replace(runner.executor.info, max_batch=1 << 30, max_seq_len=1 << 30)
-    return compare_runners(*runners, samples, steps, **thresholds)
+    eos_id = Manifest.read(reference_dir, check_files=False).tokenizer.get("eos_token_id")
+    return compare_runners(*runners, samples, steps, eos_id=eos_id, **thresholds)

@@ -7,7 +7,8 @@ output-text predictor), the norms, the embedding table, rotary caches and the vi
 and outputs are unchanged, so `dynllava.json` keeps its graph specs and gains a `quantization` record.
 
 * int8 ("dynamic", the default on the onnxruntime target): `onnxruntime.quantization.quantize_dynamic`, per-channel
-  symmetric int8 weights, activations quantized per call (DynamicQuantizeLinear + MatMulInteger).
+  symmetric int8 weights in 7 bits (reduce_range), activations quantized per call (DynamicQuantizeLinear +
+  MatMulInteger).
 * int8 ("static"): `quantize_static` in QDQ format, activation ranges calibrated (MinMax) on our own prefill /
   decode / nocache feeds (calib/feeds.py). On a target-tensorrt export the activations are symmetric int8 (zero
   point 0), the form TensorRT's explicit quantization reads (`dynllava build-engine`, docs in the README).
@@ -201,7 +202,9 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
 
         quantize_fp8(src, dst, reader_factory(), lm, others, external)
     elif cfg.method == "dynamic":
+        # reduce_range: 7-bit weights, so the u8 x s8 kernels of CPUs without VNNI cannot saturate (README)
         quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=lm, per_channel=True,
+                         reduce_range=True,
                          weight_type=QuantType.QInt8, use_external_data_format=external, extra_options=common)
     else:
         tensorrt = target == "tensorrt"  # TensorRT reads symmetric int8 Q/DQ pairs (zero point 0)
