@@ -102,7 +102,7 @@ def training_forward(model: DynamicLlava, batch: Batch, dense: bool, tau: float 
             text_keep = text_share.mean().item()
 
     logits = model.lm_head(model.language_model.norm(h))  # [B, S, V]
-    if batch.weights is None:
+    if batch.weights is None:  # the plain mean as before (the shipped weights rebuild bit for bit)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
     else:  # a weighted mean over the answer tokens (weights are 0 where labels are IGNORE)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,

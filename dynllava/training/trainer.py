@@ -253,11 +253,11 @@ def pretrain_vision(model: DynamicLlava, encoder: Encoder, rng: np.random.Genera
 
     With cfg.position_targets every patch also names its own grid row and column (two more linear heads). The kind
     and colour targets alone wash the position embeddings out of the features: a linear probe on the mean feature of
-    a shape's patches names its region 33% of the time on the shipped model (chance 20%), 77% with these targets,
-    and dense position answers rose (67-83% over nine models vs 58-68% without). But the LM still does not bind the
-    named colour to its shape in two-shape scenes, and in those runs the image predictor kept where shapes usually
-    are rather than the patches that hold one (25-79% of the kept tokens on a shape, vs 94% shipped): off by
-    default; the README has the runs."""
+    a shape's patches names its region 33% of the time on the l = 2 model shipped before (chance 20%), 77% with these
+    targets, and dense position answers rose (67-83% over nine models vs 58-68% without). But the LM still does not
+    bind the named colour to its shape in two-shape scenes, and in those runs the image predictor kept where shapes
+    usually are rather than the patches that hold one (25-79% of the kept tokens on a shape, vs 94% on that model):
+    off by default; the README has the runs."""
     tower = model.vision_tower
     layer = model.config.vision_feature_layer
     grid = image_size // tower.config.patch_size
