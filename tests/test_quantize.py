@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -340,8 +341,6 @@ class _ScriptedRunner:
         raise AssertionError("text-only samples")
 
     def prefill(self, prompts, feats, capacity):
-        from types import SimpleNamespace
-
         self.step = 1
         return SimpleNamespace(logits=self._logits(5), kept_image_indices=[None], cache=None)
 
@@ -350,8 +349,6 @@ class _ScriptedRunner:
         return self._logits([5, 6, 2, 7, 8, 9, 10, 11][self.step - 1]), torch.ones(1, dtype=torch.bool)
 
     def forward_no_cache(self, seqs, feats, starts):
-        from types import SimpleNamespace
-
         generated = len(seqs[0]) - starts[0]
         return SimpleNamespace(logits=torch.tensor([[0.0] * 15 + [1.0]]) if self.diverge and generated > 2
                                else torch.eye(16)[2:3])
