@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dynllava.errors import DynLlavaError, InputError
+from dynllava.errors import ConfigError, DynLlavaError, InputError
 
 app = typer.Typer(
     help="Dynamic-LLaVA deployment toolchain: checkpoints, sparse generation, ONNX export, serving, benchmarks.",
@@ -394,6 +394,13 @@ def _generate_without_cache(opened, requests: list[dict], params) -> list:
 
 
 # ---------------------------------------------------------------------- train-tiny / eval
+def _float_list(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers, e.g. 0.1,0.2,0.55,0.15 (got {text!r})") from None
+
+
 @app.command("train-tiny")
 @handle_errors
 def train_tiny_cmd(
@@ -413,6 +420,10 @@ def train_tiny_cmd(
     answer_word_weight: float = typer.Option(1.0, min=0.0, help="Loss weight of the answer's key word (the "
                                              "colour, shape, position or count word) against 1 for the other "
                                              "answer tokens."),
+    kind_weights: str = typer.Option("0.15,0.35,0.3,0.2", help="Training question mix: four weights for colour, "
+                                     "shape, position and count questions."),
+    two_shapes: float = typer.Option(0.6, min=0.0, max=1.0, help="Share of two-shape scenes in training position "
+                                     "and count questions (the held-out split has 0.6)."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it is not empty."),
 ) -> None:
     """Train a tiny Dynamic-LLaVA on the synthetic shapes task (colour, shape, position and count questions) on
@@ -425,7 +436,9 @@ def train_tiny_cmd(
 
     cfg = TrainConfig(seed=seed, vision_steps=vision_steps, dense_steps=dense_steps, sparse_steps=sparse_steps,
                       batch_size=batch_size, threads=threads, position_targets=position_targets,
-                      answer_word_weight=answer_word_weight)
+                      answer_word_weight=answer_word_weight, kind_weights=_float_list(kind_weights, "--kind-weights"),
+                      two_shapes=two_shapes)
+    cfg.validate()
     _check_empty(out, force)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[metrics]}"))

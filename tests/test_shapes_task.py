@@ -250,3 +250,30 @@ def test_eval_cli_json_and_bad_path(tmp_path):
     assert sparse["image_tokens"] == 4 * 36 and sparse["image_tokens_kept"] == 4 * 7
     missing = runner.invoke(app, ["eval", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_training_stream_follows_the_question_mix_and_two_shape_share():
+    from dynllava.training.data import example_stream
+
+    stream = example_stream(np.random.default_rng(0), 64, 200, {"color": 0, "shape": 1, "position": 3, "count": 0},
+                            two_shapes=1.0)
+    batch = next(stream)
+    kinds = Counter(ex.kind for ex in batch)
+    assert set(kinds) == {"shape", "position"} and 120 < kinds["position"] < 180  # 3:1, drawn
+    assert all(len(ex.scene.shapes) == 2 for ex in batch if ex.kind == "position")
+    assert all(len(ex.scene.shapes) == 1 for ex in batch if ex.kind == "shape")  # about one shape, always
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind-weights", "1,2,x,4"], "comma-separated numbers"),
+    (["--kind-weights", "1,2,3"], "4 weights"),
+    (["--kind-weights", "0,0,0,0"], "not all zero"),
+])
+def test_train_tiny_rejects_a_bad_question_mix(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from dynllava.cli import app
+
+    result = CliRunner().invoke(app, ["train-tiny", str(tmp_path / "out"), *args])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()  # nothing written

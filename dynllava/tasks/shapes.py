@@ -176,12 +176,13 @@ def _ask(rng: np.random.Generator, kind: str, scene: Scene) -> tuple[str, str]:
     raise ValueError(f"unknown question kind {kind!r}; choose one of {', '.join(QUESTION_KINDS)}")
 
 
-def sample_example(rng: np.random.Generator, image_size: int, kind: str | None = None) -> Example:
+def sample_example(rng: np.random.Generator, image_size: int, kind: str | None = None,
+                   two_shapes: float = TWO_SHAPES) -> Example:
     """One random example; `kind` fixes the question kind (default: uniform over QUESTION_KINDS). Colour and shape
     questions ("What color is the shape?", "What shape is it?") are about one-shape scenes; position and count
-    questions about one or two shapes (two with probability TWO_SHAPES)."""
+    questions about one or two shapes (two with probability `two_shapes`; the held-out split uses TWO_SHAPES)."""
     kind = kind or QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
-    count = 1 if kind in ("color", "shape") else 1 + int(rng.random() < TWO_SHAPES)
+    count = 1 if kind in ("color", "shape") else 1 + int(rng.random() < two_shapes)
     scene = sample_scene(rng, image_size, count)
     question, answer = _ask(rng, kind, scene)
     return Example(render(scene), question, answer, kind, scene)

@@ -98,12 +98,12 @@ class Encoder:
         return Batch(ids, pixels, self.image_offset(), labels, valid, decided, weights)
 
 
-# question kinds in training: shape recognition and binding a colour to a position take the longest to learn
-TRAIN_KIND_WEIGHTS = {"color": 0.15, "shape": 0.35, "position": 0.3, "count": 0.2}
-
-
-def example_stream(rng: np.random.Generator, image_size: int, batch_size: int):
-    """An endless stream of batches of examples, question kinds drawn by TRAIN_KIND_WEIGHTS."""
-    kinds, weights = list(TRAIN_KIND_WEIGHTS), np.array(list(TRAIN_KIND_WEIGHTS.values()))
+def example_stream(rng: np.random.Generator, image_size: int, batch_size: int, kind_weights: dict[str, float],
+                   two_shapes: float):
+    """An endless stream of batches of examples: question kinds drawn by `kind_weights` (kind -> weight), position
+    and count questions about two shapes with probability `two_shapes`."""
+    kinds, weights = list(kind_weights), np.array(list(kind_weights.values()), dtype=float)
+    weights = weights / weights.sum()
     while True:
-        yield [sample_example(rng, image_size, str(rng.choice(kinds, p=weights))) for _ in range(batch_size)]
+        yield [sample_example(rng, image_size, str(rng.choice(kinds, p=weights)), two_shapes)
+               for _ in range(batch_size)]

@@ -34,6 +34,8 @@ from dynllava.runtime.processor import preprocess_image
 from dynllava.tasks.shapes import (
     COLORS,
     KINDS,
+    QUESTION_KINDS,
+    TWO_SHAPES,
     render,
     sample_example,
     sample_scene,
@@ -75,12 +77,21 @@ class TrainConfig:
     sincos_positions: bool = True  # start the CLIP tower's position embeddings at 2D sin-cos (as MAE does)
     position_targets: bool = False  # stage 0 also asks every patch for its grid row and column (see pretrain_vision)
     answer_word_weight: float = 1.0  # loss weight of the answer's key word's tokens (1 for the other answer tokens)
+    # training question mix, in QUESTION_KINDS order (colour, shape, position, count): shape recognition and binding
+    # a colour to a position take the longest to learn
+    kind_weights: tuple[float, float, float, float] = (0.15, 0.35, 0.3, 0.2)
+    two_shapes: float = TWO_SHAPES  # share of two-shape scenes in training position and count questions
 
     def validate(self) -> None:
         if (self.dense_steps < 1 or self.sparse_steps < 0 or self.vision_steps < 0 or self.batch_size < 1
                 or self.threads < 1 or self.answer_word_weight <= 0):
             raise ConfigError("dense steps, batch size and threads must be >= 1, vision and sparse steps >= 0, the "
                               "answer word's weight > 0")
+        if len(self.kind_weights) != len(QUESTION_KINDS) or min(self.kind_weights) < 0 or sum(self.kind_weights) <= 0:
+            raise ConfigError(f"kind weights: {len(QUESTION_KINDS)} weights >= 0 ({', '.join(QUESTION_KINDS)}), "
+                              "not all zero")
+        if not 0 <= self.two_shapes <= 1:
+            raise ConfigError("the two-shape share must be in [0, 1]")
         if not (0 < self.vision_keep_rate <= 1 and 0 < self.output_text_keep_rate <= 1):
             raise ConfigError("keep rates must be in (0, 1]")
 
@@ -152,7 +163,8 @@ def _train(out: Path, cfg: TrainConfig, spec: TinySpec, on_step) -> Path:
     model, tokenizer = build_model(spec, cfg)
     model.train()
     encoder = Encoder(tokenizer, _processor(spec), model.num_image_tokens, cfg.answer_word_weight)
-    stream = example_stream(np.random.default_rng([cfg.seed, 1]), spec.image_size, cfg.batch_size)
+    stream = example_stream(np.random.default_rng([cfg.seed, 1]), spec.image_size, cfg.batch_size,
+                            dict(zip(QUESTION_KINDS, cfg.kind_weights)), cfg.two_shapes)
     history: dict[str, list] = {"vision": [], "dense": [], "sparse": []}
     if cfg.vision_steps:
         pretrain_vision(model, encoder, np.random.default_rng([cfg.seed, 3]), spec.image_size, cfg,
