@@ -128,7 +128,10 @@ def test_generate_keeps_the_calibrated_share(checkpoint, calibrated):
     assert json.loads(trained.stdout.splitlines()[0])["stats"]["image_tokens_kept"] == 12
 
 
-def test_the_table_marks_the_chosen_and_trained_settings(official_dir, data):
+def test_the_table_marks_the_chosen_and_trained_settings(official_dir, data, monkeypatch):
+    from dynllava import cli
+
+    monkeypatch.setattr(cli.console, "width", 80)  # a common terminal: numbers and notes must not be folded
     result = runner.invoke(app, ["calibrate", str(official_dir), "--data", str(data), *TINY, "--target-text-keep",
                                  "0.99", "--quality", "agreement"])
     assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 
+from rich import box
 from rich.table import Table
 
 from dynllava.calib.record import CalibrationRecord
@@ -17,11 +18,14 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def table(result: SweepResult, metric: str, chosen: Row | None) -> Table:
-    t = Table(title=f"calibration sweep: {result.examples} examples, {result.max_new_tokens} new tokens, "
-                    f"timed on {result.backend} (quality: {metric})")
-    for col in ("vision keep", "t", "image kept", "text kept", "KV KiB/seq", "agree", "KL", "accuracy",
-                "TTFT ms", "tok/s", ""):
-        t.add_column(col, justify="right", overflow="fold")
+    title = (f"calibration sweep: {result.examples} examples, {result.max_new_tokens} new tokens, timed on "
+             f"{result.backend} (quality: {metric})")
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # numbers never wrap (an 80-column terminal folded "214.0" into "214." / "0"); the notes column takes what is left
+    for col in ("vision\nkeep", "t", "image\nkept", "text\nkept", "KV KiB\n/seq", "agree", "KL", "acc", "TTFT\nms",
+                "tok/s"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("", overflow="fold", min_width=8)
     for r in result.rows:
         notes = ", ".join(n for n, on in (("chosen", r is chosen), ("trained", r.trained), ("keep-all", r.keep_all))
                           if on)
