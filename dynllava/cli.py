@@ -413,7 +413,7 @@ def train_tiny_cmd(
     sparse_steps: int = typer.Option(800, min=0, help="Stage 2 steps: predictors (Gumbel-Softmax, mask loss) and "
                                      "the whole model through the masked attention."),
     lr: float = typer.Option(5e-4, min=0.0, help="Stage 1 peak learning rate (warm-up, then cosine decay to 10%). "
-                             "Above ~1e-3 the LM never learns to bind a colour to a position: see the README."),
+                             "At 2e-3 the LM never learnt to bind a colour to a position: see the README."),
     batch_size: int = typer.Option(32, min=1, help="Examples per step."),
     threads: int = typer.Option(1, min=1, help="torch threads (results are reproducible for a fixed count)."),
     position_targets: bool = typer.Option(False, "--position-targets", help="Stage 0 also asks every patch for "
