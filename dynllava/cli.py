@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dynllava.errors import ConfigError, DynLlavaError, InputError
+from dynllava.errors import DynLlavaError, InputError
 
 app = typer.Typer(
     help="Dynamic-LLaVA deployment toolchain: checkpoints, sparse generation, ONNX export, serving, benchmarks.",
@@ -394,13 +394,6 @@ def _generate_without_cache(opened, requests: list[dict], params) -> list:
 
 
 # ---------------------------------------------------------------------- train-tiny / eval
-def _float_list(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise ConfigError(f"{option} takes comma-separated numbers, e.g. 0.1,0.2,0.55,0.15 (got {text!r})") from None
-
-
 @app.command("train-tiny")
 @handle_errors
 def train_tiny_cmd(
@@ -438,7 +431,7 @@ def train_tiny_cmd(
 
     cfg = TrainConfig(seed=seed, vision_steps=vision_steps, dense_steps=dense_steps, sparse_steps=sparse_steps, lr=lr,
                       batch_size=batch_size, threads=threads, position_targets=position_targets,
-                      answer_word_weight=answer_word_weight, kind_weights=_float_list(kind_weights, "--kind-weights"),
+                      answer_word_weight=answer_word_weight, kind_weights=_floats(kind_weights, "--kind-weights"),
                       two_shapes=two_shapes)
     cfg.validate()
     _check_empty(out, force)

@@ -292,12 +292,12 @@ def test_train_tiny_cli_defaults_are_the_training_config_defaults():
     """The package ships the result of `train-tiny`'s defaults, so the CLI must train what TrainConfig() trains."""
     import inspect
 
-    from dynllava.cli import train_tiny_cmd
+    from dynllava.cli import _floats, train_tiny_cmd
     from dynllava.training.trainer import TrainConfig
 
     defaults = TrainConfig()
     options = {name: p.default.default for name, p in inspect.signature(train_tiny_cmd).parameters.items()
                if hasattr(defaults, name)}
     assert set(options) >= {"seed", "vision_steps", "dense_steps", "sparse_steps", "lr", "kind_weights", "two_shapes"}
-    options["kind_weights"] = tuple(float(x) for x in options["kind_weights"].split(","))
+    options["kind_weights"] = _floats(options["kind_weights"], "--kind-weights")
     assert options == {name: getattr(defaults, name) for name in options}
