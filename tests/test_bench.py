@@ -2,6 +2,7 @@
 dev set-up), ratios that are the recorded numbers divided, and `--only` (speed itself is never asserted)."""
 
 import json
+import statistics
 
 import pytest
 from typer.testing import CliRunner
@@ -56,6 +57,12 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     for i, r in enumerate(peers["decode"]):
         for key in ("ours_sparse_tok_s", "genai_tok_s"):
             assert r[key] == max(part["decode"][i][key] for part in peers["by_threads"])
+    # at each thread count every system ran the same number of alternating rounds; the median is recorded
+    assert peers["rounds"] == 2
+    for part in peers["by_threads"]:
+        for row in part["decode"]:
+            for key in ("ours_sparse_tok_s", "ours_dense_tok_s", "genai_tok_s", "genai_ids_tok_s"):
+                assert len(row["rounds"][key]) == 2 and row[key] == statistics.median(row["rounds"][key])
     t = peers["ttft"]
     for key in ("ours_sparse_s", "ours_dense_s", "genai_s", "genai_vision_and_embeds_s"):
         assert isinstance(t[key], float) and t[key] > 0, (key, t[key])

@@ -116,21 +116,48 @@ def _rss() -> int:
 
 
 @pytest.mark.skipif(not hasattr(__import__("mmap").mmap, "madvise"), reason="needs mmap.madvise (Linux)")
-def test_slot_memory_is_mapped_on_first_write_and_given_back_when_freed():
+def test_slot_memory_is_mapped_on_first_write_and_kept_for_the_next_sequence_within_the_budget():
     # 8 slots x 4096 rows x 2 heads x 256 floats: 64 MiB per buffer reserved, nothing resident until written
-    cache = _slots(max_slots=8, capacity=4096, head_dim=256, budget=1 << 34)
-    reserved = sum(b.nbytes for b in cache.buffers)
     rows = np.ones((4000, 2, 256), dtype=np.float32)
+    written = 4 * rows.nbytes  # K and V of 2 layers: 31.25 MiB
+    cache = _slots(max_slots=8, capacity=4096, head_dim=256, budget=int(1.5 * written))
+    reserved = sum(b.nbytes for b in cache.buffers)
     base = _rss()
-    seq = SeqKV(dense_len=4000, sparse_len=4000)
-    cache.reserve(seq, 4001, 4001)
+    first = SeqKV(dense_len=4000, sparse_len=4000)
+    cache.reserve(first, 4001, 4001)
     for layer in range(2):
-        cache.write_rows(layer, seq, rows, rows)
+        cache.write_rows(layer, first, rows, rows)
     touched = _rss() - base
-    written = 4 * rows.nbytes  # K and V of 2 layers
     assert 0.9 * written <= touched <= 1.2 * written and touched < reserved / 4
-    cache.free(seq)
-    assert _rss() - base < 0.1 * written  # the slot's pages went back to the OS
+    assert 0.9 * written <= cache.resident_bytes <= 1.1 * written  # the cache's count of its pages agrees
+    cache.free(first)
+    assert _rss() - base >= 0.9 * written  # the freed slot kept its pages: the budget has room for them
+    second = SeqKV(dense_len=4000, sparse_len=4000)
+    cache.reserve(second, 4001, 4001)
+    assert second.slot == 0
+    for layer in range(2):
+        cache.write_rows(layer, second, 2 * rows, 2 * rows)  # into the kept pages: no new memory
+    assert _rss() - base <= 1.2 * written and (cache.read_rows(1, second)[0] == 2).all()
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap").mmap, "madvise"), reason="needs mmap.madvise (Linux)")
+def test_freed_slots_give_their_pages_back_when_the_resident_kv_would_pass_the_budget():
+    rows = np.ones((4000, 2, 256), dtype=np.float32)
+    written = 4 * rows.nbytes
+    cache = _slots(max_slots=8, capacity=4096, head_dim=256, budget=int(1.5 * written))
+    base = _rss()
+    long, short = SeqKV(dense_len=4000, sparse_len=4000), SeqKV(dense_len=10, sparse_len=10)
+    cache.reserve(long, 4001, 4001)
+    cache.reserve(short, 11, 11)
+    for layer in range(2):
+        cache.write_rows(layer, long, rows, rows)
+    assert (long.slot, short.slot) == (0, 1)
+    cache.free(long)  # kept: 31 MiB resident fits the 47 MiB budget
+    assert _rss() - base >= 0.9 * written
+    short.dense_len = short.sparse_len = 4000
+    cache.reserve(short, 4001, 4001)  # the live sequence grows: both together would pass the budget
+    assert _rss() - base < 0.1 * written  # slot 0's pages went back to the OS (slot 1's are not written yet)
+    assert cache.resident_bytes <= cache.budget_bytes
     fresh = SeqKV(dense_len=1, sparse_len=1)
     cache.reserve(fresh, 2, 2)
     assert fresh.slot == 0 and not cache.read_rows(0, SeqKV(dense_len=4000, slot=0))[0].any()  # zeros again

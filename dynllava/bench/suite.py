@@ -44,6 +44,7 @@ class BenchConfig:
     repeats: int = 3
     peer_batches: tuple[int, ...] = (1, 8)
     peer_answer: int = 256
+    peer_rounds: int = 3  # alternating decode runs per system and batch (the median is reported)
     hf_batches: tuple[int, ...] = (1,)  # transformers generate (torch eager) is timed at these peer batches
     workloads: tuple[str, ...] = WORKLOADS
     extra: dict = field(default_factory=dict)
@@ -57,8 +58,8 @@ class BenchConfig:
         ordered = tuple(w for w in WORKLOADS if w in workloads)
         if quick:
             return cls(quick=True, prefill_batches=(1, 4), decode_batches=(1, 4), answers=(32, 64),
-                       capacity_requests=8, repeats=2, peer_batches=(1, 4), peer_answer=32, hf_batches=(1, 4),
-                       workloads=ordered)
+                       capacity_requests=8, repeats=2, peer_batches=(1, 4), peer_answer=32, peer_rounds=2,
+                       hf_batches=(1, 4), workloads=ordered)
         return cls(workloads=ordered)
 
 
@@ -230,7 +231,8 @@ def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: Benc
     batch 1 and decode tok/s at each peer batch for ours (sparse, dense), ONNX Runtime GenAI fed the same
     embeddings, GenAI's standard graph on token ids of the same length, and transformers' generate. Ours and GenAI
     run at every thread count of `peer_threads()` with the same settings; the headline takes each at its best."""
-    result: dict = {"answer_tokens": cfg.peer_answer, "versions": versions(), "by_threads": []}
+    result: dict = {"answer_tokens": cfg.peer_answer, "rounds": cfg.peer_rounds, "ttft_repeats": max(cfg.repeats, 7),
+                    "versions": versions(), "by_threads": []}
     models = peer_lib.build_genai(checkpoint, out / "genai", log)
     if isinstance(models, str):
         result["genai_skipped"] = models
@@ -279,38 +281,71 @@ def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: Benc
     part["prompt_tokens"], part["image_tokens"] = prompt1.length, prompt1.n
 
     log("    time to first token, image prompt, batch 1")
-    repeats = max(cfg.repeats, 7)  # a prefill is short: more repeats keep the median steady
-    ttft_row: dict = {"batch": 1, **{f"ours_{m}_s": ttft(ours[m], 1, repeats) for m in ("sparse", "dense")}}
+    repeats = result["ttft_repeats"]  # a prefill is short: more repeats keep the median steady
+    genai_vision: list[float] = []
+
+    def genai_ttft() -> float:
+        run = genai["embeds"].generate(prompt1.ids, 1, prompt1.embeds)
+        genai_vision.append(run.prompt_s)
+        return run.ttft_s
+
+    ttft_fns = {f"ours_{m}_s": (lambda m=m: _first_token_s(ours[m])) for m in ("sparse", "dense")}
     if genai:
-        runs = [genai["embeds"].generate(prompt1.ids, 1, prompt1.embeds) for _ in range(repeats + 1)][1:]
-        ttft_row["genai_s"] = statistics.median(r.ttft_s for r in runs)
-        ttft_row["genai_vision_and_embeds_s"] = statistics.median(r.prompt_s for r in runs)
+        ttft_fns["genai_s"] = genai_ttft
+    ttft_row: dict = {"batch": 1, **{k: statistics.median(v) for k, v in _alternating(ttft_fns, repeats).items()}}
+    if genai:
+        ttft_row["genai_vision_and_embeds_s"] = statistics.median(genai_vision[1:])
     else:
         ttft_row["genai_s"] = skipped
     part["ttft"] = _with_ratios(ttft_row)
 
     part["decode"] = []
     for b in cfg.peer_batches:
-        log(f"    decode, batch {b}, {answer} new tokens: ours, GenAI")
-        row: dict = {"batch": b}
-        runs = {}
+        log(f"    decode, batch {b}, {answer} new tokens: ours and GenAI, {cfg.peer_rounds} alternating rounds")
+        last: dict = {}
+
+        def ours_rate(m: str, b=b, last=last) -> float:
+            last[m] = generate_timed(ours[m], _requests(b, answer))
+            return last[m].tok_s
+
+        def genai_rate(kind: str, prompt: ImagePrompt, last=last) -> float:
+            last[kind] = genai[kind].generate(prompt.ids, answer, prompt.embeds if kind == "embeds" else None)
+            return last[kind].decode_tok_s
+
         for m in ("sparse", "dense"):
             ours[m].generate(_requests(b, 4), progress=False)  # warm-up
-            runs[m] = generate_timed(ours[m], _requests(b, answer))
-            row[f"ours_{m}_tok_s"] = runs[m].tok_s
+        fns = {f"ours_{m}_tok_s": (lambda m=m: ours_rate(m)) for m in ("sparse", "dense")}
         if genai:
             prompt = ImagePrompt(ours["sparse"], [_image(i) for i in range(b)], table)
             genai["embeds"].generate(prompt.ids, 4, prompt.embeds)  # warm-up
-            run = genai["embeds"].generate(prompt.ids, answer, prompt.embeds)
-            row["genai_tok_s"] = run.decode_tok_s
             genai["ids"].generate(prompt.ids, 4)
-            row["genai_ids_tok_s"] = genai["ids"].generate(prompt.ids, answer).decode_tok_s
+            fns["genai_tok_s"] = lambda prompt=prompt: genai_rate("embeds", prompt)
+            fns["genai_ids_tok_s"] = lambda prompt=prompt: genai_rate("ids", prompt)
+        rounds = _alternating(fns, cfg.peer_rounds, warm_up=False)
+        row: dict = {"batch": b, **{k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds}
+        if genai:
             row["genai_tokens_agree_with_ours_dense"] = min(
-                _agreeing_prefix(run.tokens[i], runs["dense"].token_ids[i]) for i in range(b))
+                _agreeing_prefix(last["embeds"].tokens[i], last["dense"].token_ids[i]) for i in range(b))
         else:
             row["genai_tok_s"] = row["genai_ids_tok_s"] = skipped
         part["decode"].append(_with_ratios(row))
     return part
+
+
+def _first_token_s(engine: Engine) -> float:
+    return engine.generate(_requests(1, 1), progress=False)[0].stats.ttft_s
+
+
+def _alternating(fns: dict[str, Callable[[], float]], rounds: int, warm_up: bool = True) -> dict[str, list[float]]:
+    """Each timing once per round, in turn, so that drift in the machine's other load hits every system alike
+    (after one untimed warm-up round, unless warm_up is False)."""
+    for fn in fns.values() if warm_up else ():
+        fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            out[key].append(fn())
+    return out
 
 
 def _with_ratios(row: dict) -> dict:
@@ -329,7 +364,7 @@ def _best_of(parts: list[dict]) -> tuple[dict, list[dict]]:
     kept as KEY_threads); ratios from those bests."""
 
     def best(rows: list[dict], keys: tuple[str, ...], pick: Callable) -> dict:
-        out = dict(rows[0])
+        out = {k: v for k, v in rows[0].items() if k != "rounds"}  # each thread count's rounds stay in its part
         for key in keys:
             timed = [(row[key], part["threads"]) for row, part in zip(rows, parts) if isinstance(row.get(key), float)]
             if timed:
@@ -512,7 +547,9 @@ def peers_markdown(p: dict) -> list[str]:
     lines = [f"Peers on the same weights and the same image prompt ({p['prompt_tokens']} tokens, {p['image_tokens']} "
              f"of them the image's), greedy, {p['answer_tokens']} new tokens. GenAI is fed our prompt embeddings "
              f"(text rows + our vision graph's image rows); decode tok/s is wall-clock after the first token, "
-             f"sampling and detokenization included for ours and GenAI. Ours and GenAI ran at each thread count "
+             f"sampling and detokenization included for ours and GenAI; each rate is the median of "
+             f"{p.get('rounds', 1)} runs and each TTFT of {p.get('ttft_repeats', 7)}, the systems taking turns (so "
+             f"that drift in the machine's other load hits them alike). Ours and GenAI ran at each thread count "
              f"below with the same ONNX Runtime settings; each is shown at its best (threads in brackets).", "",
              f"| decode tok/s | {head} |", f"|{sep}|"]
 

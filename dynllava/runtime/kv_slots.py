@@ -5,7 +5,11 @@ virtual KV, physical memory on demand).
 * Each layer's K and V buffer `[max_slots, Hkv, capacity, Dh]` is reserved as virtual memory (an anonymous mapping,
   no swap reserved); the OS maps a page when a row is first written, so a sequence costs the rows it holds, and the
   sparse layers hold only the kept tokens.
-* A freed slot's pages go back to the OS at once (`madvise(MADV_DONTNEED)`); slots are handed out lowest first.
+* Deferred reclamation (vAttention's too): a freed slot keeps its pages for the next sequence that takes it, as
+  long as the resident KV (pages of live and freed slots) fits the byte budget; past it, freed slots' pages go back
+  to the OS (`madvise(MADV_DONTNEED)`), largest first. Mapping fresh pages costs a fault each: a 619-token prompt's
+  rows on the 7B-shaped preset took 4.2 ms to write into released pages, 0.9 ms into kept ones. Slots are handed
+  out lowest first, so a kept slot is the next one used.
 * A decode batch of B sequences must sit in slots 0..B-1 (the graph's past is `buffer[:B]`, one contiguous view):
   `batch_order` moves a sequence from a higher slot into a free low one (copying its live rows, only when the
   running set changed) and returns the batch order.
@@ -38,6 +42,9 @@ class SlotKVCache(KVLedger):
         self._memory = [VirtualArray(shape, dtype) for _ in range(2 * num_layers)]
         self.buffers = [m.array for m in self._memory]  # per layer: K, V
         self._free_slots = list(range(max_slots))  # a heap: lowest slot first
+        self._row_bytes, self._heads = head_dim * dtype.itemsize, 2 * kv_heads  # K and V heads per layer
+        self._touched = [(0, 0)] * max_slots  # per slot: (dense, sparse) rows that may hold pages since its release
+        self.resident_bytes = 0  # pages of every slot's touched rows, all layers, K and V
 
     def can_reserve(self, seq: SeqKV, dense_rows: int, sparse_rows: int) -> bool:
         return (seq.slot is not None or bool(self._free_slots)) and max(dense_rows, sparse_rows) <= self.capacity \
@@ -52,17 +59,42 @@ class SlotKVCache(KVLedger):
         super().reserve(seq, dense_rows, sparse_rows)
         if seq.slot is None:
             seq.slot = heapq.heappop(self._free_slots)
+        self._touch(seq.slot, dense_rows, sparse_rows)
 
     def free(self, seq: SeqKV) -> None:
         super().free(seq)
         if seq.slot is not None:
-            self._release(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)  # its pages stay until the budget needs them
             seq.slot = None
+            self._reclaim()
 
-    def _release(self, slot: int) -> None:
+    def _slot_resident(self, rows: tuple[int, int]) -> int:
+        # each head's rows start on a page (capacity is whole pages per head)
+        pages = [-(-r * self._row_bytes // PAGE) * PAGE for r in rows]
+        return self._heads * (self.sparse_layer * pages[0] + (self.num_layers - self.sparse_layer) * pages[1])
+
+    def _touch(self, slot: int, dense_rows: int, sparse_rows: int) -> None:
+        old = self._touched[slot]
+        new = (max(old[0], dense_rows), max(old[1], sparse_rows))
+        if new != old:
+            self.resident_bytes += self._slot_resident(new) - self._slot_resident(old)
+            self._touched[slot] = new
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Give freed slots' pages back, largest first, while the resident KV passes the budget."""
+        while self.resident_bytes > self.budget_bytes:
+            warm = [s for s in self._free_slots if self._touched[s] != (0, 0)]
+            if not warm:
+                return  # only live slots' pages (at most their reserved rows) are resident
+            self.release(max(warm, key=lambda s: self._slot_resident(self._touched[s])))
+
+    def release(self, slot: int) -> None:
+        """Hand a slot's pages back to the OS (it reads as zeros afterwards)."""
         for memory in self._memory:
             memory.release(slot * self.slot_bytes, self.slot_bytes)
-        heapq.heappush(self._free_slots, slot)
+        self.resident_bytes -= self._slot_resident(self._touched[slot])
+        self._touched[slot] = (0, 0)
 
     def batch_order(self, seqs: list[SeqKV]) -> list[int]:
         """Move sequences so that exactly slots 0..B-1 hold these B sequences; return their order by slot."""
@@ -79,12 +111,14 @@ class SlotKVCache(KVLedger):
             raise KVCacheFull(f"slot {slot} is held by a sequence outside the decode batch")
         self._free_slots.remove(slot)
         heapq.heapify(self._free_slots)
+        self._touch(slot, *self._touched[seq.slot])
         for layer in range(self.num_layers):
             rows = self.rows_held(seq, layer)
             for buffer in self.buffers[2 * layer: 2 * layer + 2]:
                 buffer[slot, :, :rows] = buffer[seq.slot, :, :rows]
         old, seq.slot = seq.slot, slot
-        self._release(old)
+        heapq.heappush(self._free_slots, old)
+        self._reclaim()
 
     def write_rows(self, layer: int, seq: SeqKV, key: np.ndarray, value: np.ndarray) -> None:
         # key/value: [rows, Hkv, Dh] -> the first rows of the sequence's slot
