@@ -61,7 +61,8 @@ ARRIVALS = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5], 11: [6, 7]}
 def test_continuous_batching_equals_each_request_alone(loaded, official_dir, export_dir, fast_export_dir, backend):
     # onnxruntime: the portable graphs over the paged pool; onnxruntime-fast: the built graphs over per-sequence
     # slots, where finished sequences make the engine move others into lower slots, and batches of 4 or more run
-    # as two decode lanes (two sessions on halves of the batch, whatever this machine's CPU count)
+    # as two decode lanes (two sessions on halves of the batch, whatever this machine's CPU count), smaller ones on a
+    # third session with both threads
     path = {"torch": official_dir, "onnxruntime": export_dir, "onnxruntime-fast": fast_export_dir}[backend]
     lanes = {"threads": 2, "lanes": 2} if backend == "onnxruntime-fast" else {}
     engine = Engine.from_path(path, backend.removesuffix("-fast"), **lanes)
@@ -72,6 +73,10 @@ def test_continuous_batching_equals_each_request_alone(loaded, official_dir, exp
     if lanes:
         split = [len(bound.lanes) for batch, bound in engine.executor._bound.items() if batch >= 4]
         assert split and set(split) == {2}
+        # smaller batches ran whole on the session with both threads, not on one lane's single thread
+        whole = [bound.lanes for batch, bound in engine.executor._bound.items() if batch < 4]
+        assert whole and all(len(ln) == 1 and ln[0].session.get_session_options().intra_op_num_threads == 2
+                             for ln in whole)
 
 
 @pytest.mark.parametrize("layout", ["paged", "slots"])

@@ -245,6 +245,15 @@ def test_default_lanes_stop_where_the_weight_copies_would_take_an_eighth_of_memo
     assert default_lanes(threads=4, graph_bytes=1, memory_bytes=1 << 40, provider="CUDAExecutionProvider") == 1
 
 
+def test_the_whole_batch_session_exists_only_beside_lanes_and_within_the_memory_rule():
+    from dynllava.runtime.backends.onnxruntime import whole_batch_session
+
+    assert whole_batch_session(lanes=2, graph_bytes=1 << 20, memory_bytes=1 << 34)
+    assert not whole_batch_session(lanes=1, graph_bytes=1 << 20, memory_bytes=1 << 34)  # one session has them all
+    assert whole_batch_session(lanes=2, graph_bytes=1 << 30, memory_bytes=16 << 30)  # 2 extra copies = 1/8
+    assert not whole_batch_session(lanes=3, graph_bytes=1 << 30, memory_bytes=16 << 30)  # a 3rd would pass it
+
+
 def test_lanes_give_the_logits_and_lengths_of_one_session(fast_export_dir):
     """The same decode step (batch 5, different lengths and positions) through one session and through two lanes
     of two and three rows: every output row is bit for bit the same, and the KV rows written are the same."""

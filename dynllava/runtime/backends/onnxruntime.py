@@ -15,11 +15,14 @@ Decode lanes (slot layout): the decode step is memory-bound (GroupQueryAttention
 ONNX Runtime's intra-op threads wake per operator, which costs more than a second core gains. So the thread budget
 is split into `lanes` decode sessions of `threads // lanes` threads each; a batch with at least two rows per lane is
 cut into contiguous row ranges (slots lo..hi-1 are one contiguous view of each buffer) that run at once, each in its
-own session, writing into its rows of the shared outputs. Smaller batches run on the first lane alone. Measured on
-the 7B-shaped preset, 2 cores, batch 8: 2 lanes x 1 thread 7.6 ms/step against 10.7 for one session with 2 threads
-and 12.4 with 1 (sparse); at batch 3 one lane is faster. Each extra lane holds its own copy of the decode graph's
-weights, so the default stops adding lanes where those copies would pass an eighth of the machine's memory; with
-the CUDA provider the default is one lane.
+own session, writing into its rows of the shared outputs. Measured on the 7B-shaped preset, 2 cores, batch 8:
+2 lanes x 1 thread 7.6 ms/step against 10.7 for one session with 2 threads and 12.4 with 1 (sparse); at batch 3 one
+lane is faster. Smaller batches run whole on one more session that has every thread (GroupQueryAttention splits its
+heads between them); 256 new tokens, medians of alternating runs, against one lane's single thread: batch 1 dense
+305 tok/s vs 261, sparse 403 vs 403; batch 3 dense 454 vs 347, sparse 642 vs 604. Each extra session holds its own
+copy of the decode graph's weights, so the default stops adding lanes where those copies would pass an eighth of the
+machine's memory, and leaves the whole-batch session out where it would; with the CUDA provider the default is one
+lane.
 """
 
 from __future__ import annotations
@@ -77,13 +80,23 @@ def lane_rows(batch: int, lanes: int) -> list[slice]:
     return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def _affordable_copies(graph_bytes: int, memory_bytes: int) -> int:
+    """Decode sessions (copies of the graph's weights) whose extra copies stay within an eighth of memory."""
+    return 1 + (memory_bytes // 8) // max(graph_bytes, 1)
+
+
 def default_lanes(threads: int, graph_bytes: int, memory_bytes: int, provider: str = "CPUExecutionProvider") -> int:
     """One lane per thread, as long as the extra copies of the decode graph's weights stay within an eighth of the
     machine's memory; one on a GPU provider (lanes share CPU cores; a GPU runs one session's batch at once)."""
     if provider != "CPUExecutionProvider":
         return 1
-    affordable = 1 + (memory_bytes // 8) // max(graph_bytes, 1)
-    return max(1, min(threads, affordable))
+    return max(1, min(threads, _affordable_copies(graph_bytes, memory_bytes)))
+
+
+def whole_batch_session(lanes: int, graph_bytes: int, memory_bytes: int) -> bool:
+    """Whether batches too small to split get a decode session with every thread: where lanes split the threads,
+    and its weight copy (one more than the lanes') stays within the same eighth of memory."""
+    return lanes > 1 and lanes + 1 <= _affordable_copies(graph_bytes, memory_bytes)
 
 
 class _Lane:
@@ -116,12 +129,17 @@ class OrtExecutor:
         threads = threads or _cpus()
         options = session_options(threads, spinning)
         decode = self.manifest.graphs["decode"]
-        self.lanes = self._lane_count(lanes, threads, self.path / decode.file)
+        decode_file = self.path / decode.file
+        graph_bytes = sum(f.stat().st_size for f in decode_file.parent.glob(decode_file.name + "*"))  # + its data
+        self.lanes = self._lane_count(lanes, threads, graph_bytes)
         self.sessions = {name: self._load(self.path / spec.file, options)
                          for name, spec in self.manifest.graphs.items() if name != "decode"}
         lane_options = session_options(max(1, threads // self.lanes), spinning)
-        self._decode_sessions = [self._load(self.path / decode.file, lane_options) for _ in range(self.lanes)]
+        self._decode_sessions = [self._load(decode_file, lane_options) for _ in range(self.lanes)]
         self.sessions["decode"] = self._decode_sessions[0]
+        # batches that run as one lane: every thread (None: they run on the first lane)
+        self._whole_batch = (self._load(decode_file, options)
+                             if whole_batch_session(self.lanes, graph_bytes, physical_memory_bytes()) else None)
         self._pool = ThreadPoolExecutor(self.lanes - 1, "ort-decode-lane") if self.lanes > 1 else None
         self._past = [t.name for t in decode.inputs if t.name.startswith("past.")]
         self._present = [t.name for t in decode.outputs if t.name.startswith("present.")]
@@ -130,12 +148,11 @@ class OrtExecutor:
         self._bound: dict[int, _Bound] = {}
         self._bound_cache: KVLedger | None = None
 
-    def _lane_count(self, lanes: int | None, threads: int, decode_file: Path) -> int:
+    def _lane_count(self, lanes: int | None, threads: int, graph_bytes: int) -> int:
         if self.info.kv_layout != SLOTS:
             return 1  # the paged graph scatters into shared pools: one session
         if lanes is None:
-            size = sum(f.stat().st_size for f in decode_file.parent.glob(decode_file.name + "*"))  # + external data
-            return default_lanes(threads, size, physical_memory_bytes(), self.providers[0])
+            return default_lanes(threads, graph_bytes, physical_memory_bytes(), self.providers[0])
         if not 1 <= lanes <= threads:
             raise ConfigError(f"decode lanes must be between 1 and the threads ({threads}), got {lanes}",
                               hint="each lane needs at least one thread; raise threads or lower lanes")
@@ -226,7 +243,9 @@ class OrtExecutor:
             return values[-1]
 
         lanes = []
-        for session, rows in zip(self._decode_sessions, lane_rows(batch, self.lanes) if slots else [slice(0, batch)]):
+        row_ranges = lane_rows(batch, self.lanes) if slots else [slice(0, batch)]
+        sessions = [self._whole_batch] if self._whole_batch and len(row_ranges) == 1 else self._decode_sessions
+        for session, rows in zip(sessions, row_ranges):
             binding = session.io_binding()
             # slot layout: slots lo..hi-1 are one contiguous view of each buffer; paged: the whole pools
             for p_in, p_out, view in zip(self._past, self._present,
