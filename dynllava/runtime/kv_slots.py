@@ -86,7 +86,7 @@ class SlotKVCache(KVLedger):
         while self.resident_bytes > self.budget_bytes:
             warm = [s for s in self._free_slots if self._touched[s] != (0, 0)]
             if not warm:
-                return  # only live slots' pages (at most their reserved rows) are resident
+                return  # the rest is live slots' (a reused slot may hold pages past its rows)
             self.release(max(warm, key=lambda s: self._slot_resident(self._touched[s])))
 
     def release(self, slot: int) -> None:
