@@ -82,12 +82,12 @@ def _median(fn: Callable[[], float], repeats: int) -> float:
 def ttft(make: Callable[[], Engine] | Engine, batch: int, repeats: int) -> float:
     """Median time to first token (s) of a batch of image requests arriving together."""
     engine = make if isinstance(make, Engine) else make()
+    return _median(lambda: _first_token_s(engine, batch), repeats)
 
-    def once() -> float:
-        outs = engine.generate(_requests(batch, 1), progress=False)
-        return statistics.median(o.stats.ttft_s for o in outs)
 
-    return _median(once, repeats)
+def _first_token_s(engine: Engine, batch: int = 1) -> float:
+    """Median time to first token (s) of one batch of image requests arriving together."""
+    return statistics.median(o.stats.ttft_s for o in engine.generate(_requests(batch, 1), progress=False))
 
 
 @dataclass
@@ -292,9 +292,12 @@ def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: Benc
     ttft_fns = {f"ours_{m}_s": (lambda m=m: _first_token_s(ours[m])) for m in ("sparse", "dense")}
     if genai:
         ttft_fns["genai_s"] = genai_ttft
+    for fn in ttft_fns.values():  # warm-up
+        fn()
+    genai_vision.clear()
     ttft_row: dict = {"batch": 1, **{k: statistics.median(v) for k, v in _alternating(ttft_fns, repeats).items()}}
     if genai:
-        ttft_row["genai_vision_and_embeds_s"] = statistics.median(genai_vision[1:])
+        ttft_row["genai_vision_and_embeds_s"] = statistics.median(genai_vision)
     else:
         ttft_row["genai_s"] = skipped
     part["ttft"] = _with_ratios(ttft_row)
@@ -321,7 +324,7 @@ def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: Benc
             genai["ids"].generate(prompt.ids, 4)
             fns["genai_tok_s"] = lambda prompt=prompt: genai_rate("embeds", prompt)
             fns["genai_ids_tok_s"] = lambda prompt=prompt: genai_rate("ids", prompt)
-        rounds = _alternating(fns, cfg.peer_rounds, warm_up=False)
+        rounds = _alternating(fns, cfg.peer_rounds)
         row: dict = {"batch": b, **{k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds}
         if genai:
             row["genai_tokens_agree_with_ours_dense"] = min(
@@ -332,15 +335,8 @@ def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: Benc
     return part
 
 
-def _first_token_s(engine: Engine) -> float:
-    return engine.generate(_requests(1, 1), progress=False)[0].stats.ttft_s
-
-
-def _alternating(fns: dict[str, Callable[[], float]], rounds: int, warm_up: bool = True) -> dict[str, list[float]]:
-    """Each timing once per round, in turn, so that drift in the machine's other load hits every system alike
-    (after one untimed warm-up round, unless warm_up is False)."""
-    for fn in fns.values() if warm_up else ():
-        fn()
+def _alternating(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each timing once per round, in turn, so that drift in the machine's other load hits every system alike."""
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for key, fn in fns.items():

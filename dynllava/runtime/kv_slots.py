@@ -87,9 +87,9 @@ class SlotKVCache(KVLedger):
             warm = [s for s in self._free_slots if self._touched[s] != (0, 0)]
             if not warm:
                 return  # the rest is live slots' (a reused slot may hold pages past its rows)
-            self.release(max(warm, key=lambda s: self._slot_resident(self._touched[s])))
+            self._release(max(warm, key=lambda s: self._slot_resident(self._touched[s])))
 
-    def release(self, slot: int) -> None:
+    def _release(self, slot: int) -> None:
         """Hand a slot's pages back to the OS (it reads as zeros afterwards)."""
         for memory in self._memory:
             memory.release(slot * self.slot_bytes, self.slot_bytes)
