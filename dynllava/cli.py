@@ -630,10 +630,17 @@ def quantize(
                                       "MatMulInteger: the fastest measured on the CPU), static (QDQ with activation "
                                       "ranges calibrated on --calib-data; the form TensorRT reads, symmetric on a "
                                       "--target tensorrt export) or nbits (8-bit MatMulNBits, weight-only)."),
-    calib_data: Path | None = typer.Option(None, help="Calibration requests for --method static and fp8: a JSONL of "
-                                           "{\"prompt\": ..., \"image\": path|null} (as `generate --batch`). "
-                                           "Default: 8 built-in requests, half with an image."),
-    calib_steps: int = typer.Option(8, min=1, help="Decode steps recorded per calibration batch (static)."),
+    kv_cache: str = typer.Option("none", help="none (the KV cache stays fp32) or int8: the decode graph's KV "
+                                 "cache in int8 too (ONNX Runtime's GroupQueryAttention; --target onnxruntime "
+                                 "exports), static scales calibrated on --calib-data: a quarter of fp32's bytes per "
+                                 "cached token, and less to read per decode step."),
+    kv_scales: str = typer.Option("per-channel", help="--kv-cache int8: one scale per channel (kv head x head dim) "
+                                  "of each layer's K and V, or per-tensor (one each)."),
+    calib_data: Path | None = typer.Option(None, help="Calibration requests for --method static, fp8 and --kv-cache "
+                                           "int8: a JSONL of {\"prompt\": ..., \"image\": path|null} (as `generate "
+                                           "--batch`). Default: 8 built-in requests, half with an image."),
+    calib_steps: int = typer.Option(8, min=1, help="Decode steps recorded per calibration batch (static, "
+                                    "--kv-cache)."),
     block_size: int = typer.Option(32, help="MatMulNBits: input channels per scale (a power of two >= 16)."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits compute type: 4 = int8 (the fastest on the CPU), "
                                        "1 = fp32, 0 = the kernel's default."),
@@ -665,12 +672,12 @@ def quantize(
     from dynllava.runtime.loading import open_model
 
     kinds = tuple(k.strip() for k in keep_fp32.split(",") if k.strip()) if keep_fp32 else ()
-    cfg = QuantizeConfig(mode, method, block_size, accuracy_level, calib_steps, kinds)
+    cfg = QuantizeConfig(mode, method, block_size, accuracy_level, calib_steps, kinds, kv_cache, kv_scales)
     check_source(Manifest.read(export_dir), export_dir, cfg)  # clear errors before any work
     _check_empty(out, force)
     opened = open_model(export_dir, "onnxruntime")
     calibration = None
-    if cfg.calibrated:
+    if cfg.needs_samples:
         calibration = prepare(opened, _read_requests(None, None, calib_data) if calib_data
                               else builtin_requests("calibration"))
     if cfg.mode == "fp8" and not no_validate:
@@ -684,22 +691,33 @@ def quantize(
     try:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
-            what = "calibrating and quantizing" if calibration else "quantizing"
-            tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in QUANTIZED_GRAPHS}
-            progress.start_task(tasks[QUANTIZED_GRAPHS[0]])
-            progress.update(tasks[QUANTIZED_GRAPHS[0]], description=f"{QUANTIZED_GRAPHS[0]}.onnx: {what}")
+            what = "calibrating and quantizing" if cfg.calibrated else "quantizing"
+            steps_shown = [f"{name}.onnx" for name in QUANTIZED_GRAPHS]
+            if cfg.kv_cache != "none":
+                steps_shown.append("KV cache")
+            tasks = {name: progress.add_task(name, start=False) for name in steps_shown}
+
+            def begin(index: int) -> None:
+                name = steps_shown[index]
+                progress.start_task(tasks[name])
+                progress.update(tasks[name], description=f"{name}: " + (
+                    what if index < len(QUANTIZED_GRAPHS) else f"calibrating {cfg.kv_cache} scales "
+                    f"({cfg.kv_scales}, {len(calibration)} requests x {cfg.calib_steps} steps)"))
 
             def done(report) -> None:
-                progress.update(tasks[report.graph], description=f"{report.graph}.onnx: [green]{report.quantized} "
-                                f"linear -> {report.ops_summary}[/], {report.bytes_after / report.bytes_before:.2f}x")
-                progress.stop_task(tasks[report.graph])
-                nxt = QUANTIZED_GRAPHS.index(report.graph) + 1
-                if nxt < len(QUANTIZED_GRAPHS):
-                    progress.start_task(tasks[QUANTIZED_GRAPHS[nxt]])
-                    progress.update(tasks[QUANTIZED_GRAPHS[nxt]],
-                                    description=f"{QUANTIZED_GRAPHS[nxt]}.onnx: {what}")
+                name = f"{report.graph}.onnx"
+                progress.update(tasks[name], description=f"{name}: [green]{report.quantized} linear -> "
+                                f"{report.ops_summary}[/], {report.bytes_after / report.bytes_before:.2f}x")
+                progress.stop_task(tasks[name])
+                if steps_shown.index(name) + 1 < len(steps_shown):
+                    begin(steps_shown.index(name) + 1)
 
-            quantize_export(export_dir, out, cfg, calibration, on_graph=done)
+            begin(0)
+            manifest = quantize_export(export_dir, out, cfg, calibration, on_graph=done)
+            if cfg.kv_cache != "none":
+                progress.update(tasks["KV cache"], description=f"KV cache: [green]{manifest.kv_cache['dtype']}, "
+                                f"{cfg.kv_scales} scales[/] (decode graph past / present)")
+                progress.stop_task(tasks["KV cache"])
         console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB; fp32 export {_dir_mib(export_dir):.1f} MiB)")
         if held_out is None:
             return
@@ -708,7 +726,8 @@ def quantize(
         with console.status(f"validating against {export_dir} ({len(held_out)} held-out requests, teacher-forced)"):
             agreement = compare_exports(export_dir, out, held_out, steps, min_next_token=min_token_agreement,
                                         min_image_overlap=min_image_overlap, min_text_keep=min_keep_agreement)
-        _report_agreement(agreement, f"{cfg.mode} ({cfg.method}) vs fp32")
+        kv = "" if cfg.kv_cache == "none" else f", {cfg.kv_cache} KV cache"
+        _report_agreement(agreement, f"{cfg.mode} ({cfg.method}{kv}) vs fp32")
     except BaseException:
         if fresh and out.is_dir() and not _state["debug"]:  # no half-written or failed export left behind
             _remove_contents(out)
@@ -927,7 +946,8 @@ def bench(
                                     "generating), capacity (sequences per KV budget), peers (ONNX Runtime GenAI and "
                                     "transformers on the same weights and image prompt: TTFT at batch 1, decode at "
                                     "batch 1 and 8, 256 new tokens), quantized (the sparse export against its int8 "
-                                    "and int4 exports from `dynllava quantize`: size on disk, TTFT, decode tok/s at "
+                                    "and int4 exports from `dynllava quantize`, each also with an int8 KV cache: "
+                                    "size on disk, TTFT, decode tok/s at "
                                     "batch 1 and 8; ONNX Runtime only). E.g. --only peers for the headline ratios "
                                     "(a few minutes on the 7B-shaped preset). Default: all."),
     kv_capacity: bool = typer.Option(False, "--kv-capacity", help="Also time decode steps at KV capacities 512 and "

@@ -261,8 +261,10 @@ def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["workloads"] == ["quantized"] and "decode" not in data and "peers" not in data
     rows = data["quantized"]["rows"]
-    assert list(rows) == ["fp32", "int8", "int4"]
+    assert list(rows) == ["fp32", "int8", "int4", "int8-kv8", "int4-kv8"]
     assert rows["int4"]["graph_bytes"] < rows["int8"]["graph_bytes"] < rows["fp32"]["graph_bytes"]
+    assert [rows[n]["kv_dtype"] for n in rows] == ["float32", "float32", "float32", "int8", "int8"]
+    assert rows["int8-kv8"]["quantization"]["kv_cache"] == "int8 per-channel"
     assert rows["int8"]["quantization"]["mode"] == "int8" and rows["fp32"]["quantization"] is None
     for row in rows.values():
         assert row["size_vs_fp32"] == row["graph_bytes"] / rows["fp32"]["graph_bytes"]
@@ -273,7 +275,7 @@ def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
             cpu = row["decode_tok_per_cpu_s"][b]
             assert cpu > 0 and row["decode_cpu_speedup"][b] == cpu / rows["fp32"]["decode_tok_per_cpu_s"][b]
     md = (out / "results.md").read_text()
-    assert "| int4 |" in md and "Quantized exports" in md
+    assert "| int4 |" in md and "| int4-kv8 |" in md and "Quantized exports" in md
 
 
 def test_build_engine_reads_qdq_exports_strongly_typed_and_refuses_onnxruntime_forms(int4_dir, tmp_path):

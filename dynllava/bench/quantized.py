@@ -1,6 +1,7 @@
 """`dynllava bench --only quantized`: the sparse fp32 export against its int8 and int4 exports (`dynllava quantize`,
-default settings) on one machine in one run: size on disk, time to first token at batch 1, decode tok/s at the
-peer batches. The variants take turns within every repeat (medians), so load that comes and goes hits them alike."""
+default settings, then each again with `--kv-cache int8`) on one machine in one run: size on disk, KV cache type,
+time to first token at batch 1, decode tok/s at the peer batches. The variants take turns within every repeat
+(medians), so load that comes and goes hits them alike."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 from dynllava.calib.quantize import QUANTIZED_GRAPHS, QuantizeConfig, quantize_export
 from dynllava.export.manifest import Manifest
 
-VARIANTS = ("int8", "int4")
+# name -> (weights, KV cache); the int8 KV scales are calibrated on the built-in calibration requests
+VARIANTS = {"int8": ("int8", "none"), "int4": ("int4", "none"), "int8-kv8": ("int8", "int8"),
+            "int4-kv8": ("int4", "int8")}
 
 
 def graph_bytes(path: Path) -> int:
@@ -26,14 +29,20 @@ def dir_bytes(path: Path) -> int:
 
 
 def quantized_exports(fp32_dir: Path, work: Path, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """{"fp32": the export, "int8": ..., "int4": ...}, quantized into `work` once (reused while present)."""
-    exports = {"fp32": fp32_dir}
-    for mode in VARIANTS:
-        target = work / f"{fp32_dir.name}-{mode}"
+    """{"fp32": the export, "int8": ..., "int4": ..., "int8-kv8": ..., "int4-kv8": ...}, quantized into `work` once
+    (reused while present)."""
+    from dynllava.calib.feeds import builtin_requests, prepare
+    from dynllava.runtime.loading import open_model
+
+    exports, samples = {"fp32": fp32_dir}, None
+    for name, (mode, kv_cache) in VARIANTS.items():
+        target = work / f"{fp32_dir.name}-{name}"
         if not (target / "dynllava.json").is_file():
-            log(f"  quantizing {fp32_dir} to {mode}")
-            quantize_export(fp32_dir, target, QuantizeConfig(mode))
-        exports[mode] = target
+            log(f"  quantizing {fp32_dir} to {name}")
+            if kv_cache != "none" and samples is None:
+                samples = prepare(open_model(fp32_dir, "onnxruntime"), builtin_requests("calibration"))
+            quantize_export(fp32_dir, target, QuantizeConfig(mode, kv_cache=kv_cache), samples)
+        exports[name] = target
     return exports
 
 
@@ -64,6 +73,7 @@ def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats
     rows = {}
     for name, path in exports.items():
         rows[name] = {"graph_bytes": graph_bytes(path), "dir_bytes": dir_bytes(path),
+                      "kv_dtype": engines[name].info.kv_dtype.name,
                       "ttft_s": statistics.median(samples[name]["ttft"]),
                       "decode_tok_s": {b: statistics.median(samples[name][b]) for b in batches},
                       "decode_tok_per_cpu_s": {b: statistics.median(samples[name][("cpu", b)]) for b in batches},
@@ -85,16 +95,17 @@ def markdown(q: dict) -> list[str]:
     batches = q["batches"]
     head = " | ".join(f"decode tok/s b{b} (x fp32) | tok per CPU-s b{b} (x fp32)" for b in batches)
     lines = [f"Quantized exports (`dynllava quantize`, defaults: int8 dynamic, int4 MatMulNBits block 32 accuracy "
-             f"level 4) against the sparse fp32 export, {q['answer_tokens']} new tokens, medians of {q['repeats']} "
+             f"level 4; `-kv8`: with `--kv-cache int8`, per-channel scales) against the sparse fp32 export, "
+             f"{q['answer_tokens']} new tokens, medians of {q['repeats']} "
              f"alternating repeats; load average {q['load_average_1min'][0]} -> {q['load_average_1min'][1]} on "
              f"{q['cpus']} CPUs (other load makes wall-clock ratios unreliable; tokens per CPU-second of this process "
              "are less sensitive to it). Size: the prefill + decode + nocache graphs.", "",
-             f"| export | size MiB (x fp32) | TTFT b1 s (x fp32) | {head} |",
-             "|---|---|---|" + "---|---|" * len(batches)]
+             f"| export | size MiB (x fp32) | KV cache | TTFT b1 s (x fp32) | {head} |",
+             "|---|---|---|---|" + "---|---|" * len(batches)]
     for name, row in q["rows"].items():
         rates = " | ".join(f"{row['decode_tok_s'][b]:.1f} ({row['decode_speedup'][b]:.2f}x) | "
                            f"{row['decode_tok_per_cpu_s'][b]:.1f} ({row['decode_cpu_speedup'][b]:.2f}x)"
                            for b in batches)
-        lines.append(f"| {name} | {row['graph_bytes'] / 2**20:.1f} ({row['size_vs_fp32']:.2f}x) | "
+        lines.append(f"| {name} | {row['graph_bytes'] / 2**20:.1f} ({row['size_vs_fp32']:.2f}x) | {row['kv_dtype']} | "
                      f"{row['ttft_s']:.3f} ({row['ttft_speedup']:.2f}x) | {rates} |")
     return lines

@@ -133,7 +133,7 @@ def kv_trace(make: Callable[[], Engine], new_tokens: int) -> list[tuple[int, int
     while engine.has_unfinished():
         engine.step()
         trace.append((len(seq.generated), kv_bytes(engine.shape, seq.kv.dense_len, seq.kv.sparse_len,
-                                                   engine.info.np_dtype.itemsize)))
+                                                   engine.info.kv_dtype.itemsize)))
     return trace
 
 
@@ -386,7 +386,7 @@ def _best_of(parts: list[dict]) -> tuple[dict, list[dict]]:
 def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, out: Path,
         log: Callable[[str], None] = print, quantized_exports: dict[str, Path] | None = None) -> dict:
     """engines: {"dense": factory, "sparse": factory} for the backend under test; quantized_exports: {"fp32",
-    "int8", "int4"} export directories for the quantized workload (ONNX Runtime only)."""
+    "int8", "int4", "int8-kv8", "int4-kv8"} export directories for the quantized workload (ONNX Runtime only)."""
     results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
                      "quick": cfg.quick, "workloads": list(cfg.workloads), "versions": versions(),
@@ -396,7 +396,7 @@ def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchC
     results["ort"] = ort_settings(sparse)
     results["model"] = {"layers": shape.num_layers, "hidden": shape.hidden_size, "image_tokens": shape.num_image_tokens,
                         "sparse_layer": shape.sparse_layer, "vision_keep_rate": shape.vision_keep_rate}
-    itemsize = sparse.info.np_dtype.itemsize
+    itemsize = sparse.info.kv_dtype.itemsize
     del sparse
     answer = cfg.answers[0]
     seconds = results["workload_seconds"] = {}

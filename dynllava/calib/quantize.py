@@ -16,6 +16,9 @@ and outputs are unchanged, so `dynllava.json` keeps its graph specs and gains a 
   extra; written against its documented API and NOT run here: no GPU, no ModelOpt on this machine).
 * int4: `MatMulNBitsQuantizer` (weight-only, blocks of `block_size` along the input dimension, symmetric), one
   MatMulNBits node per linear layer; `accuracy_level` is MatMulNBits' compute type (4 = int8 activations).
+* `kv_cache="int8"` (with int8 or int4, target onnxruntime): the KV cache in int8 too, static scales calibrated on
+  the samples (calib/kv_cache.py); the decode graph's past / present buffers become int8 (the only graph I/O a
+  quantization changes), a quarter of fp32's bytes per cached token.
 
 int8 defaults to dynamic: on ONNX Runtime's CPU EP it measured faster than static QDQ and needs no calibration
 data (README, "Which int8"); `dynllava bench --only quantized` measures the exports against fp32.
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import onnx
 
+from dynllava.calib.kv_cache import KV_CACHE_MODES, KV_SCHEMES, quantize_kv_cache
 from dynllava.errors import ConfigError, DynLlavaError
 from dynllava.export.manifest import Manifest
 
@@ -55,11 +59,18 @@ class QuantizeConfig:
     accuracy_level: int = 4  # MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
     calib_steps: int = 8  # static / fp8: decode steps recorded per calibration batch
     keep_fp32: tuple[str, ...] = ()  # linear kinds (LINEAR_KINDS) left in fp32
+    kv_cache: str = "none"  # KV_CACHE_MODES: "int8" also quantizes the KV cache (static scales, calibrated)
+    kv_scales: str = "per-channel"  # KV_SCHEMES
 
     @property
     def calibrated(self) -> bool:
         """Whether activation ranges are calibrated on samples (int8 static, fp8)."""
         return self.method in ("static", "modelopt")
+
+    @property
+    def needs_samples(self) -> bool:
+        """Whether quantizing runs the fp32 export on calibration samples (activation ranges or KV scales)."""
+        return self.calibrated or self.kv_cache != "none"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -88,6 +99,13 @@ class QuantizeConfig:
             raise ConfigError("--keep-fp32 names every linear layer: nothing left to quantize")
         if self.calib_steps < 1:
             raise ConfigError(f"--calib-steps must be >= 1, got {self.calib_steps}")
+        if self.kv_cache not in KV_CACHE_MODES:
+            raise ConfigError(f"unknown --kv-cache {self.kv_cache!r}; choose one of {', '.join(KV_CACHE_MODES)}")
+        if self.kv_scales not in KV_SCHEMES:
+            raise ConfigError(f"unknown --kv-scales {self.kv_scales!r}; choose one of {', '.join(KV_SCHEMES)}")
+        if self.kv_cache != "none" and self.mode == "fp8":
+            raise ConfigError("--kv-cache int8 is for ONNX Runtime's GroupQueryAttention; fp8 exports are for "
+                              "TensorRT", hint="quantize a --target onnxruntime export with --mode int8 or int4")
 
 
 @dataclass
@@ -258,20 +276,25 @@ def check_source(manifest: Manifest, src: Path, cfg: QuantizeConfig) -> None:
         from dynllava.calib.modelopt_fp8 import require_modelopt_quantize
 
         require_modelopt_quantize()
+    if cfg.kv_cache != "none" and manifest.target != "onnxruntime":
+        raise ConfigError(f"--kv-cache {cfg.kv_cache} needs a --target onnxruntime export (GroupQueryAttention over "
+                          f"per-sequence slots); {src} is a {manifest.target} export",
+                          hint="dynllava export MODEL -o OUT --target onnxruntime (the default)")
 
 
 def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list | None = None,
                     on_graph: Callable[[GraphReport], None] | None = None) -> Manifest:
     """Write OUT: the export in SRC with its language model quantized (cfg), tokenizer / processor / vision graph
-    copied, and a dynllava.json recording the quantization. calibration: samples (calib/feeds.py) for int8 static
-    and fp8."""
+    copied, and a dynllava.json recording the quantization. calibration: samples (calib/feeds.py) for int8 static,
+    fp8 and an int8 KV cache."""
     import onnxruntime
 
     src, out = Path(src), Path(out)
     manifest = Manifest.read(src)
     check_source(manifest, src, cfg)
-    if cfg.calibrated and not calibration:
-        raise ConfigError(f"{cfg.mode} ({cfg.method}) needs calibration samples")
+    if cfg.needs_samples and not calibration:
+        what = f"{cfg.mode} ({cfg.method})" if cfg.calibrated else f"--kv-cache {cfg.kv_cache}"
+        raise ConfigError(f"{what} needs calibration samples")
     out.mkdir(parents=True, exist_ok=True)
     _copy_unquantized(src, out, manifest)
     reports = {}
@@ -283,11 +306,14 @@ def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list
         reports[name] = quantize_graph(src / spec.file, out / spec.file, cfg, manifest.target, factory)
         if on_graph:
             on_graph(reports[name])
+    if cfg.kv_cache != "none":
+        quantize_kv_cache(src, out, manifest, calibration, cfg.calib_steps, cfg.kv_scales)
     manifest.quantization = {
         "mode": cfg.mode, "method": cfg.method, "format": _FORMATS[cfg.method].format(
             bits=4 if cfg.mode == "int4" else 8, symmetric=", symmetric" if manifest.target == "tensorrt" else ""),
         **({"block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level} if _nbits(cfg) else {}),
         "kept_fp32_linears": list(cfg.keep_fp32),
+        "kv_cache": "fp32" if cfg.kv_cache == "none" else f"{cfg.kv_cache} {cfg.kv_scales}",
         "graphs": {name: asdict(r) for name, r in reports.items()},
         "fp32": "vision graph, image and output-text predictors, norms, embeddings, rotary caches",
         "source": str(src.resolve()), "onnxruntime": onnxruntime.__version__,

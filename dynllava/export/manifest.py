@@ -49,7 +49,7 @@ class Manifest:
     sparse_config: dict[str, Any]
     dtype: str
     opset: int
-    kv_cache: dict[str, Any]  # layout description, groups and their layers
+    kv_cache: dict[str, Any]  # layout description, groups and their layers; dtype + scales if quantized
     limits: dict[str, int]  # max_batch, max_seq_len
     graphs: dict[str, GraphSpec]
     tokenizer: dict[str, Any]  # eos/bos/pad ids, chat template, image aspect ratio
@@ -63,7 +63,8 @@ class Manifest:
     # says which of its knobs the export uses (an explicit override at export wins over the record)
     calibration: dict[str, Any] | None = None
     # None: fp32/fp16 graphs. Else what `dynllava quantize` did (calib/quantize.py): mode (int8 / int4), method,
-    # format, per-graph counts and sizes, what stayed fp32, the source export. Graph I/O is unchanged by it.
+    # format, per-graph counts and sizes, what stayed fp32, the source export. Graph I/O is unchanged by it, except
+    # with an int8 KV cache (`kv_cache.dtype` int8, `kv_cache.quantization`): the decode graph's past / present.
     quantization: dict[str, Any] | None = None
 
     @property

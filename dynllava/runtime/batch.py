@@ -80,7 +80,7 @@ def executor_shape(executor) -> ModelShape:
 def kv_budget(executor, sequences: int, rows: int) -> int:
     """Bytes that hold `sequences` sequences of `rows` rows in both layer groups (+ a block of room each)."""
     i = executor.info
-    layer_block = i.kv_heads * i.head_dim * 2 * i.np_dtype.itemsize
+    layer_block = i.kv_heads * i.head_dim * 2 * i.kv_dtype.itemsize
     return sequences * (rows + 16) * i.num_layers * layer_block
 
 

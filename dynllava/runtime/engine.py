@@ -301,7 +301,7 @@ class Engine:
         if seq.first_token_at is not None and len(seq.generated) > 1:
             st.decode_tokens_per_s = (len(seq.generated) - 1) / max(seq.finished_at - seq.first_token_at, 1e-9)
         if seq.status != Status.SWAPPED and seq.kv.dense_len:
-            itemsize = self.info.np_dtype.itemsize
+            itemsize = self.info.kv_dtype.itemsize
             st.kv_bytes = kv_bytes(self.shape, seq.kv.dense_len, seq.kv.sparse_len, itemsize)
             st.kv_bytes_dense = kv_bytes(self.shape, seq.kv.dense_len, seq.kv.dense_len, itemsize)
         if st.decided_tokens and self._learn_keep_rate:

@@ -14,6 +14,8 @@ virtual KV, physical memory on demand).
   `batch_order` moves a sequence from a higher slot into a free low one (copying its live rows, only when the
   running set changed) and returns the batch order.
 * The byte budget and admission are the ledger's (runtime/kv_ledger.py), as for the paged cache.
+* An int8 cache (`quant`, runtime/kv_quant.py) holds 1 byte per value: float rows written here (prefill presents)
+  are quantized with ONNX Runtime's formula; int8 rows (a swapped-out sequence's own) are copied as they are.
 """
 
 from __future__ import annotations
@@ -23,15 +25,21 @@ import heapq
 import numpy as np
 
 from dynllava.runtime.kv_ledger import KVCacheFull, KVLedger, SeqKV
+from dynllava.runtime.kv_quant import KVQuantization
 from dynllava.runtime.virtual_memory import PAGE, VirtualArray
 
 __all__ = ["PAGE", "SlotKVCache"]
 
 class SlotKVCache(KVLedger):
     def __init__(self, num_layers: int, sparse_layer: int, kv_heads: int, head_dim: int, block_size: int,
-                 budget_bytes: int, dtype: np.dtype, max_slots: int, capacity: int):
-        """capacity: rows a slot holds per layer (the longest sequence); rounded up to whole pages per head."""
+                 budget_bytes: int, dtype: np.dtype, max_slots: int, capacity: int,
+                 quant: KVQuantization | None = None):
+        """capacity: rows a slot holds per layer (the longest sequence); rounded up to whole pages per head.
+        quant: the scales of an int8 cache (dtype int8)."""
         dtype = np.dtype(dtype)
+        if (quant is not None) != (dtype == np.int8):
+            raise ValueError(f"a {dtype} KV cache {'needs' if quant is None else 'takes no'} quantization scales")
+        self.quant = quant
         super().__init__(num_layers, sparse_layer, block_size * kv_heads * head_dim * 2 * dtype.itemsize,
                          block_size, budget_bytes)
         page_rows = max(1, PAGE // (head_dim * dtype.itemsize))
@@ -122,8 +130,11 @@ class SlotKVCache(KVLedger):
 
     def write_rows(self, layer: int, seq: SeqKV, key: np.ndarray, value: np.ndarray) -> None:
         # key/value: [rows, Hkv, Dh] -> the first rows of the sequence's slot
-        for buffer, rows in zip(self.buffers[2 * layer: 2 * layer + 2], (key, value)):
-            buffer[seq.slot, :, : rows.shape[0]] = np.asarray(rows).swapaxes(0, 1)
+        for kind, (buffer, rows) in enumerate(zip(self.buffers[2 * layer: 2 * layer + 2], (key, value))):
+            rows = np.asarray(rows)
+            if self.quant is not None and rows.dtype != buffer.dtype:
+                rows = self.quant.quantize(layer, kind, rows)
+            buffer[seq.slot, :, : rows.shape[0]] = rows.swapaxes(0, 1)
 
     def read_rows(self, layer: int, seq: SeqKV) -> tuple[np.ndarray, np.ndarray]:
         rows = self.rows_held(seq, layer)

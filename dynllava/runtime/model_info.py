@@ -33,6 +33,11 @@ class ModelInfo:
     block_size: int | None = None  # KV rows per block when fixed (a TensorRT engine's build); None = any
     max_pool_blocks: int | None = None  # most blocks a pool may have (a TensorRT decode profile)
     output_text_threshold: float = 0.0  # keep a generated token iff logit0 - logit1 > this (calibration record)
+    kv_dtype: np.dtype | None = None  # the KV cache's element type: np_dtype, or int8 (`quantize --kv-cache int8`)
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype is None:
+            object.__setattr__(self, "kv_dtype", self.np_dtype)
 
     @property
     def kept_image_tokens(self) -> int:
@@ -49,7 +54,8 @@ class ModelInfo:
                    output_predictor_on=bool(sparse["use_text_predictor"] and sparse["use_output_text_predictor"]),
                    max_batch=manifest.limits["max_batch"], max_seq_len=manifest.limits["max_seq_len"],
                    kv_layout=manifest.kv_cache.get("layout", PAGED),
-                   output_text_threshold=manifest.output_text_threshold)
+                   output_text_threshold=manifest.output_text_threshold,
+                   kv_dtype=np.dtype(manifest.kv_cache.get("dtype", manifest.np_dtype)))
         return cls(**{**info.__dict__, **overrides})
 
     @classmethod

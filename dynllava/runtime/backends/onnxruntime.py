@@ -38,6 +38,7 @@ from dynllava.errors import CheckpointError, ConfigError
 from dynllava.export.manifest import Manifest
 from dynllava.runtime.kv_cache import PagedKVCache, paged_decode_feeds
 from dynllava.runtime.kv_ledger import KVLedger, SeqKV
+from dynllava.runtime.kv_quant import KVQuantization
 from dynllava.runtime.kv_slots import SlotKVCache
 from dynllava.runtime.model_info import SLOTS, ModelInfo
 from dynllava.runtime.virtual_memory import physical_memory_bytes
@@ -125,6 +126,10 @@ class OrtExecutor:
         self.path = Path(path)
         self.manifest = Manifest.read(self.path)
         self.info = ModelInfo.from_manifest(self.manifest)
+        record = self.manifest.kv_cache.get("quantization")  # an int8 cache's scales (`quantize --kv-cache int8`)
+        i = self.info
+        self.kv_quant = KVQuantization.read(self.path, record, i.num_layers, i.kv_heads, i.head_dim) if record \
+            else None
         self.providers = providers or _providers()
         threads = threads or _cpus()
         options = session_options(threads, spinning)
@@ -175,7 +180,8 @@ class OrtExecutor:
         i = self.info
         if i.kv_layout == SLOTS:
             return SlotKVCache(i.num_layers, i.sparse_layer, i.kv_heads, i.head_dim, block_size, budget_bytes,
-                               i.np_dtype, min(max_sequences, i.max_batch), max_rows or i.max_seq_len + 1)
+                               i.kv_dtype, min(max_sequences, i.max_batch), max_rows or i.max_seq_len + 1,
+                               self.kv_quant)
         return PagedKVCache(i.num_layers, i.sparse_layer, i.kv_heads, i.head_dim, block_size, budget_bytes,
                             i.np_dtype)
 
