@@ -174,23 +174,22 @@ def kv8_only_dir(fast_export_dir, calibration, tmp_path_factory):
 
 
 def test_continuous_batching_and_preemption_on_an_int8_cache_equal_each_request_alone(kv8_only_dir, official_dir):
-    kv8_dir = kv8_only_dir
     params = SamplingParams(max_new_tokens=48, ignore_eos=True)
     image = str(official_dir / "example.png")
     requests = [("What is in the picture?", image), ("Tell me a story about a boat.", None), ("Hi", image),
                 ("Describe every colour you can see, one by one.", None), ("Why?", image)]
 
     def alone(prompt, img):
-        engine = Engine.from_path(kv8_dir, "onnxruntime")
+        engine = Engine.from_path(kv8_only_dir, "onnxruntime")
         return engine.generate([Request(prompt=prompt, image=img, params=params)], progress=False)[0].token_ids
 
     expected = [alone(*r) for r in requests]
-    crowd = Engine.from_path(kv8_dir, "onnxruntime", threads=2, lanes=2)
+    crowd = Engine.from_path(kv8_only_dir, "onnxruntime", threads=2, lanes=2)
     got = crowd.generate([Request(prompt=p, image=i, params=params) for p, i in requests], progress=False)
     assert [o.token_ids for o in got] == expected
     # a budget of about two sequences, admission told to expect no kept tokens: sequences are swapped out (their
     # int8 rows copied out and back as they are) and resumed
-    tight = Engine.from_path(kv8_dir, "onnxruntime", kv_cache_bytes=4 * 200 * 128, expected_keep_rate=0.0,
+    tight = Engine.from_path(kv8_only_dir, "onnxruntime", kv_cache_bytes=4 * 200 * 128, expected_keep_rate=0.0,
                              block_size=4)
     assert tight.cache.block_bytes["sparse"] // (4 * 2) == 128  # one layer's K+V row: a quarter of fp32's 512
     got = tight.generate([Request(prompt=p, image=i, params=params) for p, i in requests], progress=False)

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from dynllava.errors import DynLlavaError
 from dynllava.export.manifest import Manifest
 from dynllava.runtime.kv_quant import KV_DTYPE, QMAX
 
@@ -45,12 +46,13 @@ def observed_ranges(export_dir: Path, samples: list, steps: int) -> np.ndarray:
             for kind, name in enumerate(("key", "value")):
                 past = feeds[f"past.{layer}.{name}"]  # [B, Hkv, C, Dh]
                 for b, rows in enumerate(lengths):
+                    if not rows:
+                        continue
                     cached = np.abs(past[b, :, :rows])  # [Hkv, rows, Dh]
                     if kind == 0:  # rotary pairs (d, d + Dh/2): the norm bounds both at any angle
                         pair = np.hypot(cached[..., :half], cached[..., half:])
                         cached = np.concatenate([pair, pair], -1)
-                    if rows:
-                        amax[layer, kind] = np.maximum(amax[layer, kind], cached.max(1))
+                    amax[layer, kind] = np.maximum(amax[layer, kind], cached.max(1))
     return amax
 
 
@@ -61,8 +63,8 @@ def scales_from_ranges(amax: np.ndarray, scheme: str) -> np.ndarray:
     return (np.maximum(amax, _TINY) / QMAX).astype(np.float32)
 
 
-def quantize_decode_kv(path: Path, scales: np.ndarray, scheme: str) -> int:
-    """Rewrite the decode graph at `path` for an int8 cache; returns the GroupQueryAttention nodes changed."""
+def quantize_decode_kv(path: Path, scales: np.ndarray, scheme: str) -> None:
+    """Rewrite the decode graph at `path` for an int8 cache."""
     external = path.with_name(path.name + ".data").is_file()
     model = onnx.load(str(path))
     graph = model.graph
@@ -84,12 +86,14 @@ def quantize_decode_kv(path: Path, scales: np.ndarray, scheme: str) -> int:
                                onnx.helper.make_attribute("v_quant_type", _ORT_QUANT_TYPE[scheme]),
                                onnx.helper.make_attribute("kv_cache_bit_width", 8)])
         changed += 1
+    if changed != scales.shape[0]:
+        raise DynLlavaError(f"{path} has {changed} GroupQueryAttention nodes for {scales.shape[0]} layers",
+                            hint="an int8 KV cache needs a --target onnxruntime export from this dynllava version")
     for value in (*graph.input, *graph.output):
         if value.name.startswith(("past.", "present.")):
             value.type.tensor_type.elem_type = onnx.TensorProto.INT8
     onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
               location=path.name + ".data")
-    return changed
 
 
 def record_int8_cache(manifest: Manifest, out: Path, scales: np.ndarray, scheme: str, samples: int,
@@ -108,11 +112,9 @@ def record_int8_cache(manifest: Manifest, out: Path, scales: np.ndarray, scheme:
             spec.dtype = KV_DTYPE.name
 
 
-def quantize_kv_cache(src: Path, out: Path, manifest: Manifest, samples: list, steps: int, scheme: str) -> int:
+def quantize_kv_cache(src: Path, out: Path, manifest: Manifest, samples: list, steps: int, scheme: str) -> None:
     """The int8 cache of OUT (an export quantized from SRC): scales from SRC's fp32 run, OUT's decode graph
-    rewritten, the manifest updated (not written). Returns the GroupQueryAttention nodes changed."""
+    rewritten, the manifest updated (not written)."""
     scales = scales_from_ranges(observed_ranges(src, samples, steps), scheme)
-    changed = quantize_decode_kv(out / manifest.graphs["decode"].file, scales, scheme)
+    quantize_decode_kv(out / manifest.graphs["decode"].file, scales, scheme)
     record_int8_cache(manifest, out, scales, scheme, len(samples), steps)
-    return changed
-
