@@ -210,6 +210,21 @@ def test_a_float_cache_takes_no_scales_and_an_int8_cache_needs_them(tmp_path):
         KVQuantization.read(tmp_path, {"scales": "bad.npy"}, 2, 2, 8)
 
 
+def test_an_export_whose_scales_are_missing_or_unrecorded_is_a_clear_error(kv8_dir, tmp_path):
+    from dynllava.runtime.backends.onnxruntime import OrtExecutor
+
+    broken = tmp_path / "broken"
+    shutil.copytree(kv8_dir, broken)
+    (broken / SCALES_FILE).unlink()
+    with pytest.raises(CheckpointError, match="cannot read the KV cache scales"):
+        OrtExecutor(broken)
+    manifest = json.loads((broken / "dynllava.json").read_text())
+    del manifest["kv_cache"]["quantization"]
+    (broken / "dynllava.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="the KV cache is int8 but no quantization record"):
+        OrtExecutor(broken)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--mode", "int8", "--kv-cache", "int4"], "unknown --kv-cache 'int4'"),
     (["--mode", "int8", "--kv-cache", "int8", "--kv-scales", "per-row"], "unknown --kv-scales 'per-row'"),

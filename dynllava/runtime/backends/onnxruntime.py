@@ -128,6 +128,10 @@ class OrtExecutor:
         self.info = ModelInfo.from_manifest(self.manifest)
         record = self.manifest.kv_cache.get("quantization")  # an int8 cache's scales (`quantize --kv-cache int8`)
         i = self.info
+        if (record is None) != (i.kv_dtype != np.int8):
+            raise CheckpointError(f"{self.path / 'dynllava.json'}: the KV cache is {i.kv_dtype} but "
+                                  f"{'no' if record is None else 'a'} quantization record names its scales",
+                                  hint="re-run `dynllava quantize ... --kv-cache int8` on the fp32 export")
         self.kv_quant = KVQuantization.read(self.path, record, i.num_layers, i.kv_heads, i.head_dim) if record \
             else None
         self.providers = providers or _providers()
