@@ -72,13 +72,13 @@ def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats
                 samples[name][("cpu", b)].append(timed.cpu_tok_s)
     rows = {}
     for name, path in exports.items():
+        quantization = engines[name].executor.manifest.quantization  # the manifest the engine already read
         rows[name] = {"graph_bytes": graph_bytes(path), "dir_bytes": dir_bytes(path),
                       "kv_dtype": engines[name].info.kv_dtype.name,
                       "ttft_s": statistics.median(samples[name]["ttft"]),
                       "decode_tok_s": {b: statistics.median(samples[name][b]) for b in batches},
                       "decode_tok_per_cpu_s": {b: statistics.median(samples[name][("cpu", b)]) for b in batches},
-                      "quantization": Manifest.read(path).quantization and {
-                          k: v for k, v in Manifest.read(path).quantization.items() if k != "graphs"}}
+                      "quantization": quantization and {k: v for k, v in quantization.items() if k != "graphs"}}
     base = rows["fp32"]
     for row in rows.values():
         row["size_vs_fp32"] = row["graph_bytes"] / base["graph_bytes"]
