@@ -623,9 +623,10 @@ def quantize(
     export_dir: Path = typer.Argument(..., help="An fp32 export directory (from `dynllava export`)."),
     out: Path = typer.Option(..., "-o", "--out", help="Quantized export directory to write."),
     mode: str = typer.Option(..., help="int8 (weights and activations of the language model's linear layers), "
-                             "int4 (weight-only MatMulNBits, ONNX Runtime) or fp8 (Q/DQ for TensorRT on Hopper / Ada "
+                             "int4 (weight-only MatMulNBits, ONNX Runtime), fp8 (Q/DQ for TensorRT on Hopper / Ada "
                              "through NVIDIA ModelOpt: the optional `modelopt` extra, --target tensorrt exports; not "
-                             "validated on ONNX Runtime, which runs no fp8 MatMul)."),
+                             "validated on ONNX Runtime, which runs no fp8 MatMul) or fp32 (the weights unchanged: "
+                             "with --kv-cache int8, the KV cache alone)."),
     method: str | None = typer.Option(None, help="int8 only: dynamic (default; activations quantized per call, "
                                       "MatMulInteger: the fastest measured on the CPU), static (QDQ with activation "
                                       "ranges calibrated on --calib-data; the form TensorRT reads, symmetric on a "
@@ -691,7 +692,8 @@ def quantize(
     try:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
-            what = "calibrating and quantizing" if cfg.calibrated else "quantizing"
+            what = "calibrating and quantizing" if cfg.calibrated else "copying (fp32)" if cfg.mode == "fp32" \
+                else "quantizing"
             steps_shown = [f"{name}.onnx" for name in QUANTIZED_GRAPHS]
             if cfg.kv_cache != "none":
                 steps_shown.append("KV cache")
@@ -706,8 +708,9 @@ def quantize(
 
             def done(report) -> None:
                 name = f"{report.graph}.onnx"
-                progress.update(tasks[name], description=f"{name}: [green]{report.quantized} linear -> "
-                                f"{report.ops_summary}[/], {report.bytes_after / report.bytes_before:.2f}x")
+                progress.update(tasks[name], description=f"{name}: [green]" + (
+                    f"{report.quantized} linear -> {report.ops_summary}[/], "
+                    f"{report.bytes_after / report.bytes_before:.2f}x" if report.quantized else "fp32 weights[/]"))
                 progress.stop_task(tasks[name])
                 if steps_shown.index(name) + 1 < len(steps_shown):
                     begin(steps_shown.index(name) + 1)

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from dynllava.bench import suite
 from dynllava.cli import app
+from dynllava.model.tiny import PRESETS
 
 
 def _close(ratio, num, den):
@@ -78,8 +79,23 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
         # GenAI was fed the embeddings our dense prefill sees: the same greedy tokens (fp32 both)
         assert r["genai_tokens_agree_with_ours_dense"] >= 8, r
 
+    # bytes a decode step reads (bench/traffic.py)
+    spec = PRESETS["tiny"]
+    row_bytes = spec.num_layers * 2 * spec.num_kv_heads * (spec.hidden_size // spec.num_heads) * 4  # fp32 K, V
+    prompt, answer = peers["prompt_tokens"], peers["answer_tokens"]
+    for r in peers["decode"]:
+        t, b = r["traffic"], r["batch"]
+        # our dense decode graph holds the weights GenAI's builder wrote (a few scalar constants apart)
+        assert t["ours_dense"]["graph_bytes"] == pytest.approx(t["genai"]["graph_bytes"], rel=1e-3)
+        assert t["genai"]["sessions"] == 1 and 1 <= t["ours_dense"]["sessions"] <= data["ort"]["decode_lanes"]
+        # dense holds the prompt and each answer token but the last: one row more per step
+        assert t["ours_dense"]["kv_bytes"] == pytest.approx(b * row_bytes * (prompt + (answer - 1) / 2))
+        assert t["ours_sparse"]["kv_bytes"] < t["ours_dense"]["kv_bytes"]
+        assert _close(t["bytes_ratio_sparse_over_genai"], t["genai"]["per_token"], t["ours_sparse"]["per_token"])
+        assert _close(t["bytes_ratio_dense_over_genai"], t["genai"]["per_token"], t["ours_dense"]["per_token"])
+
     md = (out / "results.md").read_text()
-    assert md.count("|") > 20
+    assert md.count("|") > 20 and "| bytes ratio: ours sparse / GenAI |" in md
     for text in ("ONNX Runtime GenAI, dense, fed our embeddings", "ours sparse / GenAI", "GenAI / ours sparse",
                  f"onnxruntime-genai {data['versions']['onnxruntime_genai']}"):
         assert text in md

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from dynllava.calib.agreement import compare_exports
 from dynllava.calib.feeds import builtin_requests, prepare
-from dynllava.calib.kv_cache import SCALES_FILE, quantize_kv_cache
+from dynllava.calib.kv_cache import SCALES_FILE
 from dynllava.calib.quantize import QuantizeConfig, quantize_export
 from dynllava.cli import app
 from dynllava.errors import CheckpointError, ConfigError
@@ -166,10 +166,7 @@ def kv8_only_dir(fast_export_dir, calibration, tmp_path_factory):
     """fp32 weights, int8 cache: int8 dynamic activations are quantized per call over the whole batch, so only
     weights that do not depend on the batch show that the cache keeps each row's tokens independent of the others."""
     out = tmp_path_factory.mktemp("kv8-only") / "q"
-    shutil.copytree(fast_export_dir, out)
-    manifest = Manifest.read(out)
-    quantize_kv_cache(fast_export_dir, out, manifest, calibration, 6, "per-channel")
-    manifest.write(out)
+    quantize_export(fast_export_dir, out, QuantizeConfig("fp32", calib_steps=6, kv_cache="int8"), calibration)
     return out
 
 
@@ -228,6 +225,9 @@ def test_an_export_whose_scales_are_missing_or_unrecorded_is_a_clear_error(kv8_d
 @pytest.mark.parametrize("args, message", [
     (["--mode", "int8", "--kv-cache", "int4"], "unknown --kv-cache 'int4'"),
     (["--mode", "int8", "--kv-cache", "int8", "--kv-scales", "per-row"], "unknown --kv-scales 'per-row'"),
+    (["--mode", "fp32"], "without --kv-cache int8 there is nothing to quantize"),
+    (["--mode", "fp32", "--kv-cache", "int8", "--method", "static"], "--mode fp32 leaves the weights as they are"),
+    (["--mode", "fp32", "--kv-cache", "int8", "--keep-fp32", "down"], "--mode fp32 quantizes none"),
 ])
 def test_cli_refuses_bad_kv_cache_options_in_one_line(fast_export_dir, tmp_path, args, message):
     result = CliRunner().invoke(app, ["quantize", str(fast_export_dir), "-o", str(tmp_path / "q"), *args])
@@ -254,3 +254,25 @@ def test_cli_quantize_with_an_int8_cache_validates_and_records_it(fast_export_di
     scales = np.load(out / SCALES_FILE)  # per tensor: one value per layer and K / V
     assert np.array_equal(scales, np.broadcast_to(scales[:, :, :1, :1], scales.shape))
     assert json.loads((out / "dynllava.json").read_text())["kv_cache"]["quantization"]["scheme"] == "per-tensor"
+
+
+def test_cli_quantize_fp32_weights_with_an_int8_cache_changes_the_cache_alone(fast_export_dir, tmp_path):
+    out = tmp_path / "kv8"
+    result = CliRunner().invoke(app, ["quantize", str(fast_export_dir), "-o", str(out), "--mode", "fp32",
+                                      "--kv-cache", "int8", "--steps", "6"])
+    assert result.exit_code == 0, result.output
+    assert "fp32 weights" in result.output and "fp32 (unchanged, int8 KV cache) vs fp32" in result.output
+    src = Manifest.read(fast_export_dir)
+    for name in ("prefill", "nocache"):  # byte for byte the fp32 export's
+        file = src.graphs[name].file
+        assert (out / file).read_bytes() == (fast_export_dir / file).read_bytes(), name
+    before = onnx.load(str(fast_export_dir / src.graphs["decode"].file))
+    after = onnx.load(str(out / src.graphs["decode"].file))
+    assert [n.op_type for n in after.graph.node] == [n.op_type for n in before.graph.node]
+    weights = {i.name: i for i in before.graph.initializer}
+    assert all(i == weights[i.name] for i in after.graph.initializer if i.name in weights)  # no weight changed
+    assert {i.name for i in after.graph.initializer} - set(weights) == \
+        {f"kv_scale.{layer}.{kind}" for layer in range(src.model["num_layers"]) for kind in ("key", "value")}
+    manifest = json.loads((out / "dynllava.json").read_text())
+    assert manifest["quantization"]["mode"] == "fp32" and manifest["kv_cache"]["dtype"] == "int8"
+    assert all(g["quantized"] == 0 for g in manifest["quantization"]["graphs"].values())

@@ -261,9 +261,9 @@ def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["workloads"] == ["quantized"] and "decode" not in data and "peers" not in data
     rows = data["quantized"]["rows"]
-    assert list(rows) == ["fp32", "int8", "int4", "int8-kv8", "int4-kv8"]
+    assert list(rows) == ["fp32", "int8", "int4", "fp32-kv8", "int8-kv8", "int4-kv8"]
     assert rows["int4"]["graph_bytes"] < rows["int8"]["graph_bytes"] < rows["fp32"]["graph_bytes"]
-    assert [rows[n]["kv_dtype"] for n in rows] == ["float32", "float32", "float32", "int8", "int8"]
+    assert [rows[n]["kv_dtype"] for n in rows] == ["float32", "float32", "float32", "int8", "int8", "int8"]
     assert rows["int8-kv8"]["quantization"]["kv_cache"] == "int8 per-channel"
     assert rows["int8"]["quantization"]["mode"] == "int8" and rows["fp32"]["quantization"] is None
     for row in rows.values():
@@ -274,8 +274,20 @@ def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
             assert row["decode_speedup"][b] == row["decode_tok_s"][b] / rows["fp32"]["decode_tok_s"][b]
             cpu = row["decode_tok_per_cpu_s"][b]
             assert cpu > 0 and row["decode_cpu_speedup"][b] == cpu / rows["fp32"]["decode_tok_per_cpu_s"][b]
+        for b in ("1", "4"):  # bytes a decode step reads (bench/traffic.py)
+            t, base = row["traffic"][b], rows["fp32"]["traffic"][b]
+            assert row["bytes_ratio"][b] == base["per_token"] / t["per_token"]
+            assert t["sessions"] == base["sessions"]  # the same lanes read each variant's weights
+    traffic = {name: row["traffic"]["4"] for name, row in rows.items()}
+    assert traffic["int4"]["graph_bytes"] < traffic["int8"]["graph_bytes"] < traffic["fp32"]["graph_bytes"]
+    assert traffic["fp32-kv8"]["graph_bytes"] == pytest.approx(traffic["fp32"]["graph_bytes"], rel=1e-3)
+    # an int8 cache holds a byte per value: about a quarter of the fp32 cache's bytes (the keep decisions of a
+    # quantized export may differ a little)
+    for weights in ("fp32", "int8", "int4"):
+        ratio = traffic[f"{weights}-kv8"]["kv_bytes"] / traffic[weights]["kv_bytes"]
+        assert 0.2 < ratio < 0.3, (weights, ratio)
     md = (out / "results.md").read_text()
-    assert "| int4 |" in md and "| int4-kv8 |" in md and "Quantized exports" in md
+    assert "| int4 |" in md and "| int4-kv8 |" in md and "Quantized exports" in md and "fp32's / this" in md
 
 
 def test_build_engine_reads_qdq_exports_strongly_typed_and_refuses_onnxruntime_forms(int4_dir, tmp_path):

@@ -182,6 +182,13 @@ def _make_pipeline(model_dir: Path, table: np.ndarray) -> None:
     config_file.write_text(json.dumps(config, indent=4))
 
 
+def decoder_graph(model_dir: Path) -> Path:
+    """The decoder graph of a GenAI model directory (a plain model or the decoder stage of a pipeline)."""
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    stages = [stage["decoder"] for stage in decoder.get("pipeline", []) if "decoder" in stage]
+    return model_dir / (stages[0]["filename"] if stages else decoder["filename"])
+
+
 def set_session_options(model_dir: Path, threads: int | None, spinning: str | None) -> dict:
     """Write ONNX Runtime's intra-op threads and spinning into a GenAI model's config (as ours are set)."""
     config_file = model_dir / "genai_config.json"

@@ -1,7 +1,8 @@
 """`dynllava bench --only quantized`: the sparse fp32 export against its int8 and int4 exports (`dynllava quantize`,
-default settings, then each again with `--kv-cache int8`) on one machine in one run: size on disk, KV cache type,
-time to first token at batch 1, decode tok/s at the peer batches. The variants take turns within every repeat
-(medians), so load that comes and goes hits them alike."""
+default settings), each again with `--kv-cache int8`, and the fp32 weights with an int8 cache, on one machine in one
+run: size on disk, KV cache type, time to first token at batch 1, decode tok/s at the peer batches, and the bytes a
+decode step reads (bench/traffic.py). The variants take turns within every repeat (medians), so load that comes and
+goes hits them alike."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from dynllava.bench.traffic import bytes_ratio
 from dynllava.calib.quantize import QUANTIZED_GRAPHS, QuantizeConfig, quantize_export
 from dynllava.export.manifest import Manifest
 
 # name -> (weights, KV cache); the int8 KV scales are calibrated on the built-in calibration requests
-VARIANTS = {"int8": ("int8", "none"), "int4": ("int4", "none"), "int8-kv8": ("int8", "int8"),
-            "int4-kv8": ("int4", "int8")}
+VARIANTS = {"int8": ("int8", "none"), "int4": ("int4", "none"), "fp32-kv8": ("fp32", "int8"),
+            "int8-kv8": ("int8", "int8"), "int4-kv8": ("int4", "int8")}
 
 
 def graph_bytes(path: Path) -> int:
@@ -29,8 +31,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def quantized_exports(fp32_dir: Path, work: Path, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """{"fp32": the export, "int8": ..., "int4": ..., "int8-kv8": ..., "int4-kv8": ...}, quantized into `work` once
-    (reused while present)."""
+    """{"fp32": the export, then one per VARIANTS name}, quantized into `work` once (reused while present)."""
     from dynllava.calib.feeds import builtin_requests, prepare
     from dynllava.runtime.loading import open_model
 
@@ -50,7 +51,7 @@ def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats
         log: Callable[[str], None] = print) -> dict:
     import os
 
-    from dynllava.bench.suite import _requests, generate_timed
+    from dynllava.bench.suite import _requests, decode_traffic, generate_timed
     from dynllava.runtime.engine import Engine
 
     load_before = os.getloadavg()[0]
@@ -78,7 +79,8 @@ def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats
                       "ttft_s": statistics.median(samples[name]["ttft"]),
                       "decode_tok_s": {b: statistics.median(samples[name][b]) for b in batches},
                       "decode_tok_per_cpu_s": {b: statistics.median(samples[name][("cpu", b)]) for b in batches},
-                      "quantization": quantization and {k: v for k, v in quantization.items() if k != "graphs"}}
+                      "quantization": quantization and {k: v for k, v in quantization.items() if k != "graphs"},
+                      "traffic": decode_traffic(engines[name], tuple(batches), answer)}
     base = rows["fp32"]
     for row in rows.values():
         row["size_vs_fp32"] = row["graph_bytes"] / base["graph_bytes"]
@@ -86,6 +88,9 @@ def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats
         row["decode_speedup"] = {b: row["decode_tok_s"][b] / base["decode_tok_s"][b] for b in batches}
         row["decode_cpu_speedup"] = {b: row["decode_tok_per_cpu_s"][b] / base["decode_tok_per_cpu_s"][b]
                                      for b in batches}
+        row["bytes_ratio"] = {b: bytes_ratio(row["traffic"][b], base["traffic"][b]) for b in batches}
+    for row in rows.values():
+        row["traffic"] = {b: t.to_dict() for b, t in row["traffic"].items()}
     return {"answer_tokens": answer, "repeats": repeats, "batches": list(batches), "rows": rows,
             "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "cpus": os.cpu_count()}
@@ -93,18 +98,22 @@ def run(exports: dict[str, Path], batches: tuple[int, ...], answer: int, repeats
 
 def markdown(q: dict) -> list[str]:
     batches = q["batches"]
-    head = " | ".join(f"decode tok/s b{b} (x fp32) | tok per CPU-s b{b} (x fp32)" for b in batches)
+    head = " | ".join(f"decode tok/s b{b} (x fp32) | tok per CPU-s b{b} (x fp32) | MiB read per token b{b} "
+                      f"(fp32's / this)" for b in batches)
     lines = [f"Quantized exports (`dynllava quantize`, defaults: int8 dynamic, int4 MatMulNBits block 32 accuracy "
              f"level 4; `-kv8`: with `--kv-cache int8`, per-channel scales) against the sparse fp32 export, "
              f"{q['answer_tokens']} new tokens, medians of {q['repeats']} "
              f"alternating repeats; load average {q['load_average_1min'][0]} -> {q['load_average_1min'][1]} on "
              f"{q['cpus']} CPUs (other load makes wall-clock ratios unreliable; tokens per CPU-second of this process "
-             "are less sensitive to it). Size: the prefill + decode + nocache graphs.", "",
+             "are less sensitive to it). Size: the prefill + decode + nocache graphs. MiB read per token: the "
+             "decode graph's weights per session a step runs and the live KV rows (bench/traffic.py); in brackets "
+             "fp32's bytes over this export's: its decode ratio to fp32 if both read memory equally fast.", "",
              f"| export | size MiB (x fp32) | KV cache | TTFT b1 s (x fp32) | {head} |",
-             "|---|---|---|---|" + "---|---|" * len(batches)]
+             "|---|---|---|---|" + "---|---|---|" * len(batches)]
     for name, row in q["rows"].items():
         rates = " | ".join(f"{row['decode_tok_s'][b]:.1f} ({row['decode_speedup'][b]:.2f}x) | "
-                           f"{row['decode_tok_per_cpu_s'][b]:.1f} ({row['decode_cpu_speedup'][b]:.2f}x)"
+                           f"{row['decode_tok_per_cpu_s'][b]:.1f} ({row['decode_cpu_speedup'][b]:.2f}x) | "
+                           f"{row['traffic'][b]['per_token'] / 2**20:.1f} ({row['bytes_ratio'][b]:.2f}x)"
                            for b in batches)
         lines.append(f"| {name} | {row['graph_bytes'] / 2**20:.1f} ({row['size_vs_fp32']:.2f}x) | {row['kv_dtype']} | "
                      f"{row['ttft_s']:.3f} ({row['ttft_speedup']:.2f}x) | {rates} |")

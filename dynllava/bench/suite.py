@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from dynllava.bench import peers as peer_lib
+from dynllava.bench.traffic import StepTraffic, bytes_ratio, step_traffic, weight_bytes
 from dynllava.flops import cost_report, kv_bytes
 from dynllava.runtime.engine import Engine
 from dynllava.runtime.sampling import SamplingParams
@@ -125,9 +126,9 @@ def decode_rate(make: Callable[[], Engine] | Engine, batch: int, new_tokens: int
     return generate_timed(engine, _requests(batch, new_tokens, image)).tok_s
 
 
-def kv_trace(make: Callable[[], Engine], new_tokens: int) -> list[tuple[int, int]]:
-    """(generated tokens, KV bytes held) for one image request, step by step."""
-    engine = make()
+def kv_trace(make: Callable[[], Engine] | Engine, new_tokens: int) -> list[tuple[int, int]]:
+    """(generated tokens, KV bytes held) for one image request on an idle engine, step by step."""
+    engine = make if isinstance(make, Engine) else make()
     rid = engine.add_request(_requests(1, new_tokens)[0])
     seq, trace = engine.sequences[rid], []
     while engine.has_unfinished():
@@ -149,6 +150,17 @@ def capacity(make: Callable[..., Engine], requests: int, new_tokens: int, budget
     seconds = time.perf_counter() - start
     return {"peak_running": peak, "seconds": seconds, "completed_per_s": requests / seconds,
             "preemptions": engine.scheduler.preemptions}
+
+
+def decode_traffic(engine: Engine, batches: tuple[int, ...], answer: int) -> dict[int, StepTraffic] | None:
+    """Bytes a decode step of an ONNX Runtime engine reads at each batch: its decode graph's weights per session
+    that runs, and the live KV of an image request answering `answer` tokens (bench/traffic.py); None on torch."""
+    executor = engine.executor
+    if executor.name != "onnxruntime":
+        return None
+    weights = weight_bytes(executor.path / executor.manifest.graphs["decode"].file)
+    trace = [held for _, held in kv_trace(engine, answer)]
+    return {b: step_traffic(weights, executor.decode_sessions(b), trace, b) for b in batches}
 
 
 # ---------------------------------------------------------------------- ONNX Runtime settings
@@ -243,6 +255,9 @@ def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: Benc
         result["by_threads"].append(part)
         result["prompt_tokens"], result["image_tokens"] = part.pop("prompt_tokens"), part.pop("image_tokens")
     result["ttft"], result["decode"] = _best_of(result["by_threads"])
+    log("  bytes read per decode step (decode weights, live KV)")
+    for row, traffic in zip(result["decode"], _peer_traffic(engines, models, cfg)):
+        row["traffic"] = traffic
     for row in result["decode"]:
         b = row["batch"]
         if b in cfg.hf_batches:
@@ -253,6 +268,27 @@ def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: Benc
         else:
             row["hf_generate_tok_s"] = row["ours_sparse_over_hf"] = None  # torch eager is slow: batch 1 only
     return result
+
+
+def _peer_traffic(engines: dict[str, Callable[..., Engine]], models, cfg: BenchConfig) -> list[dict | None]:
+    """Per peer batch: bytes per generated token of ours (sparse, dense; default threads and decode lanes) and of
+    GenAI (its decoder's weights, one session, the same KV rows as ours dense), and the bytes ratios they set for the
+    decode ratios (bench/traffic.py); None per batch on a backend without a decode graph."""
+    ours = {m: decode_traffic(engines[m](), cfg.peer_batches, cfg.peer_answer) for m in ("sparse", "dense")}
+    if ours["sparse"] is None or ours["dense"] is None:
+        return [None] * len(cfg.peer_batches)
+    genai_weights = None if isinstance(models, str) else weight_bytes(peer_lib.decoder_graph(models.embeds_dir))
+    rows = []
+    for b in cfg.peer_batches:
+        sparse, dense = ours["sparse"][b], ours["dense"][b]
+        row = {"ours_sparse": sparse.to_dict(), "ours_dense": dense.to_dict(),
+               "bytes_ratio_sparse_over_dense": bytes_ratio(sparse, dense)}
+        if genai_weights is not None:
+            genai = StepTraffic(genai_weights, 1, dense.kv_bytes, b)
+            row.update(genai=genai.to_dict(), bytes_ratio_sparse_over_genai=bytes_ratio(sparse, genai),
+                       bytes_ratio_dense_over_genai=bytes_ratio(dense, genai))
+        rows.append(row)
+    return rows
 
 
 def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, models, result: dict,
@@ -385,8 +421,8 @@ def _best_of(parts: list[dict]) -> tuple[dict, list[dict]]:
 # ---------------------------------------------------------------------- the run
 def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, out: Path,
         log: Callable[[str], None] = print, quantized_exports: dict[str, Path] | None = None) -> dict:
-    """engines: {"dense": factory, "sparse": factory} for the backend under test; quantized_exports: {"fp32",
-    "int8", "int4", "int8-kv8", "int4-kv8"} export directories for the quantized workload (ONNX Runtime only)."""
+    """engines: {"dense": factory, "sparse": factory} for the backend under test; quantized_exports: "fp32" and
+    each bench/quantized.py variant's export directory, for the quantized workload (ONNX Runtime only)."""
     results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
                      "quick": cfg.quick, "workloads": list(cfg.workloads), "versions": versions(),
@@ -565,6 +601,7 @@ def peers_markdown(p: dict) -> list[str]:
     line("**ours dense / GenAI**", "ours_dense_over_genai", ".2f")
     line("**ours sparse / transformers**", "ours_sparse_over_hf", ".2f")
     line("greedy tokens GenAI = ours dense (leading, of all)", "genai_tokens_agree_with_ours_dense", "d")
+    lines += _traffic_markdown(rows, head, sep)
     t = p["ttft"]
     lines += ["", "| TTFT, image prompt, batch 1 (s) | ours sparse | ours dense | GenAI dense (our vision graph + "
               "its prefill) | **GenAI / ours sparse** |", "|---|---|---|---|---|",
@@ -584,6 +621,29 @@ def peers_markdown(p: dict) -> list[str]:
                 for r in part["decode"]) + " |")
     if p.get("genai_skipped"):
         lines += ["", f"ONNX Runtime GenAI {p['genai_skipped']}"]
+    return lines
+
+
+def _traffic_markdown(rows: list[dict], head: str, sep: str) -> list[str]:
+    """The bytes read per generated token under the peers' decode table (bench/traffic.py)."""
+    traffic = [row.get("traffic") for row in rows]
+    if not all(traffic):
+        return []
+    systems = [("ours sparse", "ours_sparse"), ("ours dense", "ours_dense"), ("GenAI", "genai")]
+    lines = ["", "Bytes a decode step reads per generated token (the decode graph's weights once per session the step "
+             "runs, our decode lanes at the default threads; every live KV row once, the mean over the answer). If "
+             "both systems read memory equally fast, a ratio of decode rates is the inverse ratio of their bytes: "
+             "the bytes ratio. Reading faster (a working set that fits in the last-level cache, more cores streaming "
+             "at once) beats it; arithmetic or overheads keep a system under it (bench/traffic.py).",
+             "", f"| MiB read per generated token | {head} |", f"|{sep}|"]
+    for label, key in systems:
+        if key in traffic[0]:
+            lines.append(f"| {label} | " + " | ".join(f"{t[key]['per_token'] / 2**20:.1f}" for t in traffic) + " |")
+    for label, key in (("bytes ratio: ours sparse / GenAI", "bytes_ratio_sparse_over_genai"),
+                       ("bytes ratio: ours dense / GenAI", "bytes_ratio_dense_over_genai"),
+                       ("bytes ratio: ours sparse / ours dense", "bytes_ratio_sparse_over_dense")):
+        if key in traffic[0]:
+            lines.append(f"| {label} | " + " | ".join(f"{t[key]:.2f}" for t in traffic) + " |")
     return lines
 
 

@@ -40,7 +40,7 @@ from dynllava.calib.kv_cache import KV_CACHE_MODES, KV_SCHEMES, quantize_kv_cach
 from dynllava.errors import ConfigError, DynLlavaError
 from dynllava.export.manifest import Manifest
 
-MODES = ("int8", "int4", "fp8")
+MODES = ("int8", "int4", "fp8", "fp32")  # fp32: the weights unchanged (with --kv-cache int8: the cache alone)
 INT8_METHODS = ("dynamic", "static", "nbits")
 QUANTIZED_GRAPHS = ("prefill", "decode", "nocache")  # the vision graph stays fp32
 # language-model linear layers: built graphs (export/ort_graphs.py) name their weights, traced graphs name their
@@ -54,7 +54,7 @@ _PREDICTOR = re.compile(r"predictor|output_mlp|down_mlp|transformer\.\d")
 @dataclass
 class QuantizeConfig:
     mode: str  # MODES
-    method: str | None = None  # int8: dynamic (default) | static | nbits; int4: rtn; fp8: modelopt
+    method: str | None = None  # int8: dynamic (default) | static | nbits; int4: rtn; fp8: modelopt; fp32: unchanged
     block_size: int = 32  # MatMulNBits (int4, int8 nbits): input channels per scale
     accuracy_level: int = 4  # MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
     calib_steps: int = 8  # static / fp8: decode steps recorded per calibration batch
@@ -79,6 +79,15 @@ class QuantizeConfig:
             self.method = self.method or "dynamic"
             if self.method not in INT8_METHODS:
                 raise ConfigError(f"unknown int8 method {self.method!r}; choose one of {', '.join(INT8_METHODS)}")
+        elif self.mode == "fp32":
+            if self.method not in (None, "unchanged"):
+                raise ConfigError(f"--mode fp32 leaves the weights as they are; --method {self.method} is for int8")
+            if self.kv_cache == "none":
+                raise ConfigError("--mode fp32 leaves the weights as they are: without --kv-cache int8 there is "
+                                  "nothing to quantize", hint="add --kv-cache int8, or choose --mode int8 or int4")
+            if self.keep_fp32:
+                raise ConfigError("--keep-fp32 chooses linear layers to leave unquantized; --mode fp32 quantizes none")
+            self.method = "unchanged"
         elif self.mode == "fp8":
             if self.method not in (None, "modelopt"):
                 raise ConfigError(f"fp8 goes through NVIDIA ModelOpt; --method {self.method} is for int8")
@@ -129,7 +138,8 @@ class GraphReport:
 _FORMATS = {"rtn": "MatMulNBits ({bits}-bit weights, blocks)", "nbits": "MatMulNBits ({bits}-bit weights, blocks)",
             "dynamic": "MatMulInteger (per-channel int8 weights, activations quantized per call)",
             "static": "QDQ (per-channel int8 weights, calibrated activations{symmetric})",
-            "modelopt": "QDQ fp8 E4M3 (NVIDIA ModelOpt, max-calibrated activations)"}
+            "modelopt": "QDQ fp8 E4M3 (NVIDIA ModelOpt, max-calibrated activations)",
+            "unchanged": "fp32 weights (not quantized)"}
 
 
 def _nbits(cfg: QuantizeConfig) -> bool:
@@ -215,6 +225,11 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
                                          op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QOperator)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
+    elif cfg.mode == "fp32":
+        for path in (src, src.with_name(src.name + ".data")):
+            if path.is_file():
+                shutil.copy2(path, dst.with_name(path.name))
+        lm, others = [], lm + others
     elif cfg.mode == "fp8":
         from dynllava.calib.modelopt_fp8 import quantize_fp8
 

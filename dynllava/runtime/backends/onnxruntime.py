@@ -177,6 +177,10 @@ class OrtExecutor:
             raise CheckpointError(f"cannot load graph {file}: {first}",
                                   hint="the file may be truncated or corrupt; re-export the model") from exc
 
+    def decode_sessions(self, batch: int) -> int:
+        """Decode sessions a step of `batch` sequences runs at once, each reading its own copy of the weights."""
+        return len(lane_rows(batch, self.lanes)) if self.info.kv_layout == SLOTS else 1
+
     def new_kv_cache(self, block_size: int, budget_bytes: int, max_sequences: int,
                      max_rows: int | None = None) -> KVLedger:
         """The cache this export's decode graph runs on; max_rows: rows one sequence may hold (default: the
