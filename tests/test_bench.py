@@ -87,7 +87,7 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
         t, b = r["traffic"], r["batch"]
         # our dense decode graph holds the weights GenAI's builder wrote (a few scalar constants apart)
         assert t["ours_dense"]["graph_bytes"] == pytest.approx(t["genai"]["graph_bytes"], rel=1e-3)
-        assert t["genai"]["sessions"] == 1 and 1 <= t["ours_dense"]["sessions"] <= data["ort"]["decode_lanes"]
+        assert t["genai"]["runs"] == 1 and 1 <= t["ours_dense"]["runs"] <= data["ort"]["decode_lanes"]
         # dense holds the prompt and each answer token but the last: one row more per step
         assert t["ours_dense"]["kv_bytes"] == pytest.approx(b * row_bytes * (prompt + (answer - 1) / 2))
         assert t["ours_sparse"]["kv_bytes"] < t["ours_dense"]["kv_bytes"]

@@ -237,23 +237,34 @@ def test_lane_rows_give_each_lane_two_rows_or_more_and_cover_the_batch():
         assert len(rows) == 1 or min(r.stop - r.start for r in rows) >= 2
 
 
-def test_default_lanes_stop_where_the_weight_copies_would_take_an_eighth_of_memory():
-    from dynllava.runtime.backends.onnxruntime import default_lanes
+def test_default_lanes_are_one_per_thread_on_one_shared_session():
+    from dynllava.runtime.backends.onnxruntime import default_lanes, lane_sessions
 
-    assert default_lanes(threads=4, graph_bytes=1 << 20, memory_bytes=1 << 34) == 4  # small model: one per thread
-    assert default_lanes(threads=4, graph_bytes=1 << 30, memory_bytes=16 << 30) == 3  # 2 extra copies = 1/8
-    assert default_lanes(threads=8, graph_bytes=28 << 30, memory_bytes=64 << 30) == 1  # a 7B fp32 decode graph
-    assert default_lanes(threads=1, graph_bytes=1, memory_bytes=1 << 40) == 1
-    assert default_lanes(threads=4, graph_bytes=1, memory_bytes=1 << 40, provider="CUDAExecutionProvider") == 1
+    assert default_lanes(threads=4) == 4 and default_lanes(threads=1) == 1
+    assert default_lanes(threads=4, provider="CUDAExecutionProvider") == 1
+    assert lane_sessions(lanes=4, lane_threads=1) == 1  # one-thread lanes: one session, one copy of the weights
+    assert lane_sessions(lanes=2, lane_threads=4) == 2  # lanes with thread pools of their own
 
 
 def test_the_whole_batch_session_exists_only_beside_lanes_and_within_the_memory_rule():
     from dynllava.runtime.backends.onnxruntime import whole_batch_session
 
-    assert whole_batch_session(lanes=2, graph_bytes=1 << 20, memory_bytes=1 << 34)
-    assert not whole_batch_session(lanes=1, graph_bytes=1 << 20, memory_bytes=1 << 34)  # one session has them all
-    assert whole_batch_session(lanes=2, graph_bytes=1 << 30, memory_bytes=16 << 30)  # 2 extra copies = 1/8
-    assert not whole_batch_session(lanes=3, graph_bytes=1 << 30, memory_bytes=16 << 30)  # a 3rd would pass it
+    assert whole_batch_session(lanes=2, lane_copies=1, graph_bytes=1 << 20, memory_bytes=1 << 34)
+    assert not whole_batch_session(lanes=1, lane_copies=1, graph_bytes=1 << 20, memory_bytes=1 << 34)  # has them all
+    assert whole_batch_session(lanes=4, lane_copies=1, graph_bytes=2 << 30, memory_bytes=16 << 30)  # 1 copy = 1/8
+    assert not whole_batch_session(lanes=2, lane_copies=1, graph_bytes=28 << 30, memory_bytes=64 << 30)  # 7B fp32
+    assert not whole_batch_session(lanes=2, lane_copies=2, graph_bytes=2 << 30, memory_bytes=16 << 30)  # 2 extra: 1/4
+
+
+def test_one_thread_lanes_share_one_session_and_lanes_of_more_threads_do_not(fast_export_dir):
+    from dynllava.runtime.backends.onnxruntime import OrtExecutor
+
+    shared = OrtExecutor(fast_export_dir, threads=2, lanes=2)
+    assert shared._decode_sessions[0] is shared._decode_sessions[1]
+    assert shared._decode_sessions[0].get_session_options().intra_op_num_threads == 1
+    own = OrtExecutor(fast_export_dir, threads=4, lanes=2)
+    assert own._decode_sessions[0] is not own._decode_sessions[1]
+    assert own._decode_sessions[0].get_session_options().intra_op_num_threads == 2
 
 
 def test_lanes_give_the_logits_and_lengths_of_one_session(fast_export_dir):

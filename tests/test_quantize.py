@@ -277,7 +277,7 @@ def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
         for b in ("1", "4"):  # bytes a decode step reads (bench/traffic.py)
             t, base = row["traffic"][b], rows["fp32"]["traffic"][b]
             assert row["bytes_ratio"][b] == base["per_token"] / t["per_token"]
-            assert t["sessions"] == base["sessions"]  # the same lanes read each variant's weights
+            assert t["runs"] == base["runs"]  # the same lanes read each variant's weights
     traffic = {name: row["traffic"]["4"] for name, row in rows.items()}
     assert traffic["int4"]["graph_bytes"] < traffic["int8"]["graph_bytes"] < traffic["fp32"]["graph_bytes"]
     assert traffic["fp32-kv8"]["graph_bytes"] == pytest.approx(traffic["fp32"]["graph_bytes"], rel=1e-3)

@@ -37,9 +37,9 @@ def test_weight_bytes_counts_what_a_step_reads_whole(tmp_path):
 
 
 def test_step_traffic_and_its_bytes_ratio():
-    # one sequence's KV after each of 4 steps; a batch of 2 on 2 sessions
-    t = step_traffic(graph_bytes=1000, sessions=2, kv_trace_bytes=[100, 200, 300, 400], batch=2)
+    # one sequence's KV after each of 4 steps; a batch of 2 on 2 lanes
+    t = step_traffic(graph_bytes=1000, runs=2, kv_trace_bytes=[100, 200, 300, 400], batch=2)
     assert t.kv_bytes == 2 * 250 and t.per_token == (2000 + 500) / 2
-    slower = StepTraffic(graph_bytes=1000, sessions=1, kv_bytes=4000, batch=2)
+    slower = StepTraffic(graph_bytes=1000, runs=1, kv_bytes=4000, batch=2)
     assert bytes_ratio(t, slower) == pytest.approx(2500 / 1250)
     assert t.to_dict()["per_token"] == t.per_token

@@ -106,8 +106,9 @@ def markdown(q: dict) -> list[str]:
              f"alternating repeats; load average {q['load_average_1min'][0]} -> {q['load_average_1min'][1]} on "
              f"{q['cpus']} CPUs (other load makes wall-clock ratios unreliable; tokens per CPU-second of this process "
              "are less sensitive to it). Size: the prefill + decode + nocache graphs. MiB read per token: the "
-             "decode graph's weights per session a step runs and the live KV rows (bench/traffic.py); in brackets "
-             "fp32's bytes over this export's: its decode ratio to fp32 if both read memory equally fast.", "",
+             "decode graph's weights once per run (lane) of a step and the live KV rows (bench/traffic.py); in "
+             "brackets fp32's bytes over this export's: its decode ratio to fp32 if both read memory equally fast.",
+             "",
              f"| export | size MiB (x fp32) | KV cache | TTFT b1 s (x fp32) | {head} |",
              "|---|---|---|---|" + "---|---|---|" * len(batches)]
     for name, row in q["rows"].items():

@@ -153,14 +153,14 @@ def capacity(make: Callable[..., Engine], requests: int, new_tokens: int, budget
 
 
 def decode_traffic(engine: Engine, batches: tuple[int, ...], answer: int) -> dict[int, StepTraffic] | None:
-    """Bytes a decode step of an ONNX Runtime engine reads at each batch: its decode graph's weights per session
-    that runs, and the live KV of an image request answering `answer` tokens (bench/traffic.py); None on torch."""
+    """Bytes a decode step of an ONNX Runtime engine reads at each batch: its decode graph's weights once per run
+    (lane), and the live KV of an image request answering `answer` tokens (bench/traffic.py); None on torch."""
     executor = engine.executor
     if executor.name != "onnxruntime":
         return None
     weights = weight_bytes(executor.path / executor.manifest.graphs["decode"].file)
     trace = [held for _, held in kv_trace(engine, answer)]
-    return {b: step_traffic(weights, executor.decode_sessions(b), trace, b) for b in batches}
+    return {b: step_traffic(weights, executor.decode_runs(b), trace, b) for b in batches}
 
 
 # ---------------------------------------------------------------------- ONNX Runtime settings
@@ -284,7 +284,7 @@ def _peer_traffic(engines: dict[str, Callable[..., Engine]], models, cfg: BenchC
         row = {"ours_sparse": sparse.to_dict(), "ours_dense": dense.to_dict(),
                "bytes_ratio_sparse_over_dense": bytes_ratio(sparse, dense)}
         if genai_weights is not None:
-            genai = StepTraffic(genai_weights, 1, dense.kv_bytes, b)
+            genai = StepTraffic(genai_weights, 1, dense.kv_bytes, b)  # one run a step
             row.update(genai=genai.to_dict(), bytes_ratio_sparse_over_genai=bytes_ratio(sparse, genai),
                        bytes_ratio_dense_over_genai=bytes_ratio(dense, genai))
         rows.append(row)
@@ -532,8 +532,8 @@ def markdown(r: dict) -> str:
     if r.get("ort"):
         lines.append(f"ONNX Runtime sessions: intra-op threads {r['ort']['intra_op_num_threads']} (0 = one per "
                      f"physical core), spinning {r['ort']['allow_spinning']}, decode lanes "
-                     f"{r['ort'].get('decode_lanes', 1)} (batches of 2+ rows per lane run on that many sessions "
-                     f"at once, the threads shared between them)")
+                     f"{r['ort'].get('decode_lanes', 1)} (batches of 2+ rows per lane run as that many runs of the "
+                     f"decode graph at once, the threads shared between them)")
     cal = r.get("calibration")
     if cal:
         lines.append(f"sparse = the calibration record: vision keep rate {cal['vision_keep_rate']:g}, output threshold "
@@ -630,8 +630,8 @@ def _traffic_markdown(rows: list[dict], head: str, sep: str) -> list[str]:
     if not all(traffic):
         return []
     systems = [("ours sparse", "ours_sparse"), ("ours dense", "ours_dense"), ("GenAI", "genai")]
-    lines = ["", "Bytes a decode step reads per generated token (the decode graph's weights once per session the step "
-             "runs, our decode lanes at the default threads; every live KV row once, the mean over the answer). If "
+    lines = ["", "Bytes a decode step reads per generated token (the decode graph's weights once per run of the graph: "
+             "once per decode lane at our default threads; every live KV row once, the mean over the answer). If "
              "both systems read memory equally fast, a ratio of decode rates is the inverse ratio of their bytes: "
              "the bytes ratio. Reading faster (a working set that fits in the last-level cache, more cores streaming "
              "at once) beats it; arithmetic or overheads keep a system under it (bench/traffic.py).",

@@ -1,12 +1,13 @@
 """Bytes a decode step reads, to read `dynllava bench`'s decode ratios against.
 
-At the batch sizes a CPU serves, a decode step reads every weight of the decode graph once per session that runs it
-(one per decode lane) and every live KV row once, and does only a few operations per byte it reads. If two systems
-read memory equally fast, their decode rates differ by the inverse ratio of the bytes they read per generated token:
-the bench prints that bytes ratio beside each measured ratio. A measured ratio near its bytes ratio says that only
-fewer bytes (smaller weights, fewer or smaller KV rows) make that system faster, not a leaner loop; one well under it
-says the system is bound by arithmetic or overheads. A system can beat its bytes ratio by reading faster: from the
-last-level cache (a working set that fits there), or with more cores streaming at once (our decode lanes).
+At the batch sizes a CPU serves, a decode step reads every weight of the decode graph once per run of the graph (one
+per decode lane; the lanes share one copy) and every live KV row once, and does only a few operations per byte it
+reads. If two systems read memory equally fast, their decode rates differ by the inverse ratio of the bytes they
+read per generated token: the bench prints that bytes ratio beside each measured ratio. A measured ratio near its
+bytes ratio says that only fewer bytes (smaller weights, fewer or smaller KV rows) make that system faster, not a
+leaner loop; one well under it says the system is bound by arithmetic or overheads. A system can beat its bytes
+ratio by reading faster: from the last-level cache (a working set that fits there, or lanes reading the same
+weights), or with more cores streaming at once (our decode lanes).
 """
 
 from __future__ import annotations
@@ -43,25 +44,26 @@ def weight_bytes(graph: Path) -> int:
 
 @dataclass(frozen=True)
 class StepTraffic:
-    """Bytes one decode step reads: the weights of each decode session that runs, the KV rows of every sequence."""
+    """Bytes one decode step reads: the weights, once per graph run (lane) of the step; the KV rows of every
+    sequence."""
 
     graph_bytes: int  # the decode graph's weights (one copy)
-    sessions: int  # decode sessions a step of this batch runs, each reading its own copy
+    runs: int  # decode graph runs a step of this batch makes at once (one per lane), each reading every weight
     kv_bytes: float  # live KV bytes of the whole batch, the mean over the steps of an answer
     batch: int
 
     @property
     def per_token(self) -> float:
-        return (self.graph_bytes * self.sessions + self.kv_bytes) / self.batch
+        return (self.graph_bytes * self.runs + self.kv_bytes) / self.batch
 
     def to_dict(self) -> dict:
         return {**asdict(self), "per_token": self.per_token}
 
 
-def step_traffic(graph_bytes: int, sessions: int, kv_trace_bytes: list[int], batch: int) -> StepTraffic:
+def step_traffic(graph_bytes: int, runs: int, kv_trace_bytes: list[int], batch: int) -> StepTraffic:
     """kv_trace_bytes: one sequence's KV bytes after each step of its answer (every sequence of the batch is taken
     to hold as many)."""
-    return StepTraffic(graph_bytes, sessions, batch * statistics.fmean(kv_trace_bytes), batch)
+    return StepTraffic(graph_bytes, runs, batch * statistics.fmean(kv_trace_bytes), batch)
 
 
 def bytes_ratio(faster: StepTraffic, slower: StepTraffic) -> float:

@@ -17,12 +17,16 @@ is split into `lanes` decode sessions of `threads // lanes` threads each; a batc
 cut into contiguous row ranges (slots lo..hi-1 are one contiguous view of each buffer) that run at once, each in its
 own session, writing into its rows of the shared outputs. Measured on the 7B-shaped preset, 2 cores, batch 8:
 2 lanes x 1 thread 7.6 ms/step against 10.7 for one session with 2 threads and 12.4 with 1 (sparse); at batch 3 one
-lane is faster. Smaller batches run whole on one more session that has every thread (GroupQueryAttention splits its
-heads between them); 256 new tokens, medians of alternating runs, against one lane's single thread: batch 1 dense
-305 tok/s vs 261, sparse 403 vs 403; batch 3 dense 454 vs 347, sparse 642 vs 604. Each extra session holds its own
-copy of the decode graph's weights, so the default stops adding lanes where those copies would pass an eighth of the
-machine's memory, and leaves the whole-batch session out where it would; with the CUDA provider the default is one
-lane.
+lane is faster. One-thread lanes (the default: one lane per thread) run one session from their threads at once
+(ONNX Runtime's Run is thread-safe and runs each call's kernels on its caller's thread when the session has one
+thread): one copy of the weights, which the lanes read while the other has them in cache (engine, batch 8, 256
+tokens, alternating, one shared session against one session per lane: sparse 967 vs 874 and 1110 vs 935 tok/s,
+dense 551 vs 522 and 557 vs 478). Lanes of several threads keep a session (and thread pool) each. Smaller batches
+run whole on one more session that has every thread (GroupQueryAttention splits its heads between them); 256 new
+tokens, medians of alternating runs, against one lane's single thread: batch 1 dense 305 tok/s vs 261, sparse 403
+vs 403; batch 3 dense 454 vs 347, sparse 642 vs 604. That session holds a second copy of the decode graph's weights,
+so it is left out where the copy would pass an eighth of the machine's memory; with the CUDA provider the default is
+one lane.
 """
 
 from __future__ import annotations
@@ -86,18 +90,22 @@ def _affordable_copies(graph_bytes: int, memory_bytes: int) -> int:
     return 1 + (memory_bytes // 8) // max(graph_bytes, 1)
 
 
-def default_lanes(threads: int, graph_bytes: int, memory_bytes: int, provider: str = "CPUExecutionProvider") -> int:
-    """One lane per thread, as long as the extra copies of the decode graph's weights stay within an eighth of the
-    machine's memory; one on a GPU provider (lanes share CPU cores; a GPU runs one session's batch at once)."""
-    if provider != "CPUExecutionProvider":
-        return 1
-    return max(1, min(threads, _affordable_copies(graph_bytes, memory_bytes)))
+def default_lanes(threads: int, provider: str = "CPUExecutionProvider") -> int:
+    """One lane per thread (one-thread lanes share one session: no copy of the weights each); one on a GPU provider
+    (lanes share CPU cores; a GPU runs one session's batch at once)."""
+    return max(1, threads) if provider == "CPUExecutionProvider" else 1
 
 
-def whole_batch_session(lanes: int, graph_bytes: int, memory_bytes: int) -> bool:
+def lane_sessions(lanes: int, lane_threads: int) -> int:
+    """Decode sessions the lanes load: one when each lane has one thread (ONNX Runtime runs a session from several
+    threads at once, each run on its caller's thread), else one per lane (each with its own intra-op threads)."""
+    return 1 if lane_threads == 1 else lanes
+
+
+def whole_batch_session(lanes: int, lane_copies: int, graph_bytes: int, memory_bytes: int) -> bool:
     """Whether batches too small to split get a decode session with every thread: where lanes split the threads,
-    and its weight copy (one more than the lanes') stays within the same eighth of memory."""
-    return lanes > 1 and lanes + 1 <= _affordable_copies(graph_bytes, memory_bytes)
+    and its weight copy (one more than the lanes' sessions hold) stays within an eighth of memory."""
+    return lanes > 1 and lane_copies + 1 <= _affordable_copies(graph_bytes, memory_bytes)
 
 
 class _Lane:
@@ -140,15 +148,17 @@ class OrtExecutor:
         decode = self.manifest.graphs["decode"]
         decode_file = self.path / decode.file
         graph_bytes = sum(f.stat().st_size for f in decode_file.parent.glob(decode_file.name + "*"))  # + its data
-        self.lanes = self._lane_count(lanes, threads, graph_bytes)
+        self.lanes = self._lane_count(lanes, threads)
         self.sessions = {name: self._load(self.path / spec.file, options)
                          for name, spec in self.manifest.graphs.items() if name != "decode"}
-        lane_options = session_options(max(1, threads // self.lanes), spinning)
-        self._decode_sessions = [self._load(decode_file, lane_options) for _ in range(self.lanes)]
+        lane_threads = max(1, threads // self.lanes)
+        lane_options = session_options(lane_threads, spinning)
+        loaded = [self._load(decode_file, lane_options) for _ in range(lane_sessions(self.lanes, lane_threads))]
+        self._decode_sessions = [loaded[i % len(loaded)] for i in range(self.lanes)]  # each lane's session
         self.sessions["decode"] = self._decode_sessions[0]
         # batches that run as one lane: every thread (None: they run on the first lane)
-        self._whole_batch = (self._load(decode_file, options)
-                             if whole_batch_session(self.lanes, graph_bytes, physical_memory_bytes()) else None)
+        self._whole_batch = (self._load(decode_file, options) if whole_batch_session(
+            self.lanes, len(loaded), graph_bytes, physical_memory_bytes()) else None)
         self._pool = ThreadPoolExecutor(self.lanes - 1, "ort-decode-lane") if self.lanes > 1 else None
         self._past = [t.name for t in decode.inputs if t.name.startswith("past.")]
         self._present = [t.name for t in decode.outputs if t.name.startswith("present.")]
@@ -157,11 +167,11 @@ class OrtExecutor:
         self._bound: dict[int, _Bound] = {}
         self._bound_cache: KVLedger | None = None
 
-    def _lane_count(self, lanes: int | None, threads: int, graph_bytes: int) -> int:
+    def _lane_count(self, lanes: int | None, threads: int) -> int:
         if self.info.kv_layout != SLOTS:
             return 1  # the paged graph scatters into shared pools: one session
         if lanes is None:
-            return default_lanes(threads, graph_bytes, physical_memory_bytes(), self.providers[0])
+            return default_lanes(threads, self.providers[0])
         if not 1 <= lanes <= threads:
             raise ConfigError(f"decode lanes must be between 1 and the threads ({threads}), got {lanes}",
                               hint="each lane needs at least one thread; raise threads or lower lanes")
@@ -177,8 +187,9 @@ class OrtExecutor:
             raise CheckpointError(f"cannot load graph {file}: {first}",
                                   hint="the file may be truncated or corrupt; re-export the model") from exc
 
-    def decode_sessions(self, batch: int) -> int:
-        """Decode sessions a step of `batch` sequences runs at once, each reading its own copy of the weights."""
+    def decode_runs(self, batch: int) -> int:
+        """Decode graph runs a step of `batch` sequences makes at once (one per lane that runs), each reading every
+        weight."""
         return len(lane_rows(batch, self.lanes)) if self.info.kv_layout == SLOTS else 1
 
     def new_kv_cache(self, block_size: int, budget_bytes: int, max_sequences: int,
