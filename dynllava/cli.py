@@ -211,8 +211,9 @@ ORT_THREADS = typer.Option(None, min=1, help="ONNX Runtime intra-op threads (def
 ORT_SPINNING = typer.Option(False, "--ort-spinning/--no-ort-spinning", help="Let idle ONNX Runtime threads spin "
                             "(off by default: spinning lost 2.3x on a 2-core machine with other load).")
 ORT_LANES = typer.Option(None, min=1, help="ONNX Runtime decode lanes: runs of the decode graph that share the "
-                         "threads and take a batch's rows at once (default: one per thread, on one shared session: "
-                         "one copy of the weights; 1 = no lanes). Export target onnxruntime only.")
+                         "threads and take a batch's rows at once (default: one per thread, on one shared session, "
+                         "where a second copy of the decode weights for small batches stays within 1/8 of memory, "
+                         "else 1; 1 = no lanes). Export target onnxruntime only.")
 
 
 def _check_predictors(model: Path, predictors: Path | None) -> None:

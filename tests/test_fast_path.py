@@ -237,11 +237,15 @@ def test_lane_rows_give_each_lane_two_rows_or_more_and_cover_the_batch():
         assert len(rows) == 1 or min(r.stop - r.start for r in rows) >= 2
 
 
-def test_default_lanes_are_one_per_thread_on_one_shared_session():
+def test_default_lanes_are_one_per_thread_where_the_whole_batch_session_fits_too():
     from dynllava.runtime.backends.onnxruntime import default_lanes, lane_sessions
 
-    assert default_lanes(threads=4) == 4 and default_lanes(threads=1) == 1
-    assert default_lanes(threads=4, provider="CUDAExecutionProvider") == 1
+    small = {"graph_bytes": 1 << 20, "memory_bytes": 1 << 34}
+    assert default_lanes(threads=4, **small) == 4 and default_lanes(threads=1, **small) == 1
+    assert default_lanes(threads=4, graph_bytes=2 << 30, memory_bytes=16 << 30) == 4  # a second copy = 1/8
+    # a 7B fp32 decode graph: no second copy, so no lanes (a batch of one would get one thread of eight)
+    assert default_lanes(threads=8, graph_bytes=28 << 30, memory_bytes=64 << 30) == 1
+    assert default_lanes(threads=4, provider="CUDAExecutionProvider", **small) == 1
     assert lane_sessions(lanes=4, lane_threads=1) == 1  # one-thread lanes: one session, one copy of the weights
     assert lane_sessions(lanes=2, lane_threads=4) == 2  # lanes with thread pools of their own
 

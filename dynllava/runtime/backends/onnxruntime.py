@@ -13,9 +13,9 @@ provider is chosen when onnxruntime-gpu sees a GPU (the KV buffers then still li
 
 Decode lanes (slot layout): the decode step is memory-bound (GroupQueryAttention streams every cached row), and
 ONNX Runtime's intra-op threads wake per operator, which costs more than a second core gains. So the thread budget
-is split into `lanes` decode sessions of `threads // lanes` threads each; a batch with at least two rows per lane is
-cut into contiguous row ranges (slots lo..hi-1 are one contiguous view of each buffer) that run at once, each in its
-own session, writing into its rows of the shared outputs. Measured on the 7B-shaped preset, 2 cores, batch 8:
+is split into `lanes` runs of the decode graph with `threads // lanes` threads each; a batch with at least two rows
+per lane is cut into contiguous row ranges (slots lo..hi-1 are one contiguous view of each buffer) that run at once,
+each with its own binding, writing into its rows of the shared outputs. Measured on the 7B-shaped preset, 2 cores, batch 8:
 2 lanes x 1 thread 7.6 ms/step against 10.7 for one session with 2 threads and 12.4 with 1 (sparse); at batch 3 one
 lane is faster. One-thread lanes (the default: one lane per thread) run one session from their threads at once
 (ONNX Runtime's Run is thread-safe and runs each call's kernels on its caller's thread when the session has one
@@ -25,8 +25,8 @@ dense 551 vs 522 and 557 vs 478). Lanes of several threads keep a session (and t
 run whole on one more session that has every thread (GroupQueryAttention splits its heads between them); 256 new
 tokens, medians of alternating runs, against one lane's single thread: batch 1 dense 305 tok/s vs 261, sparse 403
 vs 403; batch 3 dense 454 vs 347, sparse 642 vs 604. That session holds a second copy of the decode graph's weights,
-so it is left out where the copy would pass an eighth of the machine's memory; with the CUDA provider the default is
-one lane.
+so where the copy would pass an eighth of the machine's memory the default is no lanes (one session with every
+thread: a batch of one must not run on one thread of many); with the CUDA provider the default is one lane.
 """
 
 from __future__ import annotations
@@ -90,10 +90,14 @@ def _affordable_copies(graph_bytes: int, memory_bytes: int) -> int:
     return 1 + (memory_bytes // 8) // max(graph_bytes, 1)
 
 
-def default_lanes(threads: int, provider: str = "CPUExecutionProvider") -> int:
-    """One lane per thread (one-thread lanes share one session: no copy of the weights each); one on a GPU provider
-    (lanes share CPU cores; a GPU runs one session's batch at once)."""
-    return max(1, threads) if provider == "CPUExecutionProvider" else 1
+def default_lanes(threads: int, graph_bytes: int, memory_bytes: int, provider: str = "CPUExecutionProvider") -> int:
+    """One lane per thread (one-thread lanes share one session: no copy of the weights each) where the whole-batch
+    session fits too (a second copy within an eighth of memory), so that a batch too small to split still gets every
+    thread; else one, a session with every thread. One on a GPU provider (lanes share CPU cores; a GPU runs one
+    session's batch at once)."""
+    if provider != "CPUExecutionProvider" or not whole_batch_session(threads, 1, graph_bytes, memory_bytes):
+        return 1
+    return threads
 
 
 def lane_sessions(lanes: int, lane_threads: int) -> int:
@@ -148,7 +152,7 @@ class OrtExecutor:
         decode = self.manifest.graphs["decode"]
         decode_file = self.path / decode.file
         graph_bytes = sum(f.stat().st_size for f in decode_file.parent.glob(decode_file.name + "*"))  # + its data
-        self.lanes = self._lane_count(lanes, threads)
+        self.lanes = self._lane_count(lanes, threads, graph_bytes)
         self.sessions = {name: self._load(self.path / spec.file, options)
                          for name, spec in self.manifest.graphs.items() if name != "decode"}
         lane_threads = max(1, threads // self.lanes)
@@ -167,11 +171,11 @@ class OrtExecutor:
         self._bound: dict[int, _Bound] = {}
         self._bound_cache: KVLedger | None = None
 
-    def _lane_count(self, lanes: int | None, threads: int) -> int:
+    def _lane_count(self, lanes: int | None, threads: int, graph_bytes: int) -> int:
         if self.info.kv_layout != SLOTS:
             return 1  # the paged graph scatters into shared pools: one session
         if lanes is None:
-            return default_lanes(threads, self.providers[0])
+            return default_lanes(threads, graph_bytes, physical_memory_bytes(), self.providers[0])
         if not 1 <= lanes <= threads:
             raise ConfigError(f"decode lanes must be between 1 and the threads ({threads}), got {lanes}",
                               hint="each lane needs at least one thread; raise threads or lower lanes")
