@@ -15,9 +15,9 @@ Decode lanes (slot layout): the decode step is memory-bound (GroupQueryAttention
 ONNX Runtime's intra-op threads wake per operator, which costs more than a second core gains. So the thread budget
 is split into `lanes` runs of the decode graph with `threads // lanes` threads each; a batch with at least two rows
 per lane is cut into contiguous row ranges (slots lo..hi-1 are one contiguous view of each buffer) that run at once,
-each with its own binding, writing into its rows of the shared outputs. Measured on the 7B-shaped preset, 2 cores, batch 8:
-2 lanes x 1 thread 7.6 ms/step against 10.7 for one session with 2 threads and 12.4 with 1 (sparse); at batch 3 one
-lane is faster. One-thread lanes (the default: one lane per thread) run one session from their threads at once
+each with its own binding, writing into its rows of the shared outputs. Measured on the 7B-shaped preset, 2 cores,
+batch 8: 2 lanes x 1 thread 7.6 ms/step against 10.7 for one session with 2 threads and 12.4 with 1 (sparse); at
+batch 3 one lane is faster. One-thread lanes (the default: one lane per thread) run one session from their threads at once
 (ONNX Runtime's Run is thread-safe and runs each call's kernels on its caller's thread when the session has one
 thread): one copy of the weights, which the lanes read while the other has them in cache (engine, batch 8, 256
 tokens, alternating, one shared session against one session per lane: sparse 967 vs 874 and 1110 vs 935 tok/s,
