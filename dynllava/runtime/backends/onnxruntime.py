@@ -11,22 +11,22 @@ too and refilled in place each step (the paged graph's block tables change width
 small outputs land in preallocated arrays (the KV outputs are never fetched). The CUDA execution
 provider is chosen when onnxruntime-gpu sees a GPU (the KV buffers then still live in host memory).
 
-Decode lanes (slot layout): the decode step is memory-bound (GroupQueryAttention streams every cached row), and
-ONNX Runtime's intra-op threads wake per operator, which costs more than a second core gains. So the thread budget
-is split into `lanes` runs of the decode graph with `threads // lanes` threads each; a batch with at least two rows
-per lane is cut into contiguous row ranges (slots lo..hi-1 are one contiguous view of each buffer) that run at once,
+Decode lanes (slot layout): the decode step is memory-bound (GroupQueryAttention streams every cached row), and ONNX
+Runtime's intra-op threads wake per operator, which costs more than a second core gains. So the thread budget is
+split into `lanes` runs of the decode graph with `threads // lanes` threads each; a batch with at least two rows per
+lane is cut into contiguous row ranges (slots lo..hi-1 are one contiguous view of each buffer) that run at once,
 each with its own binding, writing into its rows of the shared outputs. Measured on the 7B-shaped preset, 2 cores,
 batch 8: 2 lanes x 1 thread 7.6 ms/step against 10.7 for one session with 2 threads and 12.4 with 1 (sparse); at
-batch 3 one lane is faster. One-thread lanes (the default: one lane per thread) run one session from their threads at once
-(ONNX Runtime's Run is thread-safe and runs each call's kernels on its caller's thread when the session has one
-thread): one copy of the weights, which the lanes read while the other has them in cache (engine, batch 8, 256
-tokens, alternating, one shared session against one session per lane: sparse 967 vs 874 and 1110 vs 935 tok/s,
-dense 551 vs 522 and 557 vs 478). Lanes of several threads keep a session (and thread pool) each. Smaller batches
-run whole on one more session that has every thread (GroupQueryAttention splits its heads between them); 256 new
-tokens, medians of alternating runs, against one lane's single thread: batch 1 dense 305 tok/s vs 261, sparse 403
-vs 403; batch 3 dense 454 vs 347, sparse 642 vs 604. That session holds a second copy of the decode graph's weights,
-so where the copy would pass an eighth of the machine's memory the default is no lanes (one session with every
-thread: a batch of one must not run on one thread of many); with the CUDA provider the default is one lane.
+batch 3 one lane is faster. One-thread lanes (the default: one lane per thread) run one session from their threads
+at once (ONNX Runtime's Run is thread-safe and runs each call's kernels on its caller's thread when the session has
+one thread): one copy of the weights, which the lanes read while the other has them in cache (engine, batch 8, 256
+tokens, alternating, one shared session against one session per lane: sparse 967 vs 874 and 1110 vs 935 tok/s, dense
+551 vs 522 and 557 vs 478). Lanes of several threads keep a session (and thread pool) each. Smaller batches run
+whole on one more session that has every thread (GroupQueryAttention splits its heads between them); 256 new tokens,
+medians of alternating runs, against one lane's single thread: batch 1 dense 305 tok/s vs 261, sparse 403 vs 403;
+batch 3 dense 454 vs 347, sparse 642 vs 604. That session holds a second copy of the decode graph's weights, so
+where the copy would pass an eighth of the machine's memory the default is no lanes (one session with every thread:
+a batch of one must not run on one thread of many); with the CUDA provider the default is one lane.
 """
 
 from __future__ import annotations
