@@ -16,7 +16,7 @@ and outputs are unchanged, so `dynllava.json` keeps its graph specs and gains a 
   extra; written against its documented API and NOT run here: no GPU, no ModelOpt on this machine).
 * int4: `MatMulNBitsQuantizer` (weight-only, blocks of `block_size` along the input dimension, symmetric), one
   MatMulNBits node per linear layer; `accuracy_level` is MatMulNBits' compute type (4 = int8 activations).
-* `kv_cache="int8"` (with int8 or int4, target onnxruntime): the KV cache in int8 too, static scales calibrated on
+* `kv_cache="int8"` (with int8, int4 or fp32, target onnxruntime): the KV cache in int8 too, static scales calibrated on
   the samples (calib/kv_cache.py); the decode graph's past / present buffers become int8 (the only graph I/O a
   quantization changes), a quarter of fp32's bytes per cached token.
 
@@ -207,7 +207,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     _quiet_quantizer_logs()
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=cfg.mode != "fp32")  # fp32 copies the files: names suffice
     lm, others = language_linears(model, cfg.keep_fp32)
     if not lm:
         raise DynLlavaError(f"{src.name}: no language-model MatMul found to quantize",
