@@ -194,7 +194,11 @@ class OrtExecutor:
     def decode_runs(self, batch: int) -> int:
         """Decode graph runs a step of `batch` sequences makes at once (one per lane that runs), each reading every
         weight."""
-        return len(lane_rows(batch, self.lanes)) if self.info.kv_layout == SLOTS else 1
+        return len(self._row_ranges(batch))
+
+    def _row_ranges(self, batch: int) -> list[slice]:
+        """The batch's rows each lane runs (slot layout; the paged graph runs the whole batch on one session)."""
+        return lane_rows(batch, self.lanes) if self.info.kv_layout == SLOTS else [slice(0, batch)]
 
     def new_kv_cache(self, block_size: int, budget_bytes: int, max_sequences: int,
                      max_rows: int | None = None) -> KVLedger:
@@ -272,7 +276,7 @@ class OrtExecutor:
             return values[-1]
 
         lanes = []
-        row_ranges = lane_rows(batch, self.lanes) if slots else [slice(0, batch)]
+        row_ranges = self._row_ranges(batch)
         sessions = [self._whole_batch] if self._whole_batch and len(row_ranges) == 1 else self._decode_sessions
         for session, rows in zip(sessions, row_ranges):
             binding = session.io_binding()
