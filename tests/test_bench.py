@@ -93,9 +93,13 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
         assert t["ours_sparse"]["kv_bytes"] < t["ours_dense"]["kv_bytes"]
         assert _close(t["bytes_ratio_sparse_over_genai"], t["genai"]["per_token"], t["ours_sparse"]["per_token"])
         assert _close(t["bytes_ratio_dense_over_genai"], t["genai"]["per_token"], t["ours_dense"]["per_token"])
+        # the rate each read its bytes at: bytes per token x the decode rate of the table above
+        for system in ("ours_sparse", "ours_dense", "genai"):
+            assert t["read_gb_s"][system] == pytest.approx(t[system]["per_token"] * r[f"{system}_tok_s"] / 1e9)
 
     md = (out / "results.md").read_text()
     assert md.count("|") > 20 and "| bytes ratio: ours sparse / GenAI |" in md
+    assert "| GB/s read by GenAI (MiB per token x its tok/s) |" in md
     for text in ("ONNX Runtime GenAI, dense, fed our embeddings", "ours sparse / GenAI", "GenAI / ours sparse",
                  f"onnxruntime-genai {data['versions']['onnxruntime_genai']}"):
         assert text in md

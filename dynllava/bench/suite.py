@@ -257,7 +257,7 @@ def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: Benc
     result["ttft"], result["decode"] = _best_of(result["by_threads"])
     log("  bytes read per decode step (decode weights, live KV)")
     for row, traffic in zip(result["decode"], _peer_traffic(engines, models, cfg)):
-        row["traffic"] = traffic
+        row["traffic"] = traffic and {**traffic, "read_gb_s": _read_rates(row, traffic)}
     for row in result["decode"]:
         b = row["batch"]
         if b in cfg.hf_batches:
@@ -289,6 +289,17 @@ def _peer_traffic(engines: dict[str, Callable[..., Engine]], models, cfg: BenchC
                        bytes_ratio_dense_over_genai=bytes_ratio(dense, genai))
         rows.append(row)
     return rows
+
+
+def _read_rates(row: dict, traffic: dict) -> dict[str, float]:
+    """GB/s each system read at its measured decode rate (bytes per generated token x tokens per second): equal
+    rates mean the decode ratio is the bytes ratio; a higher one, a system that reads its bytes faster."""
+    rates = {}
+    for system in ("ours_sparse", "ours_dense", "genai"):
+        tok_s = row.get(f"{system}_tok_s")
+        if system in traffic and isinstance(tok_s, float):
+            rates[system] = traffic[system]["per_token"] * tok_s / 1e9
+    return rates
 
 
 def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: BenchConfig, models, result: dict,
@@ -639,6 +650,10 @@ def _traffic_markdown(rows: list[dict], head: str, sep: str) -> list[str]:
     for label, key in systems:
         if key in traffic[0]:
             lines.append(f"| {label} | " + " | ".join(f"{t[key]['per_token'] / 2**20:.1f}" for t in traffic) + " |")
+    for label, key in systems:
+        if all(key in t.get("read_gb_s", {}) for t in traffic):
+            lines.append(f"| GB/s read by {label} (MiB per token x its tok/s) | " +
+                         " | ".join(f"{t['read_gb_s'][key]:.1f}" for t in traffic) + " |")
     for label, key in (("bytes ratio: ours sparse / GenAI", "bytes_ratio_sparse_over_genai"),
                        ("bytes ratio: ours dense / GenAI", "bytes_ratio_dense_over_genai"),
                        ("bytes ratio: ours sparse / ours dense", "bytes_ratio_sparse_over_dense")):
