@@ -246,6 +246,12 @@ def test_missing_graph_is_a_clear_error(export_dir, tmp_path):
     assert result.exit_code == 1 and "nocache.onnx is missing" in result.stderr
 
 
+def test_exporting_an_export_is_a_clear_error(export_dir, tmp_path):
+    result = runner.invoke(app, ["export", str(export_dir), "-o", str(tmp_path / "again")])
+    assert result.exit_code == 1 and "holds exported graphs" in result.stderr and "config.json" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "again").exists()
+
+
 def test_backend_mismatch_is_a_clear_error(export_dir, official_dir):
     result = runner.invoke(app, ["generate", str(export_dir), "--prompt", "hi", "--backend", "torch"])
     assert result.exit_code == 1 and "export directory" in result.stderr

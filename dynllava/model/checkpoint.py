@@ -133,6 +133,11 @@ def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], sour
 
 # ---------------------------------------------------------------------- files
 def detect_layout(directory: Path) -> str:
+    if not (directory / "config.json").is_file() and (directory / "dynllava.json").is_file():
+        # an export or engine directory where a checkpoint belongs (e.g. `export` run on its own output)
+        raise CheckpointError(f"{directory} holds exported graphs (dynllava.json), not a checkpoint",
+                              hint="pass the checkpoint the graphs were exported from (the directory with "
+                                   "config.json); generate, serve and bench run exports as they are")
     cfg = read_json(directory / "config.json")
     model_type = cfg.get("model_type")
     if model_type == OFFICIAL_MODEL_TYPE:
