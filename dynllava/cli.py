@@ -973,6 +973,9 @@ def bench(
         raise InputError(str(exc), hint="e.g. --only peers,ttft") from None
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory", hint="give a directory path with --out")
+    if model not in PRESETS and not Path(model).is_dir():
+        raise InputError(f"--model {model} is neither a preset nor a checkpoint directory",
+                         hint=f"presets: {', '.join(PRESETS)}; or pass a checkpoint directory")
     _check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     if model in PRESETS:

@@ -119,6 +119,12 @@ def test_bench_only_runs_the_named_workloads(tmp_path):
     assert not (out / "kv_bytes.png").exists() and not (out / "throughput.png").exists()
 
 
+def test_bench_rejects_a_model_that_is_neither_preset_nor_directory(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--model", "llava-7b", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "neither a preset nor a checkpoint directory" in result.output
+    assert "llava-1.5-7b-shape" in result.output and not (tmp_path / "b").exists()
+
+
 def test_bench_only_rejects_an_unknown_workload(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--quick", "--out", str(tmp_path),
                                       "--only", "peers,speed"])
