@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from dynllava.runtime.detokenize import IncrementalDetokenizer
 from dynllava.runtime.processor import preprocess_image, to_rgb
 from dynllava.runtime.sequence import RequestOutput
 
@@ -56,23 +57,13 @@ class Explanation:
 
 
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds to the decoded answer (decoded a window at a time, as the engine streams, so a
-    word's leading space comes out as in a full decode); a token ending in a partial UTF-8 character adds ""
-    and the next one carries the character (the last one, any bytes left incomplete), so the pieces add up to
-    the decoded answer."""
-    pieces: list[str] = []
-    prefix_offset = read_offset = 0
-    for i in range(len(ids)):
-        prefix = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
-        window = tokenizer.decode(ids[prefix_offset:i + 1], skip_special_tokens=True)
-        if window.endswith("\ufffd"):
-            pieces.append("")
-            continue
-        pieces.append(window[len(prefix):])
-        prefix_offset, read_offset = read_offset, i + 1
-    if read_offset < len(ids):  # bytes that never completed a character: the last token shows them
-        prefix = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
-        pieces[-1] = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)[len(prefix):]
+    """The text each token adds to the decoded answer (as the engine streams it: runtime/detokenize.py); a token
+    ending in a partial UTF-8 character adds "" and the next one carries the character (the last one, any bytes left
+    incomplete), so the pieces add up to the decoded answer."""
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.step(token) for token in ids]
+    if pieces:  # bytes that never completed a character: the last token shows them
+        pieces[-1] += tokenizer.decode(ids, skip_special_tokens=True)[len("".join(pieces)):]
     return pieces
 
 

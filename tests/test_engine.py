@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -239,14 +240,8 @@ def test_incremental_text_is_the_full_decode_at_every_step(official_dir):
             assert seq.text == (full if seq.status == Status.FINISHED else full.rstrip("\ufffd"))
 
 
-class _DecodeOnly:
-    """A tokenizer with `decode` alone (no `tokenizers` backend, as a slow tokenizer): the fallback path."""
-
-    def __init__(self, tok):
-        self.decode = tok.decode
-
-
-@pytest.mark.parametrize("wrap", [lambda tok: tok, _DecodeOnly], ids=["decode-stream", "decode-only"])
+@pytest.mark.parametrize("wrap", [lambda tok: tok, lambda tok: SimpleNamespace(decode=tok.decode)],
+                         ids=["decode-stream", "decode-only"])
 def test_incremental_text_keeps_spaces_and_waits_for_whole_characters(wrap):
     """Llama's decoder pipeline (sentencepiece "▁" spaces, byte fallback, the first space stripped): decoding the
     newest token alone would lose its word's space and emit half a character. Both ways (tokenizers' DecodeStream,

@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
+from dynllava.runtime.detokenize import IncrementalDetokenizer
 from dynllava.runtime.kv_cache import SeqKV, SwappedKV
 from dynllava.runtime.sampling import Sampler, SamplingParams
 
@@ -144,12 +143,8 @@ class Sequence:
     kept_image_indices: list[int] = field(default_factory=list)  # set at prefill
     image_grid: tuple[int, int] | None = None
     token_kept: list[bool] = field(default_factory=list)  # one per decode step
-    # incremental detokenization: text holds generated[:_read_offset]. With a `tokenizers` backend its DecodeStream
-    # does it in Rust; otherwise generated[_prefix_offset:_read_offset] is decoded again with each new token so a
-    # word's leading space comes out as in a full decode
-    _prefix_offset: int = 0
-    _read_offset: int = 0
-    _stream: DecodeStream | None = None
+    _detokenizer: IncrementalDetokenizer | None = None  # made at the first token; text holds what it returned
+    _detokenized: int = 0  # generated[:_detokenized] went through it
 
     @staticmethod
     def new_id() -> str:
@@ -160,23 +155,12 @@ class Sequence:
         return self.pixel_values is not None
 
     def extend_text(self, tokenizer: Any) -> None:
-        """Add the newest tokens' text (vLLM's incremental detokenization: a few tokens are decoded per step, not
-        the whole answer). Tokens ending in a partial UTF-8 character (U+FFFD until its bytes arrive) wait."""
-        backend = getattr(tokenizer, "backend_tokenizer", None)  # transformers' fast tokenizers have one
-        if isinstance(backend, Tokenizer):
-            # the same algorithm (a prefix decoded again, whole characters only), one Rust call per token: the
-            # two Python-wrapped decodes of the fallback cost ~5x as much on the engine's step path
-            self._stream = self._stream or DecodeStream(skip_special_tokens=True)
-            for token in self.generated[self._read_offset:]:
-                self.text += self._stream.step(backend, token) or ""
-            self._read_offset = len(self.generated)
-            return
-        prefix = tokenizer.decode(self.generated[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        window = tokenizer.decode(self.generated[self._prefix_offset:], skip_special_tokens=True)
-        if window.endswith("\ufffd"):
-            return
-        self.text += window[len(prefix):]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.generated)
+        """Add the newest tokens' text (incremental detokenization, runtime/detokenize.py: a few tokens are decoded
+        per step, not the whole answer; tokens ending in a partial UTF-8 character wait for the rest)."""
+        self._detokenizer = self._detokenizer or IncrementalDetokenizer(tokenizer)
+        for token in self.generated[self._detokenized:]:
+            self.text += self._detokenizer.step(token)
+        self._detokenized = len(self.generated)
 
     def stream_text(self) -> str:
         """The text that is safe to hand out while the sequence runs: `text` without a tail that could still grow
