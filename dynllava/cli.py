@@ -197,6 +197,9 @@ def _sparse_overrides(vision_keep_rate: float | None, sparse_layer: int | None, 
 
 
 # the deploy-time knobs a calibration record (`dynllava calibrate --write`) sets; explicit flags win over it
+PREDICTORS = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint.")
+VISION_TOWER = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower.")
+SPARSE_LAYER = typer.Option(None, help="Override sparse_config.sparse_layer.")
 VISION_KEEP_RATE = typer.Option(None, help="Override sparse_config.vision_keep_rate (and the calibration "
                                 "record's).")
 OUTPUT_THRESHOLD = typer.Option(None, help="Threshold t on the output-text predictor's margin: a generated token "
@@ -249,12 +252,12 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per request."),
     backend: str = typer.Option("auto", help="torch (checkpoints), onnxruntime (export directories), tensorrt "
                                              "(engine directories) or auto (by what MODEL holds)."),
-    predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
-    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    predictors: Path | None = PREDICTORS,
+    vision_tower: Path | None = VISION_TOWER,
     vision_keep_rate: float | None = VISION_KEEP_RATE,
     output_threshold: float | None = OUTPUT_THRESHOLD,
     no_calibration: bool = NO_CALIBRATION,
-    sparse_layer: int | None = typer.Option(None, help="Override sparse_config.sparse_layer."),
+    sparse_layer: int | None = SPARSE_LAYER,
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (plain LLaVA-1.5, for comparison)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
@@ -525,12 +528,12 @@ def export(
                                                      "than this may be kept in either order (default 0 fp32: "
                                                      "identical kept sets; 0.05 fp16)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the comparison with the reference model."),
-    predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
-    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    predictors: Path | None = PREDICTORS,
+    vision_tower: Path | None = VISION_TOWER,
     vision_keep_rate: float | None = VISION_KEEP_RATE,
     output_threshold: float | None = OUTPUT_THRESHOLD,
     no_calibration: bool = NO_CALIBRATION,
-    sparse_layer: int | None = typer.Option(None, help="Override sparse_config.sparse_layer."),
+    sparse_layer: int | None = SPARSE_LAYER,
     dense: bool = typer.Option(False, "--dense", help="Disable both predictors (a dense LLaVA-1.5 export)."),
     target: str = typer.Option("onnxruntime", help="onnxruntime: prefill and decode built with ONNX Runtime's fused "
                                "ops (GroupQueryAttention, KV in per-sequence slots), the fastest on ONNX Runtime; "
@@ -866,8 +869,8 @@ def serve(
                                         "may take to finish (new ones get 503) before they are stopped."),
     served_model_name: str | None = typer.Option(None, help="The model id clients send and /v1/models lists "
                                                  "(default: MODEL's directory name)."),
-    predictors: Path | None = typer.Option(None, help="Predictor weights for a llava-hf checkpoint."),
-    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    predictors: Path | None = PREDICTORS,
+    vision_tower: Path | None = VISION_TOWER,
     vision_keep_rate: float | None = VISION_KEEP_RATE,
     output_threshold: float | None = OUTPUT_THRESHOLD,
     no_calibration: bool = NO_CALIBRATION,
@@ -1094,8 +1097,8 @@ def calibrate(
     plot: Path | None = typer.Option(None, help="Write a PNG of quality vs KV bytes and vs TTFT, chosen point "
                                      "marked."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-    predictors: Path | None = typer.Option(None, help="Predictor weights (safetensors) for a llava-hf checkpoint."),
-    vision_tower: Path | None = typer.Option(None, help="CLIP tower directory, overriding mm_vision_tower."),
+    predictors: Path | None = PREDICTORS,
+    vision_tower: Path | None = VISION_TOWER,
 ) -> None:
     """Choose the sparsity budget from measured quality: sweep the vision keep rate and a threshold t on the
     output-text predictor's margin over a calibration set, and report for each setting the KV bytes per sequence,
