@@ -950,7 +950,10 @@ def bench(
     only: str | None = typer.Option(None, "--only", metavar="WORKLOADS",
                                     help="Run only these workloads, comma-separated: ttft (time to first token, dense "
                                     "vs sparse), decode (decode tok/s, dense vs sparse), kv (KV bytes while "
-                                    "generating), capacity (sequences per KV budget), peers (ONNX Runtime GenAI and "
+                                    "generating), capacity (sequences per KV budget), serving (`dynllava serve` under "
+                                    "32 concurrent streamed chat requests with images, 8 at a time: TTFT, TPOT, "
+                                    "ITL, latency percentiles and throughput, dense vs sparse), peers (ONNX Runtime "
+                                    "GenAI and "
                                     "transformers on the same weights and image prompt: TTFT at batch 1, decode at "
                                     "batch 1 and 8, 256 new tokens), quantized (the sparse export against its int8 "
                                     "and int4 exports from `dynllava quantize`, each also with an int8 KV cache: "

@@ -43,6 +43,19 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     assert data["versions"]["onnxruntime"] and data["versions"]["onnxruntime_genai"]
     assert set(data["ort"]) == {"intra_op_num_threads", "allow_spinning", "decode_lanes"}
 
+    # the server under load (bench/serving.py): every streamed request answered in full, by both models
+    serving = data["serving"]
+    for mode in ("sparse", "dense"):
+        r = serving[mode]
+        assert (r["completed"], r["failed"]) == (serving["requests"], 0), r["errors"]
+        assert r["output_tokens"] == serving["requests"] * serving["max_tokens"]  # the server's usage, ignore_eos
+        assert _close(r["output_tok_s"], r["output_tokens"], r["seconds"])
+        for name in ("ttft_ms", "tpot_ms", "itl_ms", "latency_ms"):
+            assert 0 < r[name]["p50"] <= r[name]["p90"] <= r[name]["p99"], (mode, name)
+        assert r["ttft_ms"]["p50"] < r["latency_ms"]["p50"]
+    assert _close(serving["sparse_over_dense"]["output_tok_s"], serving["sparse"]["output_tok_s"],
+                  serving["dense"]["output_tok_s"])
+
     # the peers: none skipped on the dev set-up (onnxruntime-genai and onnx-ir are dev dependencies)
     peers = data["peers"]
     assert "genai_skipped" not in peers, peers.get("genai_skipped")
@@ -101,6 +114,7 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     assert md.count("|") > 20 and "| bytes ratio: ours sparse / GenAI |" in md
     assert "| GB/s read by GenAI (MiB per token x its tok/s) |" in md
     for text in ("ONNX Runtime GenAI, dense, fed our embeddings", "ours sparse / GenAI", "GenAI / ours sparse",
+                 "| ours sparse | 8 / 8 |",  # the serving table: requests ok / sent
                  f"onnxruntime-genai {data['versions']['onnxruntime_genai']}"):
         assert text in md
     assert "skipped" not in md

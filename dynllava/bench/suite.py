@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from dynllava.bench import peers as peer_lib
+from dynllava.bench import serving
 from dynllava.bench.traffic import StepTraffic, bytes_ratio, step_traffic, weight_bytes
 from dynllava.flops import cost_report, kv_bytes
 from dynllava.runtime.engine import Engine
@@ -32,7 +33,7 @@ DENSE = {"use_vision_predictor": False, "use_output_text_predictor": False}
 PROMPT = "Describe this picture in detail."
 
 
-WORKLOADS = ("ttft", "decode", "kv", "capacity", "peers", "quantized")
+WORKLOADS = ("ttft", "decode", "kv", "capacity", "serving", "peers", "quantized")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class BenchConfig:
     peer_answer: int = 256
     peer_rounds: int = 3  # alternating decode runs per system and batch (the median is reported)
     hf_batches: tuple[int, ...] = (1,)  # transformers generate (torch eager) is timed at these peer batches
+    serving_load: serving.LoadConfig = serving.LoadConfig()  # concurrent streamed requests (bench/serving.py)
     workloads: tuple[str, ...] = WORKLOADS
     extra: dict = field(default_factory=dict)
 
@@ -60,7 +62,8 @@ class BenchConfig:
         if quick:
             return cls(quick=True, prefill_batches=(1, 4), decode_batches=(1, 4), answers=(32, 64),
                        capacity_requests=8, repeats=2, peer_batches=(1, 4), peer_answer=32, peer_rounds=2,
-                       hf_batches=(1, 4), workloads=ordered)
+                       hf_batches=(1, 4), serving_load=serving.LoadConfig(requests=8, concurrency=4, max_tokens=16),
+                       workloads=ordered)
         return cls(workloads=ordered)
 
 
@@ -493,6 +496,11 @@ def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchC
         cap["throughput_ratio"] = cap["sparse"]["completed_per_s"] / cap["dense"]["completed_per_s"]
         lap("capacity")
 
+    if "serving" in cfg.workloads:
+        log("serving: the OpenAI-compatible server under concurrent streamed requests")
+        results["serving"] = serving.run(engines, _image, PROMPT, cfg.serving_load, log)
+        lap("serving")
+
     if "peers" in cfg.workloads:
         log("peers on the same weights and prompt")
         results["peers"] = peers(checkpoint, engines, cfg, out, log)
@@ -571,6 +579,8 @@ def markdown(r: dict) -> str:
                   f"measured TTFT sparse/dense = {fv['measured_ttft_ratio_median']:.2f}."]
     if "peers" in r:
         lines += ["", *peers_markdown(r["peers"])]
+    if "serving" in r:
+        lines += ["", *serving.markdown(r["serving"])]
     if "quantized" in r:
         from dynllava.bench import quantized
 

@@ -9,6 +9,10 @@ seconds later, so the process always exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -46,3 +50,23 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, drain_seconds: f
 def run(app, host: str = "127.0.0.1", port: int = 8000, drain_seconds: float = DEFAULT_DRAIN_SECONDS,
         **config) -> None:
     make_server(app, host, port, drain_seconds, **config).run()
+
+
+@contextlib.contextmanager
+def serving_in_thread(app, drain_seconds: float = 5.0, **config) -> Iterator[tuple[str, DrainingServer]]:
+    """Serve `app` on 127.0.0.1 (a free port) in a thread, as `dynllava serve` does; yields (base URL, server).
+    For the serving benchmark and the server's tests."""
+    server = make_server(app, "127.0.0.1", 0, drain_seconds, **config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
