@@ -250,6 +250,8 @@ def generate(
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate per request."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Decode without a KV cache (paper Eq. 12)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per request."),
+    stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated (one --prompt; not "
+                                "with --batch, --json, --explain or --no-kv-cache)."),
     backend: str = typer.Option("auto", help="torch (checkpoints), onnxruntime (export directories), tensorrt "
                                              "(engine directories) or auto (by what MODEL holds)."),
     predictors: Path | None = PREDICTORS,
@@ -284,6 +286,12 @@ def generate(
 
     requests = _read_requests(prompt, image, batch)
     _check_predictors(model, predictors)
+    if stream:
+        clash = [flag for flag, on in (("--batch", batch is not None), ("--json", as_json),
+                                       ("--explain", explain_dir is not None), ("--no-kv-cache", no_kv_cache)) if on]
+        if clash:
+            raise InputError(f"--stream prints one answer as it is generated; it does not combine with {clash[0]}",
+                             hint=f"drop --stream or {clash[0]}")
     if explain_dir is not None:
         if no_kv_cache:
             raise InputError("--explain needs the KV-cache engine (it reports the keep decisions)",
@@ -305,6 +313,9 @@ def generate(
 
         engine = Engine(opened.executor, opened.tokenizer, opened.image_processor, opened.image_aspect_ratio,
                         kv_cache_bytes=kv_cache_mb * 2**20 if kv_cache_mb else None)
+        if stream:
+            _print_stream(engine, Request(prompt=requests[0]["prompt"], image=requests[0]["image"]), params, opened)
+            return
         outputs = engine.generate([Request(prompt=r["prompt"], image=r["image"]) for r in requests], params,
                                   progress=not as_json and err_console.is_terminal)
     explanations = _write_explanations(explain_dir, opened, requests, outputs) if explain_dir else None
@@ -331,6 +342,22 @@ def generate(
     if explanations:
         console.print(f"[dim]kept patches and tokens written to {escape(str(explain_dir))}/request-*.html[/]",
                       highlight=False, soft_wrap=True)
+
+
+def _print_stream(engine, request, params, opened) -> None:
+    """The answer's text as the engine produces it (stop strings held back until they are ruled out), then the
+    summary line, as `generate` prints them at the end."""
+    note = _calibration_note(opened)
+    if note:
+        err_console.print(f"[dim]{note}[/]", highlight=False, soft_wrap=True)
+    started = False
+    for delta in engine.stream(request, params):
+        text = delta.text if started else delta.text.lstrip()  # as the printed answer is stripped
+        started = started or bool(text)
+        console.print(printable(text), end="", highlight=False, markup=False, soft_wrap=True)
+        if delta.finished:
+            console.print()
+            console.print(f"[dim]{summary_line(delta.output.stats.to_dict())}[/]", highlight=False, soft_wrap=True)
 
 
 def _write_explanations(out_dir: Path, opened, requests: list[dict], outputs: list) -> list:

@@ -49,6 +49,21 @@ def test_generate_prints_text_and_summary(official_dir, single):
     assert "dense" in result.stdout
 
 
+def test_stream_prints_what_generate_prints_at_the_end(official_dir, fast_export_dir, single, tmp_path):
+    args = ["--image", str(official_dir / "example.png"), "--prompt", "What is in the picture?",
+            "--max-new-tokens", "12"]
+    for model in (official_dir, fast_export_dir):  # torch, ONNX Runtime
+        whole = runner.invoke(app, ["generate", str(model), *args])
+        streamed = runner.invoke(app, ["generate", str(model), *args, "--stream"])
+        assert whole.exit_code == streamed.exit_code == 0, streamed.output
+        # the same answer and summary (line breaks aside: the whole answer is wrapped to the terminal's width)
+        assert streamed.stdout.split() == whole.stdout.split()
+        assert single["text"].split()[0] in streamed.stdout
+    for clash in (["--json"], ["--no-kv-cache"], ["--explain", str(tmp_path / "x")]):
+        result = runner.invoke(app, ["generate", str(official_dir), *args, "--stream", *clash])
+        assert result.exit_code == 1 and f"does not combine with {clash[0]}" in result.stderr
+
+
 def test_batch_file_gives_what_each_request_gives_alone(official_dir, single, tmp_path):
     batch = tmp_path / "requests.jsonl"
     (tmp_path / "pic.png").write_bytes((official_dir / "example.png").read_bytes())
