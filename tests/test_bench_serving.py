@@ -65,3 +65,15 @@ def test_without_the_client_package_the_workload_says_what_to_install(monkeypatc
     result = serving.run({}, lambda i: None, "hi", serving.LoadConfig())
     assert "httpx" in result["skipped"] and "dynllava[bench]" in result["skipped"]
     assert serving.markdown(result) == [f"Serving: skipped, {result['skipped']}"]
+
+
+def test_markdown_names_failed_requests_and_leaves_out_ratios_it_cannot_take():
+    from dynllava.bench.serving import markdown, sparse_over_dense
+
+    ok = summarize([RequestTiming(ttft=0.1, chunks=[0.1, 0.2], latency=0.3, output_tokens=2)], 1.0)
+    slow = summarize([RequestTiming(ttft=0.2, chunks=[0.2, 0.6], latency=0.6, output_tokens=2)], 2.0)
+    failed = summarize([RequestTiming(error="HTTP 503: draining")], 1.0)
+    assert sparse_over_dense(ok, failed) is None
+    assert sparse_over_dense(ok, slow) == pytest.approx({"output_tok_s": 2.0, "ttft_p50": 2.0, "tpot_p50": 2.0})
+    md = "\n".join(markdown({"requests": 1, "concurrency": 1, "max_tokens": 2, "sparse": ok, "dense": failed}))
+    assert "| ours dense | 0 / 1 |" in md and "Failed dense requests (1), e.g.: HTTP 503: draining" in md

@@ -135,12 +135,17 @@ def run(engines: dict[str, Callable[..., Engine]], images: Callable[[int], Image
         with serving_in_thread(app) as (url, _):
             asyncio.run(run_load(url, bodies[:1], 1))  # warm-up: first-run allocations, lazy imports
             result[mode] = summarize(*asyncio.run(run_load(url, bodies, cfg.concurrency)))
-    if result["sparse"]["completed"] and result["dense"]["completed"]:
-        result["sparse_over_dense"] = {
-            "output_tok_s": result["sparse"]["output_tok_s"] / result["dense"]["output_tok_s"],
-            "ttft_p50": result["dense"]["ttft_ms"]["p50"] / result["sparse"]["ttft_ms"]["p50"],
-            "tpot_p50": result["dense"]["tpot_ms"]["p50"] / result["sparse"]["tpot_ms"]["p50"]}
-    return result
+    ratio = sparse_over_dense(result["sparse"], result["dense"])
+    return {**result, **({"sparse_over_dense": ratio} if ratio else {})}
+
+
+def sparse_over_dense(sparse: dict, dense: dict) -> dict | None:
+    """Throughput, TTFT and TPOT of the two summaries as sparse's gain (None where either has nothing to compare)."""
+    if not (sparse["output_tok_s"] and dense["output_tok_s"] and sparse["tpot_ms"] and dense["tpot_ms"]):
+        return None
+    return {"output_tok_s": sparse["output_tok_s"] / dense["output_tok_s"],
+            "ttft_p50": dense["ttft_ms"]["p50"] / sparse["ttft_ms"]["p50"],
+            "tpot_p50": dense["tpot_ms"]["p50"] / sparse["tpot_ms"]["p50"]}
 
 
 def markdown(s: dict) -> list[str]:
@@ -162,8 +167,9 @@ def markdown(s: dict) -> list[str]:
                      f"{r['output_tok_s']:.1f} | {stat(r['ttft_ms'], ('mean', 'p50', 'p99'))} | "
                      f"{stat(r['tpot_ms'], ('mean', 'p50', 'p99'))} | {stat(r['itl_ms'], ('p50', 'p99'))} | "
                      f"{stat(r['latency_ms'], ('p50', 'p99'))} |")
-        if r["errors"]:
-            lines.append(f"| ours {mode}: errors | {'; '.join(r['errors'])} |||||||")
+    for mode in ("sparse", "dense"):
+        if s[mode]["errors"]:
+            lines += ["", f"Failed {mode} requests ({s[mode]['failed']}), e.g.: {'; '.join(s[mode]['errors'])}"]
     ratio = s.get("sparse_over_dense")
     if ratio:
         lines += ["", f"Sparse / dense: output tok/s **{ratio['output_tok_s']:.2f}x**, TTFT p50 "
