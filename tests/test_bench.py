@@ -60,6 +60,7 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     peers = data["peers"]
     assert "genai_skipped" not in peers, peers.get("genai_skipped")
     assert peers["answer_tokens"] == 32 and peers["image_tokens"] > 0
+    assert len(peers["load_average_1min"]) == 2 and min(peers["load_average_1min"]) >= 0
     assert peers["prompt_tokens"] > peers["image_tokens"]
     # ours and GenAI ran at each thread count with the same settings; the headline is each at its best
     assert [part["threads"] for part in peers["by_threads"]] == list(suite.peer_threads())
@@ -113,6 +114,7 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert md.count("|") > 20 and "| bytes ratio: ours sparse / GenAI |" in md
     assert "| GB/s read by GenAI (MiB per token x its tok/s) |" in md
+    assert "Load average {} -> {} on".format(*peers["load_average_1min"]) in md
     for text in ("ONNX Runtime GenAI, dense, fed our embeddings", "ours sparse / GenAI", "GenAI / ours sparse",
                  "| ours sparse | 8 / 8 |",  # the serving table: requests ok / sent
                  f"onnxruntime-genai {data['versions']['onnxruntime_genai']}"):

@@ -249,6 +249,7 @@ def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: Benc
     result: dict = {"answer_tokens": cfg.peer_answer, "rounds": cfg.peer_rounds, "ttft_repeats": max(cfg.repeats, 7),
                     "versions": versions(), "by_threads": []}
     models = peer_lib.build_genai(checkpoint, out / "genai", log)
+    load_before = os.getloadavg()[0]  # other load on the machine moves wall-clock ratios: recorded beside them
     if isinstance(models, str):
         result["genai_skipped"] = models
         log(f"  ONNX Runtime GenAI {models}")
@@ -258,6 +259,7 @@ def peers(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: Benc
         result["by_threads"].append(part)
         result["prompt_tokens"], result["image_tokens"] = part.pop("prompt_tokens"), part.pop("image_tokens")
     result["ttft"], result["decode"] = _best_of(result["by_threads"])
+    result["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     log("  bytes read per decode step (decode weights, live KV)")
     for row, traffic in zip(result["decode"], _peer_traffic(engines, models, cfg)):
         row["traffic"] = traffic and {**traffic, "read_gb_s": _read_rates(row, traffic)}
@@ -603,7 +605,9 @@ def peers_markdown(p: dict) -> list[str]:
              f"sampling and detokenization included for ours and GenAI; each rate is the median of "
              f"{p.get('rounds', 1)} runs and each TTFT of {p.get('ttft_repeats', 7)}, the systems taking turns (so "
              f"that drift in the machine's other load hits them alike). Ours and GenAI ran at each thread count "
-             f"below with the same ONNX Runtime settings; each is shown at its best (threads in brackets).", "",
+             f"below with the same ONNX Runtime settings; each is shown at its best (threads in brackets)."
+             + (" Load average {} -> {} on {} CPUs while they ran.".format(*p["load_average_1min"], os.cpu_count())
+                if "load_average_1min" in p else ""), "",
              f"| decode tok/s | {head} |", f"|{sep}|"]
 
     def cell(row: dict, key: str, fmt: str) -> str:
