@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -989,11 +990,15 @@ def bench(
                                     "(a few minutes on the 7B-shaped preset). Default: all."),
     kv_capacity: bool = typer.Option(False, "--kv-capacity", help="Also time decode steps at KV capacities 512 and "
                                      "4096 (the same live length must cost the same)."),
+    serving_rate: float | None = typer.Option(None, "--serving-rate", metavar="REQ/S", help="The serving workload's "
+                                              "requests arrive as a Poisson process at this rate (at most 8 in "
+                                              "flight, 4 with --quick) instead of a closed loop of as many clients."),
 ) -> None:
     """Dense (keep-all) vs sparse on one machine in one run: TTFT, decode tokens/s, KV bytes while generating,
-    sequences per KV budget, peers (ONNX Runtime GenAI fed the same prompt embeddings, transformers generate) and the
-    paper's FLOPs beside the measured times. Ratios are the headline; absolute numbers are for this machine only.
-    Sparse runs the checkpoint's calibration record when it has one (`dynllava calibrate --write`)."""
+    sequences per KV budget, the server under load, peers (ONNX Runtime GenAI fed the same prompt embeddings,
+    transformers generate), quantized exports and the paper's FLOPs beside the measured times. Ratios are the
+    headline; absolute numbers are for this machine only. Sparse runs the checkpoint's calibration record when it
+    has one (`dynllava calibrate --write`)."""
     from dynllava.bench import suite
     from dynllava.model.tiny import PRESETS, init_tiny
 
@@ -1004,6 +1009,11 @@ def bench(
         cfg = suite.BenchConfig.make(quick, workloads)
     except ValueError as exc:
         raise InputError(str(exc), hint="e.g. --only peers,ttft") from None
+    if serving_rate is not None:
+        if not serving_rate > 0:
+            raise InputError(f"--serving-rate must be > 0 requests/s, got {serving_rate:g}",
+                             hint="leave it out for a closed loop")
+        cfg.serving_load = dataclasses.replace(cfg.serving_load, rate=serving_rate)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory", hint="give a directory path with --out")
     if model not in PRESETS and not Path(model).is_dir():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynllava.bench.serving import RequestTiming, chat_body, run_load, summarize
+from dynllava.bench.serving import RequestTiming, arrival_times, chat_body, run_load, summarize
 
 
 def test_summary_figures_from_known_timings():
@@ -37,8 +37,10 @@ def test_load_on_a_real_server_counts_tokens_and_failures(official_dir):
     good = chat_body(image, "What is in the picture?", max_tokens=6)
     bad = {**good, "max_tokens": 10_000}  # over the server's limit: a 400
     app = build_app(Engine.from_path(official_dir), ServerConfig(model_name="bench", max_tokens_limit=64))
+    due = [0.0, 0.3, 0.6]
     with serving_in_thread(app) as (url, _):
         timings, seconds = asyncio.run(run_load(url, [good, bad, good], concurrency=2))
+        open_loop, _ = asyncio.run(run_load(url, [good] * 3, concurrency=3, arrivals=due))
     s = summarize(timings, seconds)
     assert (s["completed"], s["failed"]) == (2, 1), s["errors"]
     assert s["errors"][0].startswith("HTTP 400")
@@ -47,6 +49,23 @@ def test_load_on_a_real_server_counts_tokens_and_failures(official_dir):
     for t in ok:
         assert 0 < t.ttft <= t.chunks[-1] <= t.latency and t.chunks == sorted(t.chunks)
     assert s["ttft_ms"]["p50"] <= s["latency_ms"]["p50"]
+
+    # an open loop: no request goes out before it is due
+    assert all(t.error is None for t in open_loop)
+    assert all(d <= t.sent for d, t in zip(due, open_loop)), [t.sent for t in open_loop]
+    assert open_loop[0].sent < due[1]  # the first did not wait for the others
+
+
+def test_poisson_arrivals():
+    times = arrival_times(4000, rate=20.0, seed=3)
+    assert times == arrival_times(4000, rate=20.0, seed=3) != arrival_times(4000, rate=20.0, seed=4)
+    gaps = np.diff(times)
+    assert times[0] == 0.0 and (gaps >= 0).all()
+    assert np.mean(gaps) == pytest.approx(1 / 20, rel=0.05)  # exponential gaps of mean 1 / rate
+    assert np.std(gaps) == pytest.approx(1 / 20, rel=0.1)  # ... whose deviation equals their mean
+    assert arrival_times(5, None) is None
+    with pytest.raises(ValueError, match="> 0"):
+        arrival_times(5, 0.0)
 
 
 def test_without_the_client_package_the_workload_says_what_to_install(monkeypatch):

@@ -4,8 +4,10 @@ token, time per output token after it (TPOT), the gaps between streamed chunks (
 and token throughput. The same load runs against the sparse and the dense model; HTTP, SSE, image decoding and
 the engine loop are all inside the numbers.
 
-A closed loop: `concurrency` clients, each sending its next request when the last one ends, until `requests` are
-done (greedy, `ignore_eos`, so both models generate the same number of tokens)."""
+By default a closed loop: `concurrency` clients, each sending its next request when the last one ends, until
+`requests` are done. With a `rate`, an open loop as vLLM's `--request-rate`: requests arrive as a Poisson process
+(exponential gaps, seeded), at most `concurrency` in flight (a request due while that many run waits for one to
+end). Greedy and `ignore_eos` either way, so both models generate the same number of tokens."""
 
 from __future__ import annotations
 
@@ -31,12 +33,15 @@ class LoadConfig:
     requests: int = 32
     concurrency: int = 8
     max_tokens: int = 128
+    rate: float | None = None  # requests/s arriving as a Poisson process; None: a closed loop
+    seed: int = 0  # of the arrival times
 
 
 @dataclass
 class RequestTiming:
     """One streamed request, times in seconds from when it was sent."""
 
+    sent: float = 0.0  # seconds after the load began
     ttft: float | None = None
     chunks: list[float] = field(default_factory=list)  # arrival of each chunk that carried text
     latency: float | None = None
@@ -55,9 +60,9 @@ def chat_body(image: Image.Image, prompt: str, max_tokens: int) -> dict:
                                                       {"type": "image_url", "image_url": {"url": url}}]}]}
 
 
-async def _stream(client, url: str, body: dict) -> RequestTiming:
-    timing = RequestTiming()
+async def _stream(client, url: str, body: dict, start: float) -> RequestTiming:
     sent = time.perf_counter()
+    timing = RequestTiming(sent=sent - start)
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -81,21 +86,36 @@ async def _stream(client, url: str, body: dict) -> RequestTiming:
     return timing
 
 
-async def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[RequestTiming], float]:
-    """Send `bodies` with at most `concurrency` in flight; (each request's timing, wall-clock seconds of it all)."""
+def arrival_times(requests: int, rate: float | None, seed: int = 0) -> list[float] | None:
+    """Seconds after the start at which each request is due: a Poisson process of `rate` per second (the first at
+    0), or None for a closed loop."""
+    if rate is None:
+        return None
+    if not rate > 0:
+        raise ValueError(f"the request rate must be > 0 requests/s, got {rate}")
+    gaps = np.random.default_rng(seed).exponential(1 / rate, requests)
+    return [0.0, *np.cumsum(gaps[1:]).tolist()]
+
+
+async def run_load(url: str, bodies: list[dict], concurrency: int,
+                   arrivals: list[float] | None = None) -> tuple[list[RequestTiming], float]:
+    """Send `bodies` with at most `concurrency` in flight, each as soon as a client is free (arrivals None) or not
+    before its arrival time; (each request's timing, wall-clock seconds of it all)."""
     import httpx
 
-    queue = list(reversed(bodies))
-    timings: list[RequestTiming] = []
-
-    async def client_loop(client) -> None:
-        while queue:
-            timings.append(await _stream(client, url, queue.pop()))
-
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-    return timings, time.perf_counter() - start
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(client, body: dict, due: float) -> RequestTiming:
+        await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+        async with slots:
+            return await _stream(client, url, body, start)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=concurrency)) \
+            as client:
+        timings = await asyncio.gather(*(one(client, body, due)
+                                         for body, due in zip(bodies, arrivals or [0.0] * len(bodies))))
+    return list(timings), time.perf_counter() - start
 
 
 def summarize(timings: list[RequestTiming], seconds: float) -> dict:
@@ -127,14 +147,17 @@ def run(engines: dict[str, Callable[..., Engine]], images: Callable[[int], Image
     except ImportError as exc:
         return {"skipped": f"needs {exc.name}: pip install 'dynllava[bench]' (the server's packages and httpx)"}
     bodies = [chat_body(images(i), prompt, cfg.max_tokens) for i in range(cfg.requests)]
-    result: dict = {"requests": cfg.requests, "concurrency": cfg.concurrency, "max_tokens": cfg.max_tokens}
+    arrivals = arrival_times(cfg.requests, cfg.rate, cfg.seed)
+    result: dict = {"requests": cfg.requests, "concurrency": cfg.concurrency, "max_tokens": cfg.max_tokens,
+                    "rate": cfg.rate}
     for mode in ("sparse", "dense"):
-        log(f"  {mode}: {cfg.requests} streamed chat requests with images, {cfg.concurrency} at a time")
+        log(f"  {mode}: {cfg.requests} streamed chat requests with images, at most {cfg.concurrency} at a time"
+            + (f", {cfg.rate:g} per second" if cfg.rate else ""))
         engine = engines[mode](max_batch=cfg.concurrency)
         app = build_app(engine, ServerConfig(model_name="bench", max_waiting=cfg.requests))
         with serving_in_thread(app) as (url, _):
             asyncio.run(run_load(url, bodies[:1], 1))  # warm-up: first-run allocations, lazy imports
-            result[mode] = summarize(*asyncio.run(run_load(url, bodies, cfg.concurrency)))
+            result[mode] = summarize(*asyncio.run(run_load(url, bodies, cfg.concurrency, arrivals)))
     ratio = sparse_over_dense(result["sparse"], result["dense"])
     return {**result, **({"sparse_over_dense": ratio} if ratio else {})}
 
@@ -151,8 +174,10 @@ def sparse_over_dense(sparse: dict, dense: dict) -> dict | None:
 def markdown(s: dict) -> list[str]:
     if "skipped" in s:
         return [f"Serving: skipped, {s['skipped']}"]
+    load = (f"arriving at {s['rate']:g} per second (Poisson), at most {s['concurrency']} in flight" if s.get("rate")
+            else f"{s['concurrency']} in flight at a time (closed loop)")
     lines = [f"Serving: `dynllava serve` on 127.0.0.1 under {s['requests']} streamed chat requests with images, "
-             f"{s['concurrency']} in flight at a time (closed loop), greedy, {s['max_tokens']} tokens each "
+             f"{load}, greedy, {s['max_tokens']} tokens each "
              "(`ignore_eos`); measured by the client, as vLLM's benchmark_serving does (TPOT: time per output token "
              "after the first; ITL: gaps between streamed chunks). Milliseconds unless named.", "",
              "| | requests ok / sent | req/s | output tok/s | TTFT mean / p50 / p99 | TPOT mean / p50 / p99 | "
