@@ -265,6 +265,38 @@ def test_incremental_text_keeps_spaces_and_waits_for_whole_characters(wrap):
     assert texts == ["Hello", "Hello world", "Hello world", "Hello worldé", "Hello worldé!", "Hello worldé! world"]
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_the_same_prompt_and_image_in_one_batch_is_prefilled_once(official_dir, fast_export_dir, tmp_path, backend):
+    engine = Engine.from_path(official_dir if backend == "torch" else fast_export_dir)
+    other = tmp_path / "other.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(other)
+    picture = official_dir / "example.png"
+
+    def sampled(seed: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    requests = [Request(prompt="What is it?", image=picture, params=greedy),
+                Request(prompt="What is it?", image=picture, params=sampled(1)),  # n choices of one request
+                Request(prompt="What is it?", image=other, params=greedy),  # the same text, another image
+                Request(prompt="What is it?", image=picture, params=sampled(2))]
+    alone = [engine.generate([r], progress=False)[0] for r in requests]
+    batches = []
+    prefill = engine.executor.prefill
+
+    def counted(feeds):
+        batches.append(len(feeds["input_ids"]))
+        return prefill(feeds)
+
+    engine.executor.prefill = counted
+    together = engine.generate(requests, progress=False)
+    assert batches == [2]  # the two images; the copies take the first one's rows
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert [o.kept.image_indices for o in together] == [o.kept.image_indices for o in alone]
+    assert together[1].token_ids != together[3].token_ids  # each copy samples on its own
+    assert together[0].kept.image_indices != together[2].kept.image_indices
+
+
 def test_seed_reproduces_sampling_whatever_the_batch(official_dir):
     engine = Engine.from_path(official_dir)
     params = SamplingParams(max_new_tokens=16, temperature=1.3, top_k=50, top_p=0.9, repetition_penalty=1.2,

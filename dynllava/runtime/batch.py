@@ -58,14 +58,15 @@ def run_decode(executor, cache: KVLedger, seqs: list[SeqKV], tokens: np.ndarray)
 
 
 def write_prefill(cache: KVLedger, seqs: list[SeqKV], lengths: np.ndarray, sparse_lengths: np.ndarray,
-                  presents: list[np.ndarray]) -> None:
-    """Copy each sequence's prompt K/V (presents [B, Hkv, S, Dh]) into its blocks."""
-    for b, seq in enumerate(seqs):
+                  presents: list[np.ndarray], rows: list[int] | None = None) -> None:
+    """Copy each sequence's prompt K/V (presents [B, Hkv, S, Dh]) into its blocks; sequence i takes batch row
+    rows[i] (default: row i)."""
+    for seq, b in zip(seqs, rows or range(len(seqs))):
         seq.dense_len, seq.sparse_len, seq.position = int(lengths[b]), int(sparse_lengths[b]), int(lengths[b])
         cache.reserve(seq, seq.dense_len + 1, seq.sparse_len + 1)
         for layer in range(cache.num_layers):
-            rows = seq.dense_len if layer < cache.sparse_layer else seq.sparse_len
-            key, value = presents[2 * layer][b, :, :rows], presents[2 * layer + 1][b, :, :rows]
+            held = seq.dense_len if layer < cache.sparse_layer else seq.sparse_len
+            key, value = presents[2 * layer][b, :, :held], presents[2 * layer + 1][b, :, :held]
             # numpy arrays, or torch tensors on the pools' device (TensorRT): both have swapaxes
             cache.write_rows(layer, seq, key.swapaxes(0, 1), value.swapaxes(0, 1))
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -247,22 +248,28 @@ class Engine:
         return dense + new + 1, sparse + int(np.ceil(new * self.keep_rate)) + 1
 
     def _prefill(self, seqs: list[Sequence]) -> np.ndarray:
-        with_image = [s for s in seqs if s.has_image]
+        # the same prompt and image more than once (the n choices of one request, a retry) is prefilled once: each
+        # copy takes the first one's rows, kept image tokens and logits
+        first = _first_with_same_prompt(seqs)
+        runs = sorted(set(first))  # the sequences the prefill graph runs
+        unique = [seqs[i] for i in runs]
+        rows = [runs.index(i) for i in first]  # per sequence: its row in that batch
+        with_image = [s for s in unique if s.has_image]
         if with_image:
             feats = self.executor.vision(np.stack([s.pixel_values for s in with_image]))
             for s, f in zip(with_image, feats):
                 s.features = f
-        feeds = prompt_feeds(self.executor, [s.prompt_ids for s in seqs], [s.features for s in seqs])
+        feeds = prompt_feeds(self.executor, [s.prompt_ids for s in unique], [s.features for s in unique])
         logits, kept, sparse_lengths, *presents = self.executor.prefill(feeds)
-        write_prefill(self.cache, [s.kv for s in seqs], feeds["lengths"], sparse_lengths, presents)
+        write_prefill(self.cache, [s.kv for s in seqs], feeds["lengths"], sparse_lengths, presents, rows)
         side = math.isqrt(self.info.num_image_tokens)
-        for s, k in zip(seqs, kept):
+        for s, k in zip(seqs, [kept[r] for r in rows]):
             s.stats.image_tokens_kept = len(k) if s.has_image else 0
             if s.has_image:
                 s.kept_image_indices = [int(i) for i in k]
                 s.image_grid = (side, side)  # CLIP's square patch grid
             s.features = None  # no longer needed; a preempted sequence is swapped, not recomputed
-        return logits
+        return logits[rows]
 
     def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], np.ndarray]:
         """One decode step over the running sequences, in the order the cache runs them; (that order, logits)."""
@@ -354,6 +361,22 @@ class Engine:
         return EngineStats(len(sched.running), sum(s.status == Status.WAITING for s in sched.waiting),
                            sum(s.status == Status.SWAPPED for s in sched.waiting), self.cache.used_bytes,
                            self.cache.budget_bytes, used, free, sched.preemptions)
+
+
+def _first_with_same_prompt(seqs: list[Sequence]) -> list[int]:
+    """Per sequence, the index of the first sequence with the same prompt ids and image pixels (its own if none);
+    images are hashed only where prompts repeat."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, seq in enumerate(seqs):
+        by_prompt.setdefault(tuple(seq.prompt_ids), []).append(i)
+    first = list(range(len(seqs)))
+    for group in by_prompt.values():
+        seen: dict[bytes | None, int] = {}
+        for i in group if len(group) > 1 else ():
+            pixels = seqs[i].pixel_values
+            key = None if pixels is None else hashlib.blake2b(np.ascontiguousarray(pixels).tobytes()).digest()
+            first[i] = seen.setdefault(key, i)
+    return first
 
 
 class _Progress:
