@@ -887,6 +887,9 @@ def serve(
     api_key: str | None = typer.Option(None, envvar="DYNLLAVA_API_KEY", help="Require 'Authorization: Bearer "
                                           "KEY' on /v1 routes."),
     max_batch: int = typer.Option(16, min=1, help="Most sequences decoding together."),
+    max_prefill_tokens: int = typer.Option(8192, min=1, help="Most prompt tokens (image tokens included) one prefill "
+                                           "step admits (vLLM's --max-num-batched-tokens): lower it to shorten the "
+                                           "pause a burst of new requests puts between the running ones' tokens."),
     kv_budget: int = typer.Option(1024, min=1, help="KV cache budget in MiB."),
     allowed_media_dir: Path | None = typer.Option(None, help="Directory file:// image URLs may read from "
                                                      "(off by default; data: URLs always work)."),
@@ -924,7 +927,8 @@ def serve(
         engine = Engine.from_path(model, backend, predictors=predictors, vision_tower=vision_tower,
                                   sparse_overrides=_sparse_overrides(vision_keep_rate, None, False),
                                   output_threshold=output_threshold, no_calibration=no_calibration,
-                                  kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch, threads=ort_threads,
+                                  kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch,
+                                  max_prefill_tokens=max_prefill_tokens, threads=ort_threads,
                                   spinning=ort_spinning, lanes=ort_lanes)
     if triton:
         _serve_triton(engine, port, drain_timeout)

@@ -137,3 +137,16 @@ def test_debug_works_after_the_command_too(official_dir, tmp_path):
         assert "No such option" not in result.output
         assert isinstance(result.exception, InputError)  # raised with its traceback, not a one-line error
     assert runner.invoke(app, ["flops", "--preset", "llava-1.5-7b", "--debug"]).exit_code == 0
+
+
+def test_serve_passes_its_engine_limits_on(official_dir, monkeypatch):
+    import dynllava.serve.server as server
+
+    apps = []
+    monkeypatch.setattr(server, "run", lambda app, *args, **kwargs: apps.append(app))
+    result = runner.invoke(app, ["serve", str(official_dir), "--max-batch", "3", "--max-prefill-tokens", "100",
+                                 "--kv-budget", "8"])
+    assert result.exit_code == 0, result.output
+    engine = apps[0].state.engine
+    assert engine.scheduler.max_batch == 3 and engine.scheduler.max_prefill_tokens == 100
+    assert engine.cache.budget_bytes == 8 * 2**20
