@@ -137,7 +137,7 @@ def detect_layout(directory: Path) -> str:
         # an export or engine directory where a checkpoint belongs (e.g. `export` run on its own output)
         raise CheckpointError(f"{directory} holds exported graphs (dynllava.json), not a checkpoint",
                               hint="pass the checkpoint the graphs were exported from (the directory with "
-                                   "config.json); generate, serve and bench run exports as they are")
+                                   "config.json); generate and serve run exports as they are")
     cfg = read_json(directory / "config.json")
     model_type = cfg.get("model_type")
     if model_type == OFFICIAL_MODEL_TYPE:
