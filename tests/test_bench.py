@@ -72,6 +72,13 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     for i, r in enumerate(peers["decode"]):
         for key in ("ours_sparse_tok_s", "genai_tok_s"):
             assert r[key] == max(part["decode"][i][key] for part in peers["by_threads"])
+    # CPU-time rates beside the wall-clock ones, and their ratios
+    for part in peers["by_threads"]:
+        for row in part["decode"]:
+            cpu = row["cpu"]
+            for key in ("ours_sparse_cpu_tok_s", "ours_dense_cpu_tok_s", "genai_cpu_tok_s"):
+                assert cpu[key] > 0, (key, cpu)
+            assert _close(cpu["ours_sparse_over_genai"], cpu["ours_sparse_cpu_tok_s"], cpu["genai_cpu_tok_s"])
     # at each thread count every system ran the same number of alternating rounds; the median is recorded
     assert peers["rounds"] == 2
     for part in peers["by_threads"]:
@@ -115,6 +122,7 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     assert md.count("|") > 20 and "| bytes ratio: ours sparse / GenAI |" in md
     assert "| GB/s read by GenAI (MiB per token x its tok/s) |" in md
     assert "Load average {} -> {} on".format(*peers["load_average_1min"]) in md
+    assert "| 1 thread(s): ours sparse / GenAI |" in md
     for text in ("ONNX Runtime GenAI, dense, fed our embeddings", "ours sparse / GenAI", "GenAI / ours sparse",
                  "| ours sparse | 8 / 8 |",  # the serving table: requests ok / sent
                  f"onnxruntime-genai {data['versions']['onnxruntime_genai']}"):

@@ -212,6 +212,7 @@ class GenAIRun:
     prompt_s: float  # of which: computing the prompt (our vision graph and the embedding rows)
     decode_tok_s: float | None  # tokens after the first / time after the first token (sampling + detokenizing)
     tokens: np.ndarray  # [B, T]
+    decode_cpu_tok_s: float | None = None  # the same tokens / this process's CPU time over those steps
 
 
 class GenAIPeer:
@@ -251,9 +252,11 @@ class GenAIPeer:
             tokens.append(np.array(row))
 
         next_token()
-        first = time.perf_counter()
+        first, cpu_first = time.perf_counter(), time.process_time()
         while not generator.is_done():
             next_token()
-        end = time.perf_counter()
-        decode = batch * (len(tokens) - 1) / (end - first) if len(tokens) > 1 else None
-        return GenAIRun(first - start, prompt_s, decode, np.stack(tokens, axis=1))
+        end, cpu = time.perf_counter(), time.process_time() - cpu_first
+        decoded = batch * (len(tokens) - 1)
+        decode = decoded / (end - first) if len(tokens) > 1 else None
+        return GenAIRun(first - start, prompt_s, decode, np.stack(tokens, axis=1),
+                        decoded / cpu if len(tokens) > 1 and cpu > 0 else None)

@@ -358,13 +358,17 @@ def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: Benc
     for b in cfg.peer_batches:
         log(f"    decode, batch {b}, {answer} new tokens: ours and GenAI, {cfg.peer_rounds} alternating rounds")
         last: dict = {}
+        cpu_rates: dict[str, list[float]] = {}  # tokens per CPU-second of this process, per run
 
-        def ours_rate(m: str, b=b, last=last) -> float:
+        def ours_rate(m: str, b=b, last=last, cpu_rates=cpu_rates) -> float:
             last[m] = generate_timed(ours[m], _requests(b, answer))
+            cpu_rates.setdefault(f"ours_{m}_cpu_tok_s", []).append(last[m].cpu_tok_s)
             return last[m].tok_s
 
-        def genai_rate(kind: str, prompt: ImagePrompt, last=last) -> float:
+        def genai_rate(kind: str, prompt: ImagePrompt, last=last, cpu_rates=cpu_rates) -> float:
             last[kind] = genai[kind].generate(prompt.ids, answer, prompt.embeds if kind == "embeds" else None)
+            if kind == "embeds":
+                cpu_rates.setdefault("genai_cpu_tok_s", []).append(last[kind].decode_cpu_tok_s)
             return last[kind].decode_tok_s
 
         for m in ("sparse", "dense"):
@@ -377,7 +381,8 @@ def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: Benc
             fns["genai_tok_s"] = lambda prompt=prompt: genai_rate("embeds", prompt)
             fns["genai_ids_tok_s"] = lambda prompt=prompt: genai_rate("ids", prompt)
         rounds = _alternating(fns, cfg.peer_rounds)
-        row: dict = {"batch": b, **{k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds}
+        row: dict = {"batch": b, **{k: statistics.median(v) for k, v in rounds.items()}, "rounds": rounds,
+                     "cpu": _cpu_ratios({k: statistics.median(v) for k, v in cpu_rates.items() if None not in v})}
         if genai:
             row["genai_tokens_agree_with_ours_dense"] = min(
                 _agreeing_prefix(last["embeds"].tokens[i], last["dense"].token_ids[i]) for i in range(b))
@@ -385,6 +390,17 @@ def _peers_at(threads: int, engines: dict[str, Callable[..., Engine]], cfg: Benc
             row["genai_tok_s"] = row["genai_ids_tok_s"] = skipped
         part["decode"].append(_with_ratios(row))
     return part
+
+
+def _cpu_ratios(rates: dict[str, float]) -> dict[str, float]:
+    """Tokens per CPU-second of this process (medians) and ours / GenAI on them: CPU time does not run on while
+    the machine's other load (or the hypervisor) holds the CPU, so these ratios move less than wall-clock ones."""
+    out = dict(rates)
+    if "genai_cpu_tok_s" in rates:
+        for m in ("sparse", "dense"):
+            if f"ours_{m}_cpu_tok_s" in rates:
+                out[f"ours_{m}_over_genai"] = rates[f"ours_{m}_cpu_tok_s"] / rates["genai_cpu_tok_s"]
+    return out
 
 
 def _alternating(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -644,6 +660,14 @@ def peers_markdown(p: dict) -> list[str]:
             lines.append(f"| {label} | " + " | ".join(
                 " | ".join(_num(r.get(k), ".1f") for k in ("ours_sparse_tok_s", "ours_dense_tok_s", "genai_tok_s"))
                 for r in part["decode"]) + " |")
+    cpu_rows = [(part["threads"], m, [r.get("cpu", {}).get(f"ours_{m}_over_genai") for r in part["decode"]])
+                for part in parts for m in ("sparse", "dense")]
+    if cpu_rows and all(None not in ratios for *_, ratios in cpu_rows):
+        lines += ["", "The same runs on this process's CPU time (tokens per CPU-second; CPU time stands still while "
+                  "other load or the hypervisor holds the CPU, so these move less than the wall-clock ratios):", "",
+                  f"| ratio of tokens per CPU-second | {head} |", f"|{sep}|"]
+        lines += [f"| {threads} thread(s): ours {m} / GenAI | " + " | ".join(f"{x:.2f}" for x in ratios) + " |"
+                  for threads, m, ratios in cpu_rows]
     if p.get("genai_skipped"):
         lines += ["", f"ONNX Runtime GenAI {p['genai_skipped']}"]
     return lines
