@@ -1224,17 +1224,20 @@ def calibrate(
 @app.command()
 @handle_errors
 def flops(
-    model: Path | None = typer.Argument(None, help="Checkpoint directory (reads its config.json only)."),
+    model: Path | None = typer.Argument(None, help="Checkpoint directory (reads its config.json only), or an "
+                                        "export / engine directory (its dynllava.json: the sparse settings and KV "
+                                        "type it was exported with)."),
     preset: str | None = typer.Option(None, help="llava-1.5-7b or llava-1.5-13b instead of a directory."),
     prompt_tokens: int = typer.Option(64, min=0, help="Text tokens in the prompt (besides the image)."),
     answer_tokens: int = typer.Option(512, min=0, help="Generated tokens."),
     batch_size: int = typer.Option(1, "--batch", min=1, help="Batch size B of the formula."),
-    bytes_per_element: int = typer.Option(2, min=1, help="KV element size (2 = fp16/bf16)."),
+    bytes_per_element: int | None = typer.Option(None, min=1, help="KV element size (2 = fp16/bf16; default: an "
+                                                 "export's KV type, else 2)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Prefill image-token FLOPs (paper Appendix A.4.5) and KV-cache bytes, dense vs sparse. A checkpoint's
     calibration record sets the vision keep rate and the kept share of generated tokens (the share it measured)."""
-    from dynllava.flops import PRESETS, cost_report, shape_from_model_dir
+    from dynllava.flops import PRESETS, cost_report, kv_element_bytes, shape_from_model_dir
 
     if (model is None) == (preset is None):
         raise InputError("give a model directory or --preset (not both)",
@@ -1242,6 +1245,8 @@ def flops(
     if preset is not None and preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}", hint=f"presets: {', '.join(PRESETS)}")
     shape = PRESETS[preset] if preset else shape_from_model_dir(model)
+    if bytes_per_element is None:
+        bytes_per_element = (kv_element_bytes(model) if model is not None else None) or 2
     report = cost_report(shape, prompt_tokens, answer_tokens, batch_size, bytes_per_element)
     if as_json:
         print(json.dumps(report.to_dict()))

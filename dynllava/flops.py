@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dynllava.calib.record import read_record
+from dynllava.calib.record import expected_text_keep, read_record
 from dynllava.config import SparseConfig, keep_count
 from dynllava.errors import ConfigError
 from dynllava.jsonfile import read_json
@@ -105,11 +105,26 @@ def cost_report(shape: ModelShape, prompt_text_tokens: int = 64, answer_tokens: 
     )
 
 
+def kv_element_bytes(path: str | Path) -> int | None:
+    """Bytes per KV element of an export or engine directory's cache (int8 1, fp16 2, fp32 4); None for a
+    checkpoint (its cache's type is the runtime's choice)."""
+    path = Path(path)
+    if not (path / "dynllava.json").is_file():
+        return None
+    from dynllava.export.manifest import Manifest
+
+    manifest = Manifest.read(path, check_files=False)
+    return 1 if manifest.kv_cache.get("dtype") == "int8" else {"fp32": 4, "fp16": 2}[manifest.dtype]
+
+
 def shape_from_model_dir(path: str | Path) -> ModelShape:
     """Read a checkpoint directory's config.json (official or llava-hf layout) without loading weights; its
     calibration record, when it has one, sets the vision keep rate and the kept share of generated tokens (the
-    share the record measured at its threshold)."""
+    share the record measured at its threshold). An export or engine directory: its dynllava.json, with the sparse
+    settings it was exported with (predictors off: everything kept)."""
     path = Path(path)
+    if not (path / "config.json").is_file() and (path / "dynllava.json").is_file():
+        return _shape_from_export(path)
     cfg = read_json(path / "config.json")
     text = cfg.get("text_config", cfg)
     sparse = SparseConfig.from_dict(cfg.get("sparse_config", {}))
@@ -131,4 +146,19 @@ def shape_from_model_dir(path: str | Path) -> ModelShape:
         kv_heads=text.get("num_key_value_heads") or heads,
         head_dim=text.get("head_dim") or text["hidden_size"] // heads, num_image_tokens=n,
         sparse_layer=sparse.sparse_layer, vision_keep_rate=vision_rate, output_text_keep_rate=text_rate,
+    )
+
+
+def _shape_from_export(path: Path) -> ModelShape:
+    from dynllava.export.manifest import Manifest
+
+    manifest = Manifest.read(path, check_files=False)
+    m, sparse = manifest.model, SparseConfig.from_dict(manifest.sparse_config)
+    text_rate = expected_text_keep(manifest.calibration, sparse.output_text_keep_rate) \
+        if sparse.use_output_text_predictor else 1.0
+    return ModelShape(
+        name=path.name, hidden_size=m["hidden_size"], num_layers=m["num_layers"], kv_heads=m["kv_heads"],
+        head_dim=m["head_dim"], num_image_tokens=m["num_image_tokens"], sparse_layer=sparse.sparse_layer,
+        vision_keep_rate=sparse.vision_keep_rate if sparse.use_vision_predictor else 1.0,
+        output_text_keep_rate=text_rate,
     )

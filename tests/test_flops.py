@@ -46,3 +46,28 @@ def test_flops_reads_a_model_directory(official_dir):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["image_tokens"] == 64 and report["image_tokens_kept"] == 12  # 64 px / patch 8, r = 0.2
+
+
+def test_flops_reads_an_export_directory(official_dir, fast_export_dir, tmp_path):
+    import json
+    import shutil
+
+    def report(*args):
+        result = CliRunner().invoke(app, ["flops", *map(str, args), "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    # the export of that checkpoint: the same counts, at its fp32 KV unless told otherwise
+    exported, checkpoint = report(fast_export_dir), report(official_dir, "--bytes-per-element", "4")
+    assert exported["bytes_per_element"] == 4
+    assert {k: v for k, v in exported.items() if k != "model"} == {k: v for k, v in checkpoint.items() if k != "model"}
+    assert report(fast_export_dir, "--bytes-per-element", "2")["kv_bytes_dense"] == exported["kv_bytes_dense"] // 2
+    # a dense export (predictors off) keeps everything: only its manifest is read
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    manifest = json.loads((fast_export_dir / "dynllava.json").read_text())
+    manifest["sparse_config"].update(use_vision_predictor=False, use_output_text_predictor=False)
+    (dense / "dynllava.json").write_text(json.dumps(manifest))
+    kept = report(dense)
+    assert kept["image_tokens_kept"] == kept["image_tokens"] and kept["kv_bytes_sparse"] == kept["kv_bytes_dense"]
+    shutil.rmtree(dense)

@@ -152,6 +152,10 @@ def test_an_int8_cache_takes_a_byte_a_value_and_changes_few_tokens(kv8_dir, fast
     int8 = Engine.from_path(kv8_dir, "onnxruntime")
     assert int8.cache.buffers[0].dtype == np.int8
     assert int8.cache.block_bytes == {g: b // 4 for g, b in fp32.cache.block_bytes.items()}
+    # `dynllava flops` on the export counts its cache at a byte a value
+    flops = [json.loads(CliRunner().invoke(app, ["flops", str(d), "--json"]).output)
+             for d in (kv8_dir, fast_export_dir)]
+    assert flops[0]["bytes_per_element"] == 1 and flops[0]["kv_bytes_sparse"] * 4 == flops[1]["kv_bytes_sparse"]
     # the int8-weight export without the int8 cache: what the cache alone changes, teacher-forced, held out
     weights_only = tmp_path / "int8"
     quantize_export(fast_export_dir, weights_only, QuantizeConfig("int8"))
