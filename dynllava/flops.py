@@ -108,8 +108,7 @@ def cost_report(shape: ModelShape, prompt_text_tokens: int = 64, answer_tokens: 
 def kv_element_bytes(path: str | Path) -> int | None:
     """Bytes per KV element of an export or engine directory's cache (int8 1, fp16 2, fp32 4); None for a
     checkpoint (its cache's type is the runtime's choice)."""
-    path = Path(path)
-    if not (path / "dynllava.json").is_file():
+    if not _is_graph_dir(Path(path)):
         return None
     from dynllava.export.manifest import Manifest
 
@@ -123,7 +122,7 @@ def shape_from_model_dir(path: str | Path) -> ModelShape:
     share the record measured at its threshold). An export or engine directory: its dynllava.json, with the sparse
     settings it was exported with (predictors off: everything kept)."""
     path = Path(path)
-    if not (path / "config.json").is_file() and (path / "dynllava.json").is_file():
+    if not (path / "config.json").is_file() and _is_graph_dir(path):
         return _shape_from_export(path)
     cfg = read_json(path / "config.json")
     text = cfg.get("text_config", cfg)
@@ -147,6 +146,13 @@ def shape_from_model_dir(path: str | Path) -> ModelShape:
         head_dim=text.get("head_dim") or text["hidden_size"] // heads, num_image_tokens=n,
         sparse_layer=sparse.sparse_layer, vision_keep_rate=vision_rate, output_text_keep_rate=text_rate,
     )
+
+
+def _is_graph_dir(path: Path) -> bool:
+    """An export or engine directory (its dynllava.json holds the model facts)."""
+    from dynllava.runtime.loading import is_engine_dir, is_export_dir
+
+    return is_export_dir(path) or is_engine_dir(path)
 
 
 def _shape_from_export(path: Path) -> ModelShape:

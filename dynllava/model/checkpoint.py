@@ -133,7 +133,9 @@ def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], sour
 
 # ---------------------------------------------------------------------- files
 def detect_layout(directory: Path) -> str:
-    if not (directory / "config.json").is_file() and (directory / "dynllava.json").is_file():
+    from dynllava.runtime.loading import is_engine_dir, is_export_dir
+
+    if not (directory / "config.json").is_file() and (is_export_dir(directory) or is_engine_dir(directory)):
         # an export or engine directory where a checkpoint belongs (e.g. `export` run on its own output)
         raise CheckpointError(f"{directory} holds exported graphs (dynllava.json), not a checkpoint",
                               hint="pass the checkpoint the graphs were exported from (the directory with "
