@@ -577,7 +577,7 @@ def export(
 
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
-    from dynllava.export.manifest import GRAPHS
+    from dynllava.export.manifest import EXTEND, GRAPHS
     from dynllava.export.validate import validate_export
     from dynllava.model.checkpoint import load_model
 
@@ -594,15 +594,16 @@ def export(
     try:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
-            tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in GRAPHS}
-            progress.start_task(tasks[GRAPHS[0]])
+            graphs = [*GRAPHS, *([EXTEND] if target == "onnxruntime" else [])]
+            tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in graphs}
+            progress.start_task(tasks[graphs[0]])
 
             def done(name: str, seconds: float) -> None:
                 progress.update(tasks[name], description=f"{name}.onnx [green]written[/] ({seconds:.1f}s)")
                 progress.stop_task(tasks[name])
-                nxt = GRAPHS.index(name) + 1
-                if nxt < len(GRAPHS):
-                    progress.start_task(tasks[GRAPHS[nxt]])
+                nxt = graphs.index(name) + 1
+                if nxt < len(graphs):
+                    progress.start_task(tasks[graphs[nxt]])
 
             export_model(loaded, out, cfg, on_graph=done)
         console.print(f"wrote [bold]{out}[/] ({_dir_mib(out):.1f} MiB)")
@@ -700,13 +701,14 @@ def quantize(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dynllava.calib.feeds import builtin_requests, prepare
-    from dynllava.calib.quantize import QUANTIZED_GRAPHS, QuantizeConfig, check_source, quantize_export
+    from dynllava.calib.quantize import QuantizeConfig, check_source, graphs_to_quantize, quantize_export
     from dynllava.export.manifest import Manifest
     from dynllava.runtime.loading import open_model
 
     kinds = tuple(k.strip() for k in keep_fp32.split(",") if k.strip()) if keep_fp32 else ()
     cfg = QuantizeConfig(mode, method, block_size, accuracy_level, calib_steps, kinds, kv_cache, kv_scales)
-    check_source(Manifest.read(export_dir), export_dir, cfg)  # clear errors before any work
+    source = Manifest.read(export_dir)
+    check_source(source, export_dir, cfg)  # clear errors before any work
     _check_empty(out, force)
     opened = open_model(export_dir, "onnxruntime")
     calibration = None
@@ -726,7 +728,8 @@ def quantize(
         with Progress(*columns, console=console, transient=False) as progress:
             what = "calibrating and quantizing" if cfg.calibrated else "copying (fp32)" if cfg.mode == "fp32" \
                 else "quantizing"
-            steps_shown = [f"{name}.onnx" for name in QUANTIZED_GRAPHS]
+            graphs = graphs_to_quantize(source, cfg)
+            steps_shown = [f"{name}.onnx" for name in graphs]
             if cfg.kv_cache != "none":
                 steps_shown.append("KV cache")
             tasks = {name: progress.add_task(name, start=False) for name in steps_shown}
@@ -735,7 +738,7 @@ def quantize(
                 name = steps_shown[index]
                 progress.start_task(tasks[name])
                 progress.update(tasks[name], description=f"{name}: " + (
-                    what if index < len(QUANTIZED_GRAPHS) else f"calibrating {cfg.kv_cache} scales "
+                    what if index < len(graphs) else f"calibrating {cfg.kv_cache} scales "
                     f"({cfg.kv_scales}, {len(calibration)} requests x {cfg.calib_steps} steps)"))
 
             def done(report) -> None:
@@ -891,6 +894,10 @@ def serve(
                                            "step admits (vLLM's --max-num-batched-tokens): lower it to shorten the "
                                            "pause a burst of new requests puts between the running ones' tokens."),
     kv_budget: int = typer.Option(1024, min=1, help="KV cache budget in MiB."),
+    prefix_cache_mb: int | None = typer.Option(None, min=0, help="Host memory in MiB for recent prompts' KV rows "
+                                               "(prefix caching, as vLLM's --enable-prefix-caching): a chat's next "
+                                               "turn runs only its new tokens, not the image and the history again. "
+                                               "Default 256 on an ONNX Runtime export, off elsewhere; 0 = off."),
     allowed_media_dir: Path | None = typer.Option(None, help="Directory file:// image URLs may read from "
                                                      "(off by default; data: URLs always work)."),
     max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
@@ -929,7 +936,8 @@ def serve(
                                   output_threshold=output_threshold, no_calibration=no_calibration,
                                   kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch,
                                   max_prefill_tokens=max_prefill_tokens, threads=ort_threads,
-                                  spinning=ort_spinning, lanes=ort_lanes)
+                                  spinning=ort_spinning, lanes=ort_lanes,
+                                  prefix_cache_bytes=None if prefix_cache_mb is None else prefix_cache_mb * 2**20)
     if triton:
         _serve_triton(engine, port, drain_timeout)
         return
@@ -984,7 +992,9 @@ def bench(
                                     "vs sparse), decode (decode tok/s, dense vs sparse), kv (KV bytes while "
                                     "generating), capacity (sequences per KV budget), serving (`dynllava serve` under "
                                     "32 concurrent streamed chat requests with images, 8 at a time: TTFT, TPOT, "
-                                    "ITL, latency percentiles and throughput, dense vs sparse), peers (ONNX Runtime "
+                                    "ITL, latency percentiles and throughput, dense vs sparse), chat (TTFT of a chat's "
+                                    "later turns, each sending the whole history, with and without the prefix "
+                                    "cache; ONNX Runtime only), peers (ONNX Runtime "
                                     "GenAI and "
                                     "transformers on the same weights and image prompt: TTFT at batch 1, decode at "
                                     "batch 1 and 8, 256 new tokens), quantized (the sparse export against its int8 "
@@ -1074,9 +1084,11 @@ def _bench_key(checkpoint: Path) -> str:
 def _bench_export(checkpoint: Path, target: Path, overrides: dict | None) -> Path:
     from dynllava.config import ExportConfig
     from dynllava.export.exporter import export_model
+    from dynllava.export.manifest import EXTEND, Manifest
     from dynllava.model.checkpoint import load_model
 
-    if not (target / "dynllava.json").is_file():
+    # (again where an earlier version exported it without the extend graph)
+    if not (target / "dynllava.json").is_file() or EXTEND not in Manifest.read(target).graphs:
         with console.status(f"exporting {checkpoint} to {target}"):
             export_model(load_model(checkpoint, sparse_overrides=overrides), target, ExportConfig(max_batch=256))
     return target

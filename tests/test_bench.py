@@ -56,6 +56,11 @@ def test_bench_quick_writes_results_tables_and_plots(tmp_path, monkeypatch):
     assert _close(serving["sparse_over_dense"]["output_tok_s"], serving["sparse"]["output_tok_s"],
                   serving["dense"]["output_tok_s"])
 
+    # a chat's second turn takes the first prompt from the prefix cache (bench/chat.py)
+    chat = data["chat"]["sparse"]
+    assert chat["prefix_cache"][1]["cached_tokens"] == chat["prefix_cache"][0]["prompt_tokens"] > 0
+    assert chat["no_cache"][1]["cached_tokens"] == 0
+
     # the peers: none skipped on the dev set-up (onnxruntime-genai and onnx-ir are dev dependencies)
     peers = data["peers"]
     assert "genai_skipped" not in peers, peers.get("genai_skipped")

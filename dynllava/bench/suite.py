@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dynllava.bench import chat, serving
 from dynllava.bench import peers as peer_lib
-from dynllava.bench import serving
 from dynllava.bench.traffic import StepTraffic, bytes_ratio, step_traffic, weight_bytes
 from dynllava.flops import cost_report, kv_bytes
 from dynllava.runtime.engine import Engine
@@ -33,7 +33,7 @@ DENSE = {"use_vision_predictor": False, "use_output_text_predictor": False}
 PROMPT = "Describe this picture in detail."
 
 
-WORKLOADS = ("ttft", "decode", "kv", "capacity", "serving", "peers", "quantized")
+WORKLOADS = ("ttft", "decode", "kv", "capacity", "serving", "chat", "peers", "quantized")
 
 
 @dataclass
@@ -49,6 +49,7 @@ class BenchConfig:
     peer_rounds: int = 3  # alternating decode runs per system and batch (the median is reported)
     hf_batches: tuple[int, ...] = (1,)  # transformers generate (torch eager) is timed at these peer batches
     serving_load: serving.LoadConfig = serving.LoadConfig()  # concurrent streamed requests (bench/serving.py)
+    chat: chat.ChatConfig = chat.ChatConfig()  # a chat's turns, prefix cache off and on (bench/chat.py)
     workloads: tuple[str, ...] = WORKLOADS
     extra: dict = field(default_factory=dict)
 
@@ -63,7 +64,7 @@ class BenchConfig:
             return cls(quick=True, prefill_batches=(1, 4), decode_batches=(1, 4), answers=(32, 64),
                        capacity_requests=8, repeats=2, peer_batches=(1, 4), peer_answer=32, peer_rounds=2,
                        hf_batches=(1, 4), serving_load=serving.LoadConfig(requests=8, concurrency=4, max_tokens=16),
-                       workloads=ordered)
+                       chat=chat.ChatConfig(turns=2, answer_tokens=16, conversations=2), workloads=ordered)
         return cls(workloads=ordered)
 
 
@@ -519,6 +520,11 @@ def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchC
         results["serving"] = serving.run(engines, _image, PROMPT, cfg.serving_load, log)
         lap("serving")
 
+    if "chat" in cfg.workloads:
+        log("chat: later turns with the prefix cache against without")
+        results["chat"] = chat.run(engines, _image(0), cfg.chat, log)
+        lap("chat")
+
     if "peers" in cfg.workloads:
         log("peers on the same weights and prompt")
         results["peers"] = peers(checkpoint, engines, cfg, out, log)
@@ -599,6 +605,8 @@ def markdown(r: dict) -> str:
         lines += ["", *peers_markdown(r["peers"])]
     if "serving" in r:
         lines += ["", *serving.markdown(r["serving"])]
+    if "chat" in r:
+        lines += ["", *chat.markdown(r["chat"])]
     if "quantized" in r:
         from dynllava.bench import quantized
 

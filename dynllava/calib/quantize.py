@@ -38,7 +38,7 @@ import onnx
 
 from dynllava.calib.kv_cache import KV_CACHE_MODES, KV_SCHEMES, quantize_kv_cache
 from dynllava.errors import ConfigError, DynLlavaError
-from dynllava.export.manifest import Manifest
+from dynllava.export.manifest import EXTEND, Manifest
 
 MODES = ("int8", "int4", "fp8", "fp32")  # fp32: the weights unchanged (with --kv-cache int8: the cache alone)
 INT8_METHODS = ("dynamic", "static", "nbits")
@@ -269,10 +269,18 @@ def _copy_unquantized(src: Path, out: Path, manifest: Manifest) -> None:
     for key in ("dir", "processor_dir"):  # where the manifest (copied with the export) says they are
         shutil.copytree(src / manifest.tokenizer[key], out / manifest.tokenizer[key], dirs_exist_ok=True)
     for name, spec in manifest.graphs.items():
-        if name not in QUANTIZED_GRAPHS:
+        if name not in (*QUANTIZED_GRAPHS, EXTEND):
             for path in (src / spec.file, src / (spec.file + ".data")):
                 if path.is_file():
                     shutil.copy2(path, out / path.name)
+
+
+def graphs_to_quantize(manifest: Manifest, cfg: QuantizeConfig) -> list[str]:
+    """QUANTIZED_GRAPHS, and the extend graph (prefix caching) where the export has one, the weights are quantized
+    without calibration samples (no reader feeds it) and the KV cache stays float (its past is the cache's rows);
+    otherwise the quantized export goes without it (and without prefix caching)."""
+    extend = EXTEND in manifest.graphs and not cfg.calibrated and cfg.kv_cache == "none"
+    return [*QUANTIZED_GRAPHS, *([EXTEND] if extend else [])]
 
 
 def check_source(manifest: Manifest, src: Path, cfg: QuantizeConfig) -> None:
@@ -313,7 +321,10 @@ def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list
     out.mkdir(parents=True, exist_ok=True)
     _copy_unquantized(src, out, manifest)
     reports = {}
-    for name in QUANTIZED_GRAPHS:
+    graphs = graphs_to_quantize(manifest, cfg)
+    if EXTEND not in graphs:
+        manifest.graphs.pop(EXTEND, None)
+    for name in graphs:
         spec = manifest.graphs[name]
         factory = None
         if cfg.calibrated:

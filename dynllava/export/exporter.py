@@ -26,7 +26,7 @@ from dynllava.errors import DynLlavaError
 from dynllava.export.graphs import DecodeGraph, PrefillGraph, VisionGraph
 from dynllava.export.manifest import GRAPHS, GraphSpec, Manifest, TensorSpec
 from dynllava.export.ops import attach_functions
-from dynllava.export.ort_graphs import build_decode, build_prefill
+from dynllava.export.ort_graphs import build_decode, build_extend, build_prefill
 from dynllava.model.checkpoint import LoadedModel
 from dynllava.model.sparse_llama import DynamicLlava
 
@@ -145,7 +145,8 @@ def save_built_graph(proto: onnx.ModelProto, path: Path) -> GraphSpec:
 
 def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
                  on_graph: Callable[[str, float], None] | None = None) -> Manifest:
-    """Write vision/prefill/nocache/decode graphs, tokenizer, processor and dynllava.json to OUT."""
+    """Write vision/prefill/nocache/decode graphs (and extend, for prefix caching, on the onnxruntime target),
+    tokenizer, processor and dynllava.json to OUT."""
     model = loaded.model  # the reference stays as loaded (fp32) for validation; fp16 graphs trace a copy
     if cfg.torch_dtype != model.dtype:
         model = copy.deepcopy(model).to(cfg.torch_dtype)
@@ -166,7 +167,13 @@ def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
             specs[plan.name] = export_graph(plan, path, cfg.opset)
         if on_graph:
             on_graph(plan.name, time.perf_counter() - start)
-    assert set(specs) == set(GRAPHS)
+    if cfg.target == "onnxruntime":
+        start = time.perf_counter()
+        proto = build_extend(model, np.dtype(_NP_DTYPES[cfg.torch_dtype]), max(cfg.opset, 18))
+        specs["extend"] = save_built_graph(proto, out / "extend.onnx")
+        if on_graph:
+            on_graph("extend", time.perf_counter() - start)
+    assert set(GRAPHS) <= set(specs)
     loaded.tokenizer.save_pretrained(out / "tokenizer")
     loaded.image_processor.save_pretrained(out / "processor")
     text, vision = model.config.text_config, model.config.vision_config

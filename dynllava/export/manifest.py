@@ -16,7 +16,8 @@ SCHEMA_VERSION = 3
 # 3: 0), the calibration record and `quantization` (from `dynllava quantize`)
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "dynllava.json"
-GRAPHS = ("vision", "prefill", "nocache", "decode")
+GRAPHS = ("vision", "prefill", "nocache", "decode")  # every export has these
+EXTEND = "extend"  # more prompt tokens after cached rows (prefix caching): onnxruntime exports from dynllava 0.x on
 # export targets: the graphs ONNX Runtime runs fastest (built with its fused ops, KV in per-sequence slots), or the
 # portable graphs (standard ops + our two plugin ops, paged KV) that `dynllava build-engine` turns into TensorRT
 TARGETS = ("onnxruntime", "tensorrt")

@@ -12,8 +12,11 @@ GenAI's builder does it), not traced: ~11 nodes per layer with ONNX Runtime's fu
 * prefill: layers < l on all tokens (GroupQueryAttention rotates from position 0), the image predictor, our
   `TopKGather` function (the same ranking rule as every backend), layers >= l on the reduced sequence at the
   original positions (`RotaryEmbedding` with position ids, GroupQueryAttention with do_rotary=0).
+* extend (prefix caching): S more prompt tokens after rows already held (a cached prompt's), every one kept, as the
+  prefill of the whole prompt would keep them: past `[B, Hkv, rows held, Dh]` in, present `[B, Hkv, rows held + S,
+  Dh]` out, every layer rotated at the given positions.
 
-Both graphs take and return the same tensors as the portable graphs (export/graphs.py) except decode's KV inputs,
+The graphs take and return the same tensors as the portable graphs (export/graphs.py) except decode's KV inputs,
 which the manifest describes (`kv_cache.layout = "slots"`).
 """
 
@@ -256,6 +259,42 @@ def build_decode(model: DynamicLlava, dtype: np.dtype, opset: int) -> onnx.Model
              ["batch"])
     _declare_kv(g, "present", model, "dense_capacity", "sparse_capacity", presents)
     return g.model("decode", opset)
+
+
+def build_extend(model: DynamicLlava, dtype: np.dtype, opset: int) -> onnx.ModelProto:
+    """input_ids [B, S], position_ids [B, S], {dense,sparse}_seqlens int32 [B] (rows held: the past's length),
+    past.{i}.key/value [B, Hkv, rows held, Dh] -> logits [B, V] (the last token's), {dense,sparse}_lengths_out int32
+    [B] (seqlens + S), present.{i}.key/value [B, Hkv, rows held + S, Dh]. Prompt text is never dropped, so every new
+    token takes a row in both layer groups. The rows of a batch must all hold the same past lengths."""
+    g = GraphBuilder(dtype)
+    w = LlamaWeights(g, model)
+    l, i32 = model.sparse_layer, TensorProto.INT32
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "new_tokens"])
+    positions = g.input("position_ids", TensorProto.INT64, ["batch", "new_tokens"])
+    new = g.op("Cast", [g.op("Shape", [ids], start=1, end=2)], to=i32)  # [1]: S
+    lengths, grown = {}, {}
+    for grp in ("dense", "sparse"):
+        held = g.input(f"{grp}_seqlens", i32, ["batch"])
+        grown[grp] = g.op("Add", [held, new])  # [B]
+        seqlens_k = g.op("Sub", [grown[grp], g.const(1, np.int32)])  # rows - 1, as GroupQueryAttention wants
+        lengths[grp] = (seqlens_k, g.op("Squeeze", [g.op("ReduceMax", [grown[grp]], keepdims=1), g.const([0])]))
+    past = _declare_kv(g, "past", model, "dense_past", "sparse_past")
+    presents: list[str] = []
+
+    def attend(i: int, x: str) -> str:
+        out, key, value = w.attention(i, x, (past[2 * i], past[2 * i + 1]), *lengths["dense" if i < l else "sparse"],
+                                      positions, rotate_inside=False)
+        presents.extend([key, value])
+        return out
+
+    h = g.op("Gather", [w.embed, ids])  # [B, S, D]
+    x, _ = stack(w, range(model.num_layers), w.norm_first(h, 0), h, attend)
+    last = g.op("Gather", [x, g.const(-1)], axis=1)  # [B, D]
+    g.output(g.op("MatMul", [last, w.lm_head]), "logits", g.elem, ["batch", model.lm_head.out_features])
+    g.output(grown["dense"], "dense_lengths_out", i32, ["batch"])
+    g.output(grown["sparse"], "sparse_lengths_out", i32, ["batch"])
+    _declare_kv(g, "present", model, "dense_rows", "sparse_rows", presents)
+    return g.model("extend", opset)
 
 
 # ---------------------------------------------------------------------- prefill

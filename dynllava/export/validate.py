@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dynllava.model.checkpoint import LoadedModel
@@ -61,8 +62,39 @@ def validate_export(loaded: LoadedModel, export_dir: Path, tolerance: float, min
     # the checks' inputs (3 prompts, ~130 tokens) run whatever max_batch / max_seq_len the export was written for:
     # those bound what the runtime will send, not what the graphs take
     runner.executor.info = replace(runner.executor.info, max_batch=1 << 30, max_seq_len=1 << 30)
-    return compare_models(loaded.model, runner, loaded.tokenizer, loaded.image_processor,
-                          loaded.image_aspect_ratio, export_dir, tolerance, min_agreement, steps, tie_tolerance)
+    checks = compare_models(loaded.model, runner, loaded.tokenizer, loaded.image_processor,
+                            loaded.image_aspect_ratio, export_dir, tolerance, min_agreement, steps, tie_tolerance)
+    if runner.executor.can_extend:
+        checks.append(check_extend(loaded, runner.executor, export_dir, tolerance))
+    return checks
+
+
+@torch.no_grad()
+def check_extend(loaded: LoadedModel, executor, scratch_dir: Path, tolerance: float) -> Check:
+    """The extend graph (prefix caching): a chat's second turn run as the first turn's prompt rows (this export's
+    prefill) + the new tokens (extend) against the reference's prefill of the whole second prompt: logits, and the
+    image tokens the first prompt kept against those the whole prompt keeps."""
+    from dynllava.runtime.batch import prompt_feeds
+
+    model, tok = loaded.model, loaded.tokenizer
+    image_path = write_example_image(Path(scratch_dir) / ".validation.png")
+    pixels = preprocess_image(loaded.image_processor, load_image(image_path), loaded.image_aspect_ratio)
+    image_path.unlink()
+    first = [("user", "What is in this picture?")]
+    second = [*first, ("assistant", "A small boat."), ("user", "What colour is it?")]
+    prefix, full = (tokenize_prompt(tok, chat_prompt(turns, True)) for turns in (first, second))
+    if full[:len(prefix)] != prefix:
+        raise AssertionError("the chat template's second turn does not start with the first turn's prompt")
+    feature = model.encode_images(pixels[None])[0]
+    logits, kept, sparse_lengths, *presents = executor.prefill(prompt_feeds(executor, [prefix], [feature.numpy()]))
+    dense_len, sparse_len = len(prefix) + model.num_image_tokens - 1, int(sparse_lengths[0])
+    rows = [p[0, :, :dense_len if i // 2 < model.sparse_layer else sparse_len] for i, p in enumerate(presents)]
+    new = full[len(prefix):]
+    other, _ = executor.extend(np.asarray(new), dense_len + np.arange(len(new)), dense_len, sparse_len, rows)
+    ref = model.prefill([full], [feature], len(full) + model.num_image_tokens)
+    same_kept = set(kept[0].tolist()) == set(ref.kept_image_indices[0].tolist())
+    return Check("extend", f"second chat turn: {len(new)} new tokens after {dense_len} cached",
+                 _diff(ref.logits[0], torch.from_numpy(other)), int(same_kept), 1, tolerance, 1.0)
 
 
 def near_tie(kept: torch.Tensor, margins: torch.Tensor, tie_tolerance: float) -> bool:

@@ -22,6 +22,7 @@ import torch
 from dynllava.errors import ConfigError, InputError
 from dynllava.flops import kv_bytes
 from dynllava.runtime.batch import executor_shape, prompt_feeds, run_decode, write_prefill
+from dynllava.runtime.prefix_cache import CachedPrompt, PrefixCache, image_digest
 from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, to_rgb, tokenize_prompt
 from dynllava.runtime.sampling import Sampler, SamplingParams
 from dynllava.runtime.scheduler import Scheduler
@@ -29,6 +30,7 @@ from dynllava.runtime.sequence import Request, RequestOutput, Sequence, Status, 
 from dynllava.runtime.virtual_memory import physical_memory_bytes
 
 DEFAULT_KV_BYTES = 1 << 30
+DEFAULT_PREFIX_CACHE_BYTES = 256 << 20  # prefix_cache_bytes=None, where the model can extend
 
 
 @dataclass
@@ -56,10 +58,12 @@ class Engine:
     def __init__(self, executor, tokenizer, image_processor, image_aspect_ratio: str = "pad",
                  kv_cache_bytes: int | None = None, kv_memory_fraction: float | None = None, max_batch: int = 16,
                  max_prefill_tokens: int = 8192, block_size: int | None = None,
-                 expected_keep_rate: float | None = None):
+                 expected_keep_rate: float | None = None, prefix_cache_bytes: int | None = 0):
         """expected_keep_rate: share of generated tokens the output predictor is assumed to keep when admitting
         (default: the trained rate, then what finished requests showed). block_size: KV rows per block (default
-        16, or the one a TensorRT engine was built for)."""
+        16, or the one a TensorRT engine was built for). prefix_cache_bytes: host memory for recent prompts' KV rows
+        (runtime/prefix_cache.py; ONNX Runtime exports with the extend graph): 0 = off, None = 256 MiB where the model
+        can extend, else off."""
         if kv_cache_bytes is not None and kv_memory_fraction is not None:
             raise ConfigError("give kv_cache_bytes or kv_memory_fraction, not both")
         if kv_memory_fraction is not None:
@@ -75,6 +79,14 @@ class Engine:
             block_size = fixed or 16
         if max_batch < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ConfigError("max_batch, max_prefill_tokens and block_size must be >= 1")
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = DEFAULT_PREFIX_CACHE_BYTES if executor.can_extend else 0
+        if prefix_cache_bytes < 0:
+            raise ConfigError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
+        if prefix_cache_bytes and not executor.can_extend:
+            raise ConfigError(f"prefix caching needs an ONNX Runtime export with the extend graph; this "
+                              f"{executor.name} model has none", hint="export with `dynllava export` (target "
+                              "onnxruntime; not quantized with an int8 KV cache), or turn prefix caching off")
         self.executor, self.tokenizer, self.image_processor = executor, tokenizer, image_processor
         self.eos_token_id = tokenizer.eos_token_id  # read once: the tokenizer looks it up by name on every access
         self.image_aspect_ratio = image_aspect_ratio
@@ -91,6 +103,7 @@ class Engine:
             self.keep_rate = expected_keep_rate
         self._kept_total, self._decided_total = 0, 0
         self.shape = executor_shape(executor)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.sequences: dict[str, Sequence] = {}
         self.throughput = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
@@ -248,6 +261,52 @@ class Engine:
         return dense + new + 1, sparse + int(np.ceil(new * self.keep_rate)) + 1
 
     def _prefill(self, seqs: list[Sequence]) -> np.ndarray:
+        """Logits [B, V] after each prompt, its rows written: from a cached prefix and the extend graph where the
+        prefix cache has one, else by the vision and prefill graphs."""
+        if self.prefix_cache is None:
+            return self._prefill_fresh(seqs)
+        digests = [image_digest(s.pixel_values) for s in seqs]
+        cached = [self.prefix_cache.lookup(s.prompt_ids, d) for s, d in zip(seqs, digests)]
+        logits: list[np.ndarray | None] = [None] * len(seqs)
+        fresh = [i for i, c in enumerate(cached) if c is None]
+        if fresh:
+            for i, row in zip(fresh, self._prefill_fresh([seqs[i] for i in fresh], [digests[i] for i in fresh])):
+                logits[i] = row
+        for i, entry in enumerate(cached):
+            if entry is not None:
+                logits[i] = self._prefill_from(seqs[i], entry)
+        return np.stack(logits)
+
+    def _prefill_from(self, seq: Sequence, entry: CachedPrompt) -> np.ndarray:
+        """Seq's rows and logits from a cached prompt that starts it and the extend graph on the rest."""
+        new = np.asarray(seq.prompt_ids[len(entry.ids):], np.int64)
+        if len(new):
+            logits, rows = self.executor.extend(new, entry.position + np.arange(len(new)), entry.dense_len,
+                                                entry.sparse_len, entry.rows)
+            entry = CachedPrompt(tuple(seq.prompt_ids), entry.image, rows, entry.dense_len + len(new),
+                                 entry.sparse_len + len(new), entry.position + len(new), logits,
+                                 entry.kept_image_indices)
+            self.prefix_cache.add(entry)
+        kv = seq.kv
+        kv.dense_len, kv.sparse_len, kv.position = entry.dense_len, entry.sparse_len, entry.position
+        self.cache.reserve(kv, kv.dense_len + 1, kv.sparse_len + 1)
+        for layer in range(self.cache.num_layers):
+            key, value = entry.rows[2 * layer], entry.rows[2 * layer + 1]
+            self.cache.write_rows(layer, kv, key.swapaxes(0, 1), value.swapaxes(0, 1))
+        seq.stats.cached_tokens = seq.stats.prompt_tokens - len(new)
+        self._set_kept_image(seq, entry.kept_image_indices)
+        return entry.logits
+
+    def _set_kept_image(self, seq: Sequence, kept: list[int] | None) -> None:
+        seq.stats.image_tokens_kept = len(kept) if seq.has_image else 0
+        if seq.has_image:
+            side = math.isqrt(self.info.num_image_tokens)
+            seq.kept_image_indices = kept
+            seq.image_grid = (side, side)  # CLIP's square patch grid
+        seq.features = None  # no longer needed; a preempted sequence is swapped, not recomputed
+
+    def _prefill_fresh(self, seqs: list[Sequence], digests: list[bytes | None] | None = None) -> np.ndarray:
+        """The vision and prefill graphs; with digests (the images'), each prompt's rows go to the prefix cache."""
         # the same prompt and image more than once (the n choices of one request, a retry) is prefilled once: each
         # copy takes the first one's rows, kept image tokens and logits
         first = _first_with_same_prompt(seqs)
@@ -262,13 +321,16 @@ class Engine:
         feeds = prompt_feeds(self.executor, [s.prompt_ids for s in unique], [s.features for s in unique])
         logits, kept, sparse_lengths, *presents = self.executor.prefill(feeds)
         write_prefill(self.cache, [s.kv for s in seqs], feeds["lengths"], sparse_lengths, presents, rows)
-        side = math.isqrt(self.info.num_image_tokens)
         for s, k in zip(seqs, [kept[r] for r in rows]):
-            s.stats.image_tokens_kept = len(k) if s.has_image else 0
-            if s.has_image:
-                s.kept_image_indices = [int(i) for i in k]
-                s.image_grid = (side, side)  # CLIP's square patch grid
-            s.features = None  # no longer needed; a preempted sequence is swapped, not recomputed
+            self._set_kept_image(s, [int(i) for i in k] if s.has_image else None)
+        if digests is not None:
+            for b, s in enumerate(unique):
+                kv = s.kv  # as write_prefill set it
+                held = [kv.dense_len if layer // 2 < self.info.sparse_layer else kv.sparse_len
+                        for layer in range(len(presents))]
+                self.prefix_cache.add(CachedPrompt(
+                    tuple(s.prompt_ids), digests[runs[b]], [p[b, :, :n].copy() for p, n in zip(presents, held)],
+                    kv.dense_len, kv.sparse_len, kv.position, logits[b].copy(), s.kept_image_indices))
         return logits[rows]
 
     def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], np.ndarray]:

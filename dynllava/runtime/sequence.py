@@ -80,6 +80,7 @@ class RequestStats:
     ttft_s: float | None = None  # arrival -> first token
     decode_tokens_per_s: float | None = None
     prompt_tokens: int = 0  # with the image expanded to its N tokens
+    cached_tokens: int = 0  # of those, taken from the prefix cache instead of computed
     image_tokens: int = 0
     image_tokens_kept: int = 0
     generated_tokens: int = 0

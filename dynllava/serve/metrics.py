@@ -27,6 +27,8 @@ class Metrics:
         self.itl = Histogram("dynllava_inter_token_latency_seconds", "Time between a request's tokens", registry=r,
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
         self.prompt_tokens = Counter("dynllava_prompt_tokens", "Prompt tokens (image tokens included)", registry=r)
+        self.cached_tokens = Counter("dynllava_prompt_tokens_cached", "Prompt tokens taken from the prefix cache "
+                                     "(not computed)", registry=r)
         self.generation_tokens = Counter("dynllava_generation_tokens", "Generated tokens", registry=r)
         self.requests = Counter("dynllava_requests_finished", "Finished requests (stop, length, cancelled = the "
                                 "client went away, error = failed in the engine)", ["finish_reason"], registry=r)
@@ -50,6 +52,7 @@ class Metrics:
         st = out.stats
         self.requests.labels(out.finish_reason or "unknown").inc()
         self.prompt_tokens.inc(st.prompt_tokens)
+        self.cached_tokens.inc(st.cached_tokens)
         self.generation_tokens.inc(st.generated_tokens)
         if st.ttft_s is not None:
             self.ttft.observe(st.ttft_s)

@@ -330,10 +330,13 @@ def _reason(out: RequestOutput) -> str:
     return {"cancelled": "stop"}.get(out.finish_reason, out.finish_reason)
 
 
-def _usage(outputs: list[RequestOutput], n: int) -> dict[str, int]:
-    prompt = sum(o.stats.prompt_tokens for i, o in enumerate(outputs) if i % n == 0)  # each prompt once
+def _usage(outputs: list[RequestOutput], n: int) -> dict[str, Any]:
+    firsts = [o for i, o in enumerate(outputs) if i % n == 0]  # each prompt once
+    prompt = sum(o.stats.prompt_tokens for o in firsts)
     completion = sum(o.stats.generated_tokens for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            # OpenAI's field: prompt tokens taken from the prefix cache (`serve --prefix-cache-mb`)
+            "prompt_tokens_details": {"cached_tokens": sum(o.stats.cached_tokens for o in firsts)}}
 
 
 def _token_bytes(text: str) -> list[int]:

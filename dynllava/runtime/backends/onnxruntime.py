@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from dynllava.errors import CheckpointError, ConfigError
-from dynllava.export.manifest import Manifest
+from dynllava.export.manifest import EXTEND, Manifest
 from dynllava.runtime.kv_cache import PagedKVCache, paged_decode_feeds
 from dynllava.runtime.kv_ledger import KVLedger, SeqKV
 from dynllava.runtime.kv_quant import KVQuantization
@@ -220,6 +220,21 @@ class OrtExecutor:
 
     def nocache(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions["nocache"].run(None, feeds)
+
+    @property
+    def can_extend(self) -> bool:
+        """Whether the export has the extend graph (prefix caching; not with an int8 KV cache)."""
+        return EXTEND in self.sessions
+
+    def extend(self, input_ids: np.ndarray, position_ids: np.ndarray, dense_len: int, sparse_len: int,
+               rows: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """S more prompt tokens (input_ids / position_ids [S]) after held rows (per layer K, V [Hkv, rows, Dh]):
+        (logits [V] after the last one, the rows with theirs appended)."""
+        feeds = {"input_ids": input_ids[None].astype(np.int64), "position_ids": position_ids[None].astype(np.int64),
+                 "dense_seqlens": np.array([dense_len], np.int32), "sparse_seqlens": np.array([sparse_len], np.int32),
+                 **{name: r[None] for name, r in zip(self._past, rows)}}
+        logits, _, _, *presents = self.sessions[EXTEND].run(None, feeds)
+        return logits[0], [p[0] for p in presents]
 
     def decode(self, tokens: np.ndarray, seqs: list[SeqKV], cache: KVLedger) -> list[np.ndarray]:
         """logits, keep, dense_lengths_out, sparse_lengths_out for a batch in `cache.batch_order`; the KV is

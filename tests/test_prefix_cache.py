@@ -1,0 +1,161 @@
+"""Prefix caching (runtime/prefix_cache.py and the extend graph): the cache's own rules in plain Python, then a
+chat's later turns from cached rows against the torch reference's greedy decoding of the whole prompts, and
+against the same engine without the cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dynllava.errors import ConfigError
+from dynllava.model.sparse_llama import IMAGE_PLACEHOLDER
+from dynllava.runtime.engine import Engine
+from dynllava.runtime.prefix_cache import CachedPrompt, PrefixCache
+from dynllava.runtime.sampling import SamplingParams
+from dynllava.runtime.sequence import Request
+from tests.conftest import random_pixels
+
+
+def _entry(ids, image=None, rows=4, width=8) -> CachedPrompt:
+    rows_ = [np.zeros((1, rows, width), np.float32) for _ in range(2)]  # 2 x 32 bytes a row
+    return CachedPrompt(tuple(ids), image, rows_, rows, rows, rows, np.zeros(4, np.float32), None)
+
+
+# ---------------------------------------------------------------------- the cache's rules
+def test_lookup_takes_the_longest_cached_prompt_that_starts_the_new_one_with_the_same_image():
+    cache = PrefixCache(1 << 20)
+    for ids in ([1, 2], [1, 2, 3], [1, 2, 3, 4, 5], [9]):
+        cache.add(_entry(ids, image=b"a"))
+    cache.add(_entry([1, 2, 3, 4], image=b"b"))
+    assert cache.lookup([1, 2, 3, 4, 6], b"a").ids == (1, 2, 3)  # [1, 2, 3, 4, 5] does not start it
+    assert cache.lookup([1, 2, 3, 4, 6], b"b").ids == (1, 2, 3, 4)  # another image: its own entries only
+    assert cache.lookup([1, 2, 3, 4, 6], None) is None
+    assert cache.lookup([1, 2], b"a").ids == (1, 2)  # the same prompt again
+    assert cache.lookup([1], b"a") is None  # shorter than every entry
+    # an image among the new tokens cannot be extended (the extend graph takes text)
+    assert cache.lookup([1, 2, IMAGE_PLACEHOLDER, 7], b"a") is None
+    assert (cache.hits, cache.misses) == (3, 3)
+
+
+def test_the_least_recently_used_prompts_leave_first_and_the_bytes_stay_within_the_budget():
+    one = _entry([1]).nbytes
+    cache = PrefixCache(3 * one)
+    for i in range(3):
+        cache.add(_entry([i]))
+    assert cache.lookup([0, 5], None).ids == (0,)  # used: now the most recent
+    cache.add(_entry([3]))  # over the budget: [1] (least recently used) leaves
+    assert cache.lookup([1], None) is None and cache.lookup([0], None) is not None
+    assert len(cache) == 3 and cache.used_bytes == 3 * one
+    cache.add(_entry([3]))  # the same prompt again replaces its entry: bytes counted once
+    assert len(cache) == 3 and cache.used_bytes == 3 * one
+    cache.add(_entry([7], rows=400))  # larger than the whole budget: not kept, nothing else dropped
+    assert cache.lookup([7], None) is None and len(cache) == 3
+
+
+# ---------------------------------------------------------------------- on the tiny model
+def _turns(engine: Engine, image, questions: list[str], tokens: int = 10):
+    """A chat: each turn sends the whole history (as an OpenAI client does); returns each turn's output."""
+    messages, outputs = [], []
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        out = engine.generate(Request(prompt=None, messages=list(messages), image=image, params=params),
+                              progress=False)[0]
+        outputs.append(out)
+        messages.append({"role": "assistant", "content": out.text})
+    return outputs
+
+
+def test_later_chat_turns_from_cached_rows_give_the_reference_tokens(fast_export_dir, loaded, official_dir):
+    from dynllava.model.generate import greedy_generate
+    from dynllava.runtime.processor import load_image, preprocess_image
+
+    image = official_dir / "example.png"
+    questions = ["What is in the picture?", "Tell me more.", "And the colours?"]
+    cached = Engine.from_path(fast_export_dir, prefix_cache_bytes=64 << 20)
+    outputs = _turns(cached, str(image), questions)
+    pixels = preprocess_image(loaded.image_processor, load_image(image))
+    for i, out in enumerate(outputs):
+        reference = greedy_generate(loaded.model, [out.prompt_token_ids], [pixels], 10)[0]
+        assert out.token_ids == reference.token_ids, f"turn {i + 1}"
+        assert out.stats.image_tokens_kept == reference.stats.image_tokens_kept
+        assert out.stats.kept_tokens == reference.stats.kept_tokens
+        # every turn after the first reuses the whole previous prompt (image included), computes the rest
+        assert out.stats.cached_tokens == (outputs[i - 1].stats.prompt_tokens if i else 0)
+    assert cached.prefix_cache.hits == 2
+    # the same engine without the cache: the same tokens, nothing cached
+    plain = _turns(Engine.from_path(fast_export_dir), str(image), questions)
+    assert [o.token_ids for o in plain] == [o.token_ids for o in outputs]
+    assert all(o.stats.cached_tokens == 0 for o in plain)
+
+
+def test_the_same_prompt_again_reuses_its_rows_and_a_new_image_reuses_nothing(fast_export_dir):
+    engine = Engine.from_path(fast_export_dir, prefix_cache_bytes=64 << 20, max_batch=4)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=0)
+    pictures = [random_pixels(seed) for seed in (1, 2)]
+    from PIL import Image
+    images = [Image.fromarray((p.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for p in pictures]
+    first = engine.generate(Request(prompt="Describe it.", image=images[0], params=params), progress=False)[0]
+    again = engine.generate(Request(prompt="Describe it.", image=images[0], params=params), progress=False)[0]
+    other = engine.generate(Request(prompt="Describe it.", image=images[1], params=params), progress=False)[0]
+    text = engine.generate(Request(prompt="Tell me a story.", params=params), progress=False)[0]
+    assert again.token_ids == first.token_ids and again.stats.cached_tokens == first.stats.prompt_tokens
+    assert other.stats.cached_tokens == 0 and text.stats.cached_tokens == 0
+    alone = Engine.from_path(fast_export_dir).generate(Request(prompt="Describe it.", image=images[1],
+                                                               params=params), progress=False)[0]
+    assert other.token_ids == alone.token_ids
+
+
+def test_a_batch_of_hits_and_misses_equals_each_request_alone(fast_export_dir, official_dir):
+    image = str(official_dir / "example.png")
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    engine = Engine.from_path(fast_export_dir, prefix_cache_bytes=64 << 20, max_batch=8)
+    history = [{"role": "user", "content": "What is in the picture?"}]
+    first = engine.generate(Request(prompt=None, messages=history, image=image, params=params), progress=False)[0]
+    history += [{"role": "assistant", "content": first.text}]
+    requests = [Request(prompt=None, messages=history + [{"role": "user", "content": q}], image=image,
+                        params=params) for q in ("Why?", "Where is it?")]
+    requests += [Request(prompt="Tell me about boats.", params=params), Request(prompt="Describe it.", image=image,
+                                                                                params=params)]
+    together = engine.generate(requests, progress=False)
+    assert [o.stats.cached_tokens > 0 for o in together] == [True, True, False, False]
+    alone = Engine.from_path(fast_export_dir)
+    assert [o.token_ids for o in together] == [alone.generate(r, progress=False)[0].token_ids for r in requests]
+
+
+def test_prefix_caching_needs_the_extend_graph(official_dir, export_dir, fast_export_dir):
+    with pytest.raises(ConfigError, match="extend graph"):
+        Engine.from_path(official_dir, prefix_cache_bytes=1 << 20)  # torch: no extend graph
+    with pytest.raises(ConfigError, match=">= 0"):
+        Engine.from_path(fast_export_dir, prefix_cache_bytes=-1)
+    # None ("auto", serve's default): on where the model can extend, off elsewhere
+    assert Engine.from_path(fast_export_dir, prefix_cache_bytes=None).prefix_cache is not None
+    assert Engine.from_path(export_dir, prefix_cache_bytes=None).prefix_cache is None
+    manifests = [json.loads((d / "dynllava.json").read_text()) for d in (fast_export_dir, export_dir)]
+    assert "extend" in manifests[0]["graphs"] and "extend" not in manifests[1]["graphs"]
+
+
+def test_the_server_reports_cached_prompt_tokens_as_openai_does(fast_export_dir, official_dir):
+    httpx = pytest.importorskip("httpx")
+    from dynllava.serve.openai import ServerConfig, build_app
+    from tests.serve_helpers import data_url, metric, running_server
+
+    engine = Engine.from_path(fast_export_dir, prefix_cache_bytes=64 << 20)
+    image = data_url((official_dir / "example.png").read_bytes())
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                             {"type": "image_url", "image_url": {"url": image}}]}]
+    with running_server(build_app(engine, ServerConfig(model_name="tiny"))) as (url, _):
+        replies = []
+        for follow_up in ("Tell me more.", None):
+            body = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0}
+            replies.append(httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json())
+            if follow_up:
+                messages = messages + [{"role": "assistant", "content": replies[-1]["choices"][0]["message"]
+                                        ["content"]}, {"role": "user", "content": follow_up}]
+        cached = metric(httpx.get(url + "/metrics").text, "dynllava_prompt_tokens_cached_total")
+    first, second = (r["usage"] for r in replies)
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] < second["prompt_tokens"]
+    assert cached == first["prompt_tokens"]
