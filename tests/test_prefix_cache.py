@@ -18,25 +18,43 @@ from dynllava.runtime.sequence import Request
 from tests.conftest import random_pixels
 
 
-def _entry(ids, image=None, rows=4, width=8) -> CachedPrompt:
-    rows_ = [np.zeros((1, rows, width), np.float32) for _ in range(2)]  # 2 x 32 bytes a row
-    return CachedPrompt(tuple(ids), image, rows_, rows, rows, rows, np.zeros(4, np.float32), None)
+def _entry(ids, image=None, image_tokens=6, kept=2) -> CachedPrompt:
+    """A prompt's cache entry over one dense and one sparse layer, each row holding its own index."""
+    extra = (image_tokens - 1, kept - 1) if IMAGE_PLACEHOLDER in ids else (0, 0)
+    dense, sparse = len(ids) + extra[0], len(ids) + extra[1]
+    rows = [np.broadcast_to(np.arange(n, dtype=np.float32)[None, :, None], (1, n, 8)).copy()
+            for n in (dense, dense, sparse, sparse)]
+    return CachedPrompt(tuple(ids), image, rows, dense, sparse, dense, np.zeros(4, np.float32), None)
 
 
 # ---------------------------------------------------------------------- the cache's rules
-def test_lookup_takes_the_longest_cached_prompt_that_starts_the_new_one_with_the_same_image():
+def test_lookup_takes_the_longest_shared_beginning_that_holds_the_image():
     cache = PrefixCache(1 << 20)
+    img = IMAGE_PLACEHOLDER
     for ids in ([1, 2], [1, 2, 3], [1, 2, 3, 4, 5], [9]):
         cache.add(_entry(ids, image=b"a"))
-    cache.add(_entry([1, 2, 3, 4], image=b"b"))
-    assert cache.lookup([1, 2, 3, 4, 6], b"a").ids == (1, 2, 3)  # [1, 2, 3, 4, 5] does not start it
-    assert cache.lookup([1, 2, 3, 4, 6], b"b").ids == (1, 2, 3, 4)  # another image: its own entries only
-    assert cache.lookup([1, 2, 3, 4, 6], None) is None
-    assert cache.lookup([1, 2], b"a").ids == (1, 2)  # the same prompt again
-    assert cache.lookup([1], b"a") is None  # shorter than every entry
-    # an image among the new tokens cannot be extended (the extend graph takes text)
-    assert cache.lookup([1, 2, IMAGE_PLACEHOLDER, 7], b"a") is None
-    assert (cache.hits, cache.misses) == (3, 3)
+    cache.add(_entry([1, img, 3, 4], image=b"b"))
+    assert cache.lookup([1, 2, 3, 4, 6], b"a").ids == (1, 2, 3, 4)  # 4 ids shared with [1, 2, 3, 4, 5]
+    assert cache.lookup([1, 2, 3], b"a").logits is not None  # the same prompt: its rows and logits
+    assert cache.lookup([1, 2, 3, 4], b"a").ids == (1, 2, 3)  # ends inside a cached prompt: its last token runs
+    assert cache.lookup([7], b"a") is None  # nothing shared
+    # another image's entries are not this one's
+    assert cache.lookup([1, img, 3, 7], b"b").ids == (1, img, 3)
+    assert cache.lookup([1, img, 3, 7], b"c") is None and cache.lookup([1, 2, 3, 4, 6], None) is None
+    # the shared beginning must hold the image: the extend graph takes text only
+    assert cache.lookup([1, img, 8], b"b").ids == (1, img)
+    assert cache.lookup([1, 5, img, 8], b"b") is None
+    assert (cache.hits, cache.misses) == (5, 4)
+
+
+def test_a_cached_prompts_beginning_is_its_first_rows_in_each_layer_group():
+    img = IMAGE_PLACEHOLDER
+    entry = _entry([1, 2, img, 4, 5, 6], image_tokens=6, kept=2)  # 11 dense rows, 7 sparse
+    part = entry.first(4)  # 1, 2, the image, 4
+    assert (part.dense_len, part.sparse_len, part.position) == (9, 5, 9) and part.logits is None
+    for rows, n in zip(part.rows, (9, 9, 5, 5)):
+        assert rows.shape == (1, n, 8) and (rows[0, :, 0] == np.arange(n)).all()
+    assert entry.first(6) is entry
 
 
 def test_the_least_recently_used_prompts_leave_first_and_the_bytes_stay_within_the_budget():
@@ -50,8 +68,8 @@ def test_the_least_recently_used_prompts_leave_first_and_the_bytes_stay_within_t
     assert len(cache) == 3 and cache.used_bytes == 3 * one
     cache.add(_entry([3]))  # the same prompt again replaces its entry: bytes counted once
     assert len(cache) == 3 and cache.used_bytes == 3 * one
-    cache.add(_entry([7], rows=400))  # larger than the whole budget: not kept, nothing else dropped
-    assert cache.lookup([7], None) is None and len(cache) == 3
+    cache.add(_entry(list(range(10, 400))))  # larger than the whole budget: not kept, nothing else dropped
+    assert cache.lookup(list(range(10, 400)), None) is None and len(cache) == 3
 
 
 # ---------------------------------------------------------------------- on the tiny model
@@ -68,7 +86,7 @@ def _turns(engine: Engine, image, questions: list[str], tokens: int = 10):
     return outputs
 
 
-def test_later_chat_turns_from_cached_rows_give_the_reference_tokens(fast_export_dir, loaded, official_dir):
+def test_chat_turns_and_questions_from_cached_rows_give_the_reference_tokens(fast_export_dir, loaded, official_dir):
     from dynllava.model.generate import greedy_generate
     from dynllava.runtime.processor import load_image, preprocess_image
 
@@ -85,6 +103,10 @@ def test_later_chat_turns_from_cached_rows_give_the_reference_tokens(fast_export
         # every turn after the first reuses the whole previous prompt (image included), computes the rest
         assert out.stats.cached_tokens == (outputs[i - 1].stats.prompt_tokens if i else 0)
     assert cached.prefix_cache.hits == 2
+    # another question about the same image: the beginning up to the image comes from the cache
+    other = _turns(cached, str(image), ["Describe the colours."])[0]
+    assert other.stats.image_tokens <= other.stats.cached_tokens < other.stats.prompt_tokens
+    assert other.token_ids == greedy_generate(loaded.model, [other.prompt_token_ids], [pixels], 10)[0].token_ids
     # the same engine without the cache: the same tokens, nothing cached
     plain = _turns(Engine.from_path(fast_export_dir), str(image), questions)
     assert [o.token_ids for o in plain] == [o.token_ids for o in outputs]
@@ -120,7 +142,10 @@ def test_a_batch_of_hits_and_misses_equals_each_request_alone(fast_export_dir, o
     requests += [Request(prompt="Tell me about boats.", params=params), Request(prompt="Describe it.", image=image,
                                                                                 params=params)]
     together = engine.generate(requests, progress=False)
-    assert [o.stats.cached_tokens > 0 for o in together] == [True, True, False, False]
+    # the follow-ups reuse the first prompt, a new question about the image its beginning up to the image
+    cached = [o.stats.cached_tokens for o in together]
+    assert cached[0] == cached[1] == first.stats.prompt_tokens and cached[2] == 0
+    assert together[3].stats.image_tokens <= cached[3] < together[3].stats.prompt_tokens
     alone = Engine.from_path(fast_export_dir)
     assert [o.token_ids for o in together] == [alone.generate(r, progress=False)[0].token_ids for r in requests]
 

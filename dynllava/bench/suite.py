@@ -522,7 +522,7 @@ def run(checkpoint: Path, engines: dict[str, Callable[..., Engine]], cfg: BenchC
 
     if "chat" in cfg.workloads:
         log("chat: later turns with the prefix cache against without")
-        results["chat"] = chat.run(engines, _image(0), cfg.chat, log)
+        results["chat"] = chat.run(engines, _image, cfg.chat, log)
         lap("chat")
 
     if "peers" in cfg.workloads:
