@@ -218,6 +218,14 @@ ORT_LANES = typer.Option(None, min=1, help="ONNX Runtime decode lanes: runs of t
                          "threads and take a batch's rows at once (default: one per thread, on one shared session, "
                          "where a second copy of the decode weights for small batches stays within 1/8 of memory, "
                          "else 1; 1 = no lanes). Export target onnxruntime only.")
+PREFIX_CACHE_MB = typer.Option(None, min=0, help="Host memory in MiB for recent prompts' KV rows (prefix caching, as "
+                               "vLLM's --enable-prefix-caching): a prompt sharing its beginning with a cached one, "
+                               "image included (a chat's next turn, another question about the same image), runs only "
+                               "the rest. Default 256 on an ONNX Runtime export, off elsewhere; 0 = off.")
+
+
+def _mib(value: int | None) -> int | None:
+    return None if value is None else value * 2**20
 
 
 def _check_predictors(model: Path, predictors: Path | None) -> None:
@@ -268,6 +276,7 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, help="Penalty for tokens already seen (1 = off)."),
     seed: int | None = typer.Option(None, help="Seed per request, for reproducible sampling."),
     kv_cache_mb: int | None = typer.Option(None, min=1, help="KV cache budget in MiB (default 1024)."),
+    prefix_cache_mb: int | None = PREFIX_CACHE_MB,
     explain_dir: Path | None = typer.Option(None, "--explain", metavar="DIR", help="Show what the predictors kept: "
                                             "the answer's tokens coloured (green: kept in the sparse layers' KV "
                                             "cache, red: dropped) and, per request in DIR, request-I.png (the image "
@@ -313,7 +322,7 @@ def generate(
         from dynllava.runtime.sequence import Request
 
         engine = Engine(opened.executor, opened.tokenizer, opened.image_processor, opened.image_aspect_ratio,
-                        kv_cache_bytes=kv_cache_mb * 2**20 if kv_cache_mb else None)
+                        kv_cache_bytes=_mib(kv_cache_mb), prefix_cache_bytes=_mib(prefix_cache_mb))
         if stream:
             _print_stream(engine, Request(prompt=requests[0]["prompt"], image=requests[0]["image"]), params, opened)
             return
@@ -894,10 +903,7 @@ def serve(
                                            "step admits (vLLM's --max-num-batched-tokens): lower it to shorten the "
                                            "pause a burst of new requests puts between the running ones' tokens."),
     kv_budget: int = typer.Option(1024, min=1, help="KV cache budget in MiB."),
-    prefix_cache_mb: int | None = typer.Option(None, min=0, help="Host memory in MiB for recent prompts' KV rows "
-                                               "(prefix caching, as vLLM's --enable-prefix-caching): a chat's next "
-                                               "turn runs only its new tokens, not the image and the history again. "
-                                               "Default 256 on an ONNX Runtime export, off elsewhere; 0 = off."),
+    prefix_cache_mb: int | None = PREFIX_CACHE_MB,
     allowed_media_dir: Path | None = typer.Option(None, help="Directory file:// image URLs may read from "
                                                      "(off by default; data: URLs always work)."),
     max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
@@ -937,7 +943,7 @@ def serve(
                                   kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch,
                                   max_prefill_tokens=max_prefill_tokens, threads=ort_threads,
                                   spinning=ort_spinning, lanes=ort_lanes,
-                                  prefix_cache_bytes=None if prefix_cache_mb is None else prefix_cache_mb * 2**20)
+                                  prefix_cache_bytes=_mib(prefix_cache_mb))
     if triton:
         _serve_triton(engine, port, drain_timeout)
         return

@@ -98,6 +98,9 @@ def kv8_dir(fast_export_dir, calibration, tmp_path_factory):
 
 def test_the_decode_graph_reads_an_int8_cache_with_the_recorded_scales(kv8_dir, fast_export_dir, loaded):
     manifest = Manifest.read(kv8_dir)
+    # no extend graph over an int8 cache (prefix caching is off there): not listed, not copied
+    assert "extend" in Manifest.read(fast_export_dir).graphs
+    assert "extend" not in manifest.graphs and not (kv8_dir / "extend.onnx").exists()
     m = loaded.model
     scales = np.load(kv8_dir / SCALES_FILE)
     assert scales.shape == (m.num_layers, 2, m.kv_heads, m.head_dim) and (scales > 0).all()

@@ -184,3 +184,62 @@ def test_the_server_reports_cached_prompt_tokens_as_openai_does(fast_export_dir,
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] < second["prompt_tokens"]
     assert cached == first["prompt_tokens"]
+
+
+def test_questions_about_one_new_image_in_a_batch_prefill_it_once(fast_export_dir, official_dir, monkeypatch):
+    image = str(official_dir / "example.png")
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    questions = ["What is in the picture?", "Where is it?", "What colour is it?", "What is in the picture?"]
+    requests = [Request(prompt=q, image=image, params=params) for q in questions]
+    engine = Engine.from_path(fast_export_dir, prefix_cache_bytes=64 << 20, max_batch=8)
+    runs = []
+    prefill = engine.executor.prefill
+    monkeypatch.setattr(engine.executor, "prefill", lambda feeds: runs.append(len(feeds["input_ids"])) or
+                        prefill(feeds))
+    together = engine.generate(requests, progress=False)
+    assert runs == [1]  # one prefill, of the first question; the others extend from its rows
+    cached = [o.stats.cached_tokens for o in together]
+    assert cached[0] == 0 and cached[3] == together[3].stats.prompt_tokens  # the same prompt: nothing runs
+    assert all(o.stats.image_tokens <= c < o.stats.prompt_tokens for o, c in zip(together[1:3], cached[1:3]))
+    alone = Engine.from_path(fast_export_dir)
+    assert [o.token_ids for o in together] == [alone.generate(r, progress=False)[0].token_ids for r in requests]
+
+
+def test_generate_batch_reuses_a_shared_image_unless_told_not_to(fast_export_dir, official_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from dynllava.cli import app
+
+    (tmp_path / "pic.png").write_bytes((official_dir / "example.png").read_bytes())
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text("".join(json.dumps({"prompt": q, "image": "pic.png"}) + "\n"
+                             for q in ("What is in the picture?", "Where is it?")))
+    args = ["generate", str(fast_export_dir), "--batch", str(batch), "--max-new-tokens", "6", "--json"]
+    runs = {}
+    for flag in ([], ["--prefix-cache-mb", "0"]):
+        result = CliRunner().invoke(app, [*args, *flag])
+        assert result.exit_code == 0, result.output
+        runs[bool(flag)] = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["stats"]["cached_tokens"] > 0 for r in runs[False]] == [False, True]  # on by default for an export
+    assert [r["stats"]["cached_tokens"] for r in runs[True]] == [0, 0]
+    assert [r["token_ids"] for r in runs[False]] == [r["token_ids"] for r in runs[True]]
+    # a checkpoint runs on torch: no extend graph, one clear error
+    result = CliRunner().invoke(app, ["generate", str(official_dir), "--prompt", "Hi", "--prefix-cache-mb", "64"])
+    assert result.exit_code == 1 and "extend graph" in result.output and "Traceback" not in result.output
+
+
+def test_an_int8_export_quantizes_its_extend_graph_and_caches_prefixes(fast_export_dir, official_dir, tmp_path):
+    import onnx
+
+    from dynllava.calib.quantize import QuantizeConfig, quantize_export
+
+    out = tmp_path / "int8"
+    manifest = quantize_export(fast_export_dir, out, QuantizeConfig("int8"))
+    assert "extend" in manifest.graphs and manifest.quantization["graphs"]["extend"]["quantized"] > 0
+    ops = {n.op_type for n in onnx.load(str(out / "extend.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    image = str(official_dir / "example.png")
+    chats = [_turns(Engine.from_path(out, prefix_cache_bytes=size), image, ["What is it?", "Tell me more."], 8)
+             for size in (64 << 20, 0)]
+    assert chats[0][1].stats.cached_tokens == chats[0][0].stats.prompt_tokens
+    assert [o.token_ids for o in chats[0]] == [o.token_ids for o in chats[1]]

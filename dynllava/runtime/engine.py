@@ -267,11 +267,23 @@ class Engine:
             return self._prefill_fresh(seqs)
         digests = [image_digest(s.pixel_values) for s in seqs]
         cached = [self.prefix_cache.lookup(s.prompt_ids, d) for s, d in zip(seqs, digests)]
+        # prompts about an image nothing cached holds yet: the first runs the prefill, the others then extend from
+        # its rows (many questions about one image in a batch)
+        leaders: dict[bytes, int] = {}
+        followers = [i for i, (c, d) in enumerate(zip(cached, digests))
+                     if c is None and d is not None and leaders.setdefault(d, i) != i]
         logits: list[np.ndarray | None] = [None] * len(seqs)
-        fresh = [i for i, c in enumerate(cached) if c is None]
-        if fresh:
-            for i, row in zip(fresh, self._prefill_fresh([seqs[i] for i in fresh], [digests[i] for i in fresh])):
-                logits[i] = row
+
+        def prefill(indices: list[int]) -> None:
+            if indices:
+                rows = self._prefill_fresh([seqs[i] for i in indices], [digests[i] for i in indices])
+                for i, row in zip(indices, rows):
+                    logits[i] = row
+
+        prefill([i for i, c in enumerate(cached) if c is None and i not in followers])
+        for i in followers:
+            cached[i] = self.prefix_cache.lookup(seqs[i].prompt_ids, digests[i])
+        prefill([i for i in followers if cached[i] is None])  # its rows did not fit the cache
         for i, entry in enumerate(cached):
             if entry is not None:
                 logits[i] = self._prefill_from(seqs[i], entry)
