@@ -179,7 +179,12 @@ def test_the_server_reports_cached_prompt_tokens_as_openai_does(fast_export_dir,
             if follow_up:
                 messages = messages + [{"role": "assistant", "content": replies[-1]["choices"][0]["message"]
                                         ["content"]}, {"role": "user", "content": follow_up}]
-        cached = metric(httpx.get(url + "/metrics").text, "dynllava_prompt_tokens_cached_total")
+        metrics = httpx.get(url + "/metrics").text
+        cached = metric(metrics, "dynllava_prompt_tokens_cached_total")
+        held = metric(metrics, "dynllava_prefix_cache_bytes")
+        health = httpx.get(url + "/health").json()
+    assert held == health["prefix_cache_bytes"] == engine.prefix_cache.used_bytes > 0
+    assert engine.stats().prefix_cache_prompts == len(engine.prefix_cache) == 2  # both turns' prompts
     first, second = (r["usage"] for r in replies)
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] < second["prompt_tokens"]

@@ -43,6 +43,8 @@ class EngineStats:
     blocks_used: dict[str, int]
     blocks_free: dict[str, int]
     preemptions: int
+    prefix_cache_bytes: int = 0  # host copies of cached prompts' rows (runtime/prefix_cache.py)
+    prefix_cache_prompts: int = 0
 
 
 @dataclass
@@ -434,7 +436,8 @@ class Engine:
         sched = self.scheduler
         return EngineStats(len(sched.running), sum(s.status == Status.WAITING for s in sched.waiting),
                            sum(s.status == Status.SWAPPED for s in sched.waiting), self.cache.used_bytes,
-                           self.cache.budget_bytes, used, free, sched.preemptions)
+                           self.cache.budget_bytes, used, free, sched.preemptions,
+                           *((self.prefix_cache.used_bytes, len(self.prefix_cache)) if self.prefix_cache else ()))
 
 
 def _first_with_same_prompt(seqs: list[Sequence]) -> list[int]:

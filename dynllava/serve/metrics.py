@@ -22,6 +22,8 @@ class Metrics:
         self.kv_bytes = Gauge("dynllava_kv_bytes_used", "KV bytes in use (budget: dynllava_kv_bytes_budget)",
                               registry=r)
         self.kv_budget = Gauge("dynllava_kv_bytes_budget", "KV byte budget", registry=r)
+        self.prefix_cache = Gauge("dynllava_prefix_cache_bytes", "Host bytes of cached prompts' KV rows (prefix "
+                                  "cache)", registry=r)
         self.ttft = Histogram("dynllava_time_to_first_token_seconds", "Arrival to first token", registry=r,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.itl = Histogram("dynllava_inter_token_latency_seconds", "Time between a request's tokens", registry=r,
@@ -69,4 +71,5 @@ class Metrics:
             self.kv_blocks.labels(group).set(n)
         self.kv_bytes.set(stats.kv_bytes_used)
         self.kv_budget.set(stats.kv_bytes_budget)
+        self.prefix_cache.set(stats.prefix_cache_bytes)
         return generate_latest(self.registry)

@@ -618,7 +618,8 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         stats = loop.stats
         status = "error" if not loop.alive else "draining" if loop.draining else "ok"
         body = {"status": status, "running": stats.running, "waiting": loop.waiting, "swapped": stats.swapped,
-                "kv_blocks_used": stats.blocks_used, "kv_bytes_used": stats.kv_bytes_used, "errors": loop.errors,
+                "kv_blocks_used": stats.blocks_used, "kv_bytes_used": stats.kv_bytes_used,
+                "prefix_cache_bytes": stats.prefix_cache_bytes, "errors": loop.errors,
                 "last_error": loop.last_error}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
