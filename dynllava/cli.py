@@ -274,6 +274,10 @@ def generate(
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
     repetition_penalty: float = typer.Option(1.0, help="Penalty for tokens already seen (1 = off)."),
+    frequency_penalty: float = typer.Option(0.0, help="OpenAI's: subtracted from a token's logit per time the "
+                                            "answer holds it, -2 to 2 (0 = off)."),
+    presence_penalty: float = typer.Option(0.0, help="OpenAI's: subtracted from a token's logit once the answer "
+                                           "holds it, -2 to 2 (0 = off)."),
     seed: int | None = typer.Option(None, help="Seed per request, for reproducible sampling."),
     kv_cache_mb: int | None = typer.Option(None, min=1, help="KV cache budget in MiB (default 1024)."),
     prefix_cache_mb: int | None = PREFIX_CACHE_MB,
@@ -309,7 +313,8 @@ def generate(
         if explain_dir.exists() and not explain_dir.is_dir():
             raise InputError(f"--explain {explain_dir} exists and is not a directory")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
+                            repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                            presence_penalty=presence_penalty, seed=seed)
     with console.status("loading the model"):
         opened = open_model(model, backend, predictors=predictors, vision_tower=vision_tower,
                             sparse_overrides=_sparse_overrides(vision_keep_rate, sparse_layer, dense),
@@ -411,9 +416,9 @@ def _generate_without_cache(opened, requests: list[dict], params) -> list:
 
     if not params.greedy:
         raise InputError("--no-kv-cache decodes greedily", hint="drop --temperature or the KV-cache flag")
-    if params.repetition_penalty != 1.0:
-        raise InputError("--no-kv-cache decodes greedily without a repetition penalty",
-                         hint="drop --repetition-penalty or --no-kv-cache")
+    if params.adjusts_logits:
+        raise InputError("--no-kv-cache decodes greedily without penalties",
+                         hint="drop --repetition-penalty / --frequency-penalty / --presence-penalty or --no-kv-cache")
     tok = opened.tokenizer
     prompts = [tokenize_prompt(tok, chat_prompt([("user", r["prompt"])], r["image"] is not None)) for r in requests]
     pixels = [preprocess_image(opened.image_processor, load_image(r["image"]), opened.image_aspect_ratio)

@@ -76,8 +76,9 @@ def test_flops_refuses_a_sparse_layer_beyond_the_model(official_dir, tmp_path):
 
 
 def test_no_kv_cache_refuses_what_it_would_ignore(official_dir, small_export):
-    _one_line_error(runner.invoke(app, ["generate", str(official_dir), "--prompt", "hi", "--no-kv-cache",
-                                        "--repetition-penalty", "1.3"]), "without a repetition penalty")
+    for flag in ("--repetition-penalty", "--frequency-penalty", "--presence-penalty"):
+        _one_line_error(runner.invoke(app, ["generate", str(official_dir), "--prompt", "hi", "--no-kv-cache",
+                                            flag, "1.3"]), "without penalties")
     _one_line_error(runner.invoke(app, ["generate", str(small_export), "--prompt", "hi", "--no-kv-cache",
                                         "--max-new-tokens", "90"]), "was exported for 100")
     _one_line_error(runner.invoke(app, ["generate", str(small_export), "--prompt", "hi", "--max-new-tokens", "90"]),

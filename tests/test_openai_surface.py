@@ -127,11 +127,12 @@ def test_every_status_has_the_openai_error_shape(server):
 
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
-    ("response_format", {"type": "json_object"}), ("frequency_penalty", 0.5), ("presence_penalty", -1),
-    ("logit_bias", {"50": 10}), ("functions", [{"name": "f"}]), ("foo", 1), ("audio", {"voice": "x"}),
+    ("response_format", {"type": "json_object"}), ("frequency_penalty", 2.5), ("presence_penalty", "1"),
+    ("logit_bias", {"x": 10}), ("logit_bias", {"5": 101}), ("logit_bias", [5, 10]), ("functions", [{"name": "f"}]),
+    ("foo", 1), ("audio", {"voice": "x"}),
     ("modalities", ["audio"]), ("stream_options", {"include_usage": True}), ("top_logprobs", 2),
 ])
-def test_unsupported_chat_fields_are_400_naming_the_field(server, field, value):
+def test_unsupported_or_invalid_chat_fields_are_400_naming_the_field(server, field, value):
     response = _post(server, {"messages": chat("hi"), "max_tokens": 2, field: value})
     assert response.status_code == 400, (field, response.text)
     assert response.json()["error"]["param"] == field

@@ -136,6 +136,10 @@ class Engine:
         {"image"}} or {"prompt", "image"}); anything else is a TypeError. Returns its request id."""
         request = as_request(request)
         params = request.params or params or SamplingParams()
+        outside = [t for t, _ in params.logit_bias if t >= len(self.tokenizer)]
+        if outside:
+            raise InputError(f"logit_bias names token id {outside[0]}, outside the vocabulary (0 to "
+                             f"{len(self.tokenizer) - 1})")
         if (request.prompt is None) == (request.messages is None):
             raise InputError("a request needs a prompt or chat messages (one of them)")
         messages = ([("user", request.prompt)] if request.prompt is not None else
@@ -249,7 +253,7 @@ class Engine:
         tokens = logits.argmax(-1).tolist()
         for b, seq in enumerate(seqs):
             if not seq.params.argmax_only:
-                tokens[b] = seq.sampler(torch.from_numpy(logits[b]), seq.prompt_ids + seq.generated)
+                tokens[b] = seq.sampler(torch.from_numpy(logits[b]), seq.prompt_ids, seq.generated)
         return tokens
 
     def _prompt_rows(self, seq: Sequence) -> tuple[int, int]:

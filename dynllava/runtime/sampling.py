@@ -3,6 +3,9 @@
 Every value is checked against what the sampler can compute, so a request either runs or is refused up front:
 temperatures below GREEDY_BELOW are greedy (vLLM's rule: dividing logits by 1e-300 overflows to inf and NaN),
 seeds are 64-bit (torch.Generator's range), the repetition penalty is bounded so penalised logits stay finite.
+The logits go through, in vLLM's order: logit_bias (added), the repetition penalty (prompt and answer), the
+frequency and presence penalties (OpenAI's rule, over the answer: logit[j] -= count[j] * frequency_penalty +
+(count[j] > 0) * presence_penalty), then temperature, top-k and top-p.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ GREEDY_BELOW = 1e-5  # temperatures in (0, GREEDY_BELOW) sample greedily, as tem
 MAX_TEMPERATURE = 100.0
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+OPENAI_PENALTY_RANGE = (-2.0, 2.0)  # frequency_penalty, presence_penalty (OpenAI's range)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's range
+MAX_LOGIT_BIAS = 300  # token ids one request may bias (OpenAI's limit)
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit)
 
 
@@ -50,6 +56,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is taken too
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -72,6 +81,16 @@ class SamplingParams:
         low, high = REPETITION_PENALTY_RANGE
         if not _number(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
             raise bad("repetition_penalty", f"must be a number in [{low:g}, {high:g}] (1 = off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not _number(getattr(self, name)) or not OPENAI_PENALTY_RANGE[0] <= getattr(self, name) <= \
+                    OPENAI_PENALTY_RANGE[1]:
+                raise bad(name, "must be a number in [-2, 2] (0 = off)")
+        bias = _items(self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias)
+        if bias is None or len(bias) > MAX_LOGIT_BIAS or not all(
+                isinstance(pair, tuple) and len(pair) == 2 and _integer(pair[0]) and pair[0] >= 0 and _number(pair[1])
+                and LOGIT_BIAS_RANGE[0] <= pair[1] <= LOGIT_BIAS_RANGE[1] for pair in bias):
+            raise bad("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to numbers in [-100, 100]")
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         if self.seed is not None and (not _integer(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             raise bad("seed", "must be None or a 64-bit integer (from -2**63 to 2**64 - 1)")
         if not isinstance(self.ignore_eos, bool):
@@ -93,7 +112,12 @@ class SamplingParams:
     @property
     def argmax_only(self) -> bool:
         """The pick is the argmax of the raw logits and nothing is recorded: a batch takes these in one call."""
-        return self.greedy and self.repetition_penalty == 1.0 and self.logprobs is None
+        return self.greedy and not self.adjusts_logits and self.logprobs is None
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 class Sampler:
@@ -108,20 +132,18 @@ class Sampler:
         self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = \
             [] if params.logprobs is not None else None
 
-    def __call__(self, logits: torch.Tensor, seen: list[int]) -> int:
-        # logits: [V] for one sequence; seen: prompt + generated token ids (for the repetition penalty)
-        token = self._pick(logits, seen)
+    def __call__(self, logits: torch.Tensor, prompt: list[int], generated: list[int]) -> int:
+        # logits: [V] for one sequence; prompt / generated token ids (for the penalties)
+        token = self._pick(logits, prompt, generated)
         if self.logprobs is not None:
             self._record(logits, token)
         return token
 
-    def _pick(self, logits: torch.Tensor, seen: list[int]) -> int:
+    def _pick(self, logits: torch.Tensor, prompt: list[int], generated: list[int]) -> int:
         p = self.params
         logits = logits.float().clone()
-        if p.repetition_penalty != 1.0 and seen:
-            ids = torch.tensor(sorted({t for t in seen if 0 <= t < logits.shape[0]}), dtype=torch.long)
-            picked = logits[ids]  # CTRL / transformers rule: shrink positive logits, push negative ones down
-            logits[ids] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if p.adjusts_logits:
+            self._adjust(logits, prompt, generated)
         if p.greedy:
             return int(logits.argmax())
         logits = logits / p.temperature
@@ -137,6 +159,20 @@ class Sampler:
         if not bool(torch.isfinite(probs).all()):
             raise FloatingPointError("the model's logits are not finite (inf or NaN); cannot sample")
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _adjust(self, logits: torch.Tensor, prompt: list[int], generated: list[int]) -> None:
+        """logit_bias, then the repetition, frequency and presence penalties, in place (logits [V])."""
+        p, vocab = self.params, logits.shape[0]
+        for token, bias in p.logit_bias:
+            if token < vocab:
+                logits[token] += bias
+        if p.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted({t for t in prompt + generated if 0 <= t < vocab}), dtype=torch.long)
+            picked = logits[ids]  # CTRL / transformers rule: shrink positive logits, push negative ones down
+            logits[ids] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and generated:
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=vocab)[:vocab].float()
+            logits -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
 
     def _record(self, logits: torch.Tensor, token: int) -> None:
         logprobs = logits.float().log_softmax(-1)

@@ -8,7 +8,7 @@ Without the field the answers are exactly OpenAI's shape.
 
 Every error, on every route and status, is OpenAI's error JSON (`{"error": {"message", "type", "param", "code"}}`),
 never a Python traceback. Fields this server does not implement are refused with a 400 that names them (or accepted
-only at their no-op value, e.g. `frequency_penalty: 0`), never ignored. A client that goes away, streaming or not,
+only at their no-op value, e.g. `tools: []`), never ignored. A client that goes away, streaming or not,
 cancels its request; an engine fault fails only the requests of that step (500 JSON, or an SSE error event).
 """
 
@@ -106,9 +106,6 @@ def _zero(value: Any) -> bool:
 
 # OpenAI features this server does not implement: accepted only at the value that asks for nothing
 _ONLY_DEFAULT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "frequency_penalty": (_zero, "0 (use repetition_penalty)"),
-    "presence_penalty": (_zero, "0 (use repetition_penalty)"),
-    "logit_bias": (lambda v: v is None or v == {}, "empty"),
     "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"} (no JSON mode)'),
     "tools": (lambda v: v is None or v == [], "empty (no tool calling)"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), '"none" (no tool calling)'),
@@ -183,8 +180,10 @@ def _params(body: dict, cfg: ServerConfig, chat: bool) -> SamplingParams:
     kwargs = {"temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "top_k": 0 if top_k in (None, -1) else top_k,  # vLLM: -1 = off
               "repetition_penalty": body.get("repetition_penalty"), "seed": body.get("seed"), "stop": tuple(stop),
-              "ignore_eos": body.get("ignore_eos")}
-    for key, default in (("temperature", 1.0), ("top_p", 1.0), ("repetition_penalty", 1.0), ("ignore_eos", False)):
+              "ignore_eos": body.get("ignore_eos"), "frequency_penalty": body.get("frequency_penalty"),
+              "presence_penalty": body.get("presence_penalty"), "logit_bias": _logit_bias(body.get("logit_bias"))}
+    for key, default in (("temperature", 1.0), ("top_p", 1.0), ("repetition_penalty", 1.0), ("ignore_eos", False),
+                         ("frequency_penalty", 0.0), ("presence_penalty", 0.0)):
         if kwargs[key] is None:
             kwargs[key] = default
     logprobs = body.get("logprobs")
@@ -203,6 +202,17 @@ def _params(body: dict, cfg: ServerConfig, chat: bool) -> SamplingParams:
         name = exc.message.split("invalid sampling parameter ")[-1].split("=")[0]
         name = "top_logprobs" if chat and name == "logprobs" else _PARAM_NAMES.get(name, name)
         raise APIError(400, exc.message.replace("invalid sampling parameter ", "invalid "), name) from exc
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, Any], ...]:
+    """OpenAI's {"token id": bias} (ids as strings, as JSON keys are) as (id, bias) pairs; SamplingParams checks the
+    rest."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isdigit() for k in value):
+        raise APIError(400, 'logit_bias must map token ids (as strings, e.g. {"50256": -100}) to numbers',
+                       "logit_bias")
+    return tuple((int(k), v) for k, v in value.items())
 
 
 def _messages(body: dict) -> tuple[list[dict[str, str]], str | None]:
