@@ -10,7 +10,7 @@ import torch
 
 from dynllava.errors import ConfigError, InputError
 from dynllava.runtime.engine import Engine
-from dynllava.runtime.sampling import SamplingParams, Sampler
+from dynllava.runtime.sampling import Sampler, SamplingParams
 from dynllava.runtime.sequence import Request
 from tests.serve_helpers import chat, running_server
 
