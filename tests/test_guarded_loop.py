@@ -24,11 +24,11 @@ class FaultySampler(Sampler):
         super().__init__(params)
         self.calls = 0
 
-    def __call__(self, logits, seen):
+    def __call__(self, logits, prompt, generated):
         self.calls += 1
         if self.params.seed == POISON_SEED and self.calls == self.fail_at:
             raise RuntimeError("injected fault")
-        return super().__call__(logits, seen)
+        return super().__call__(logits, prompt, generated)
 
 
 @pytest.fixture
