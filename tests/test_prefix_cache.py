@@ -115,9 +115,10 @@ def test_chat_turns_and_questions_from_cached_rows_give_the_reference_tokens(fas
 
 def test_the_same_prompt_again_reuses_its_rows_and_a_new_image_reuses_nothing(fast_export_dir):
     engine = Engine.from_path(fast_export_dir, prefix_cache_bytes=64 << 20, max_batch=4)
-    params = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=0)
-    pictures = [random_pixels(seed) for seed in (1, 2)]
     from PIL import Image
+
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    pictures = [random_pixels(seed) for seed in (1, 2)]
     images = [Image.fromarray((p.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for p in pictures]
     first = engine.generate(Request(prompt="Describe it.", image=images[0], params=params), progress=False)[0]
     again = engine.generate(Request(prompt="Describe it.", image=images[0], params=params), progress=False)[0]
@@ -155,8 +156,11 @@ def test_prefix_caching_needs_the_extend_graph(official_dir, export_dir, fast_ex
         Engine.from_path(official_dir, prefix_cache_bytes=1 << 20)  # torch: no extend graph
     with pytest.raises(ConfigError, match=">= 0"):
         Engine.from_path(fast_export_dir, prefix_cache_bytes=-1)
-    # None ("auto", serve's default): on where the model can extend, off elsewhere
-    assert Engine.from_path(fast_export_dir, prefix_cache_bytes=None).prefix_cache is not None
+    # None ("auto", serve's default): on where the model can extend, off elsewhere; the extend graph's session
+    # (a copy of the weights) is loaded with the engine that uses it, and only there
+    auto = Engine.from_path(fast_export_dir, prefix_cache_bytes=None)
+    assert auto.prefix_cache is not None and "extend" in auto.executor.sessions
+    assert "extend" not in Engine.from_path(fast_export_dir).executor.sessions
     assert Engine.from_path(export_dir, prefix_cache_bytes=None).prefix_cache is None
     manifests = [json.loads((d / "dynllava.json").read_text()) for d in (fast_export_dir, export_dir)]
     assert "extend" in manifests[0]["graphs"] and "extend" not in manifests[1]["graphs"]

@@ -17,7 +17,7 @@ SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "dynllava.json"
 GRAPHS = ("vision", "prefill", "nocache", "decode")  # every export has these
-EXTEND = "extend"  # more prompt tokens after cached rows (prefix caching): onnxruntime exports from dynllava 0.x on
+EXTEND = "extend"  # more prompt tokens after cached rows (prefix caching): onnxruntime target; optional
 # export targets: the graphs ONNX Runtime runs fastest (built with its fused ops, KV in per-sequence slots), or the
 # portable graphs (standard ops + our two plugin ops, paged KV) that `dynllava build-engine` turns into TensorRT
 TARGETS = ("onnxruntime", "tensorrt")

@@ -16,8 +16,8 @@ GenAI's builder does it), not traced: ~11 nodes per layer with ONNX Runtime's fu
   prefill of the whole prompt would keep them: past `[B, Hkv, rows held, Dh]` in, present `[B, Hkv, rows held + S,
   Dh]` out, every layer rotated at the given positions.
 
-The graphs take and return the same tensors as the portable graphs (export/graphs.py) except decode's KV inputs,
-which the manifest describes (`kv_cache.layout = "slots"`).
+Prefill and decode take and return the same tensors as the portable graphs (export/graphs.py) except decode's KV
+inputs, which the manifest describes (`kv_cache.layout = "slots"`); extend has no portable counterpart.
 """
 
 from __future__ import annotations

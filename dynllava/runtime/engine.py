@@ -64,8 +64,9 @@ class Engine:
         """expected_keep_rate: share of generated tokens the output predictor is assumed to keep when admitting
         (default: the trained rate, then what finished requests showed). block_size: KV rows per block (default
         16, or the one a TensorRT engine was built for). prefix_cache_bytes: host memory for recent prompts' KV rows
-        (runtime/prefix_cache.py; ONNX Runtime exports with the extend graph): 0 = off, None = 256 MiB where the model
-        can extend, else off."""
+        (runtime/prefix_cache.py; ONNX Runtime exports with the extend graph, whose session is one more copy of the
+        language model's weights): 0 = off, None = 256 MiB where the model can extend and that copy stays within an
+        eighth of memory, else off."""
         if kv_cache_bytes is not None and kv_memory_fraction is not None:
             raise ConfigError("give kv_cache_bytes or kv_memory_fraction, not both")
         if kv_memory_fraction is not None:
@@ -82,7 +83,7 @@ class Engine:
         if max_batch < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ConfigError("max_batch, max_prefill_tokens and block_size must be >= 1")
         if prefix_cache_bytes is None:
-            prefix_cache_bytes = DEFAULT_PREFIX_CACHE_BYTES if executor.can_extend else 0
+            prefix_cache_bytes = DEFAULT_PREFIX_CACHE_BYTES if executor.extend_by_default else 0
         if prefix_cache_bytes < 0:
             raise ConfigError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
         if prefix_cache_bytes and not executor.can_extend:
@@ -106,6 +107,8 @@ class Engine:
         self._kept_total, self._decided_total = 0, 0
         self.shape = executor_shape(executor)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        if self.prefix_cache is not None:
+            executor.load_extend()  # now, not in the first request that finds its prompt cached
         self.sequences: dict[str, Sequence] = {}
         self.throughput = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
@@ -346,8 +349,12 @@ class Engine:
                 kv = s.kv  # as write_prefill set it
                 held = [kv.dense_len if layer // 2 < self.info.sparse_layer else kv.sparse_len
                         for layer in range(len(presents))]
+                # a prompt alone in its batch takes its presents as they are (contiguous: no copy); rows of a larger
+                # batch are copied out, so that the entry holds (and counts) its own rows only
                 self.prefix_cache.add(CachedPrompt(
-                    tuple(s.prompt_ids), digests[runs[b]], [p[b, :, :n].copy() for p, n in zip(presents, held)],
+                    tuple(s.prompt_ids), digests[runs[b]],
+                    [p[0] if p.shape[0] == 1 and p.shape[2] == n else p[b, :, :n].copy()
+                     for p, n in zip(presents, held)],
                     kv.dense_len, kv.sparse_len, kv.position, logits[b].copy(), s.kept_image_indices))
         return logits[rows]
 
@@ -438,10 +445,11 @@ class Engine:
         used = self.cache.blocks_in_use()
         free = {g: self.cache.num_blocks[g] - 1 - n for g, n in used.items()}
         sched = self.scheduler
+        prefix = self.prefix_cache
         return EngineStats(len(sched.running), sum(s.status == Status.WAITING for s in sched.waiting),
                            sum(s.status == Status.SWAPPED for s in sched.waiting), self.cache.used_bytes,
                            self.cache.budget_bytes, used, free, sched.preemptions,
-                           *((self.prefix_cache.used_bytes, len(self.prefix_cache)) if self.prefix_cache else ()))
+                           *((prefix.used_bytes, len(prefix)) if prefix is not None else ()))
 
 
 def _first_with_same_prompt(seqs: list[Sequence]) -> list[int]:

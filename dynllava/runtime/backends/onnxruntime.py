@@ -153,8 +153,11 @@ class OrtExecutor:
         decode_file = self.path / decode.file
         graph_bytes = sum(f.stat().st_size for f in decode_file.parent.glob(decode_file.name + "*"))  # + its data
         self.lanes = self._lane_count(lanes, threads, graph_bytes)
+        self._options = options
+        # extend (prefix caching) is loaded only where it is used (load_extend): its session is one more copy of
+        # the language model's weights
         self.sessions = {name: self._load(self.path / spec.file, options)
-                         for name, spec in self.manifest.graphs.items() if name != "decode"}
+                         for name, spec in self.manifest.graphs.items() if name not in ("decode", EXTEND)}
         lane_threads = max(1, threads // self.lanes)
         lane_options = session_options(lane_threads, spinning)
         loaded = [self._load(decode_file, lane_options) for _ in range(lane_sessions(self.lanes, lane_threads))]
@@ -224,12 +227,27 @@ class OrtExecutor:
     @property
     def can_extend(self) -> bool:
         """Whether the export has the extend graph (prefix caching; not with an int8 KV cache)."""
-        return EXTEND in self.sessions
+        return EXTEND in self.manifest.graphs
+
+    @property
+    def extend_by_default(self) -> bool:
+        """Whether prefix caching is on unless asked otherwise: where the extend graph's weight copy stays within
+        an eighth of memory (the rule of the decode sessions' copies)."""
+        if not self.can_extend:
+            return False
+        file = self.path / self.manifest.graphs[EXTEND].file
+        graph_bytes = sum(f.stat().st_size for f in file.parent.glob(file.name + "*"))  # + its data
+        return _affordable_copies(graph_bytes, physical_memory_bytes()) >= 2
+
+    def load_extend(self) -> None:
+        if EXTEND not in self.sessions:
+            self.sessions[EXTEND] = self._load(self.path / self.manifest.graphs[EXTEND].file, self._options)
 
     def extend(self, input_ids: np.ndarray, position_ids: np.ndarray, dense_len: int, sparse_len: int,
                rows: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """S more prompt tokens (input_ids / position_ids [S]) after held rows (per layer K, V [Hkv, rows, Dh]):
         (logits [V] after the last one, the rows with theirs appended)."""
+        self.load_extend()
         feeds = {"input_ids": input_ids[None].astype(np.int64), "position_ids": position_ids[None].astype(np.int64),
                  "dense_seqlens": np.array([dense_len], np.int32), "sparse_seqlens": np.array([sparse_len], np.int32),
                  **{name: r[None] for name, r in zip(self._past, rows)}}
