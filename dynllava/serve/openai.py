@@ -100,10 +100,6 @@ CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "r
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 
 
-def _zero(value: Any) -> bool:
-    return value is None or type(value) in (int, float) and value == 0
-
-
 # OpenAI features this server does not implement: accepted only at the value that asks for nothing
 _ONLY_DEFAULT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"} (no JSON mode)'),
