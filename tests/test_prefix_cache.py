@@ -178,7 +178,8 @@ def test_the_server_reports_cached_prompt_tokens_as_openai_does(fast_export_dir,
     with running_server(build_app(engine, ServerConfig(model_name="tiny"))) as (url, _):
         replies = []
         for follow_up in ("Tell me more.", None):
-            body = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0}
+            body = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0,
+                    "dynllava": {"explain": True}}
             replies.append(httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json())
             if follow_up:
                 messages = messages + [{"role": "assistant", "content": replies[-1]["choices"][0]["message"]
@@ -189,6 +190,18 @@ def test_the_server_reports_cached_prompt_tokens_as_openai_does(fast_export_dir,
         health = httpx.get(url + "/health").json()
     assert held == health["prefix_cache_bytes"] == engine.prefix_cache.used_bytes > 0
     assert engine.stats().prefix_cache_prompts == len(engine.prefix_cache) == 2  # both turns' prompts
+    # what the predictors kept, reported from the cached rows: as a run without the cache reports it
+    from PIL import Image
+
+    plain = Engine.from_path(fast_export_dir).generate(Request(
+        prompt=None, messages=[{"role": "user", "content": "What is in this picture?"},
+                               {"role": "assistant", "content": replies[0]["choices"][0]["message"]["content"]},
+                               {"role": "user", "content": "Tell me more."}],
+        image=Image.open(official_dir / "example.png"), params=SamplingParams(max_new_tokens=6)), progress=False)[0]
+    explained = replies[1]["choices"][0]["dynllava"]
+    assert explained["image_kept"] == plain.kept.image_indices and explained["token_kept"][:-1] == \
+        plain.kept.token_kept
+    assert replies[1]["choices"][0]["message"]["content"] == plain.text
     first, second = (r["usage"] for r in replies)
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] < second["prompt_tokens"]
