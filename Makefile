@@ -45,6 +45,7 @@ demo: setup
 	$(BIN)/dynllava generate $(SHAPES) $(DEMO_PROMPT)
 	$(BIN)/dynllava export $(SHAPES) -o demo-out/shapes-onnx
 	$(BIN)/dynllava generate demo-out/shapes-onnx --backend onnxruntime $(DEMO_PROMPT)
+	printf 'How many shapes are there?\nHow many shapes do you see?\n' | $(BIN)/dynllava chat demo-out/shapes-onnx --image $(SHAPES)/example.png --max-new-tokens 16
 	$(BIN)/dynllava eval $(SHAPES) --limit 80
 	$(BIN)/dynllava init-tiny demo-out/tiny
 	$(BIN)/dynllava flops --preset llava-1.5-7b

@@ -178,6 +178,8 @@ def printable(text: str) -> str:
 def summary_line(stats: dict) -> str:
     """The one-line savings summary printed after each answer."""
     parts = []
+    if stats.get("cached_tokens"):
+        parts.append(f"prompt tokens from the prefix cache {stats['cached_tokens']}/{stats['prompt_tokens']}")
     if stats["image_tokens"]:
         parts.append(f"image tokens kept {stats['image_tokens_kept']}/{stats['image_tokens']}")
     if stats["kv_bytes"] is not None:
@@ -331,14 +333,14 @@ def generate(
         engine = Engine(opened.executor, opened.tokenizer, opened.image_processor, opened.image_aspect_ratio,
                         kv_cache_bytes=_mib(kv_cache_mb), prefix_cache_bytes=_mib(prefix_cache_mb))
         if stream:
-            _print_stream(engine, Request(prompt=requests[0]["prompt"], image=requests[0]["image"]), params, opened)
+            _print_note(opened)
+            _print_stream(engine, Request(prompt=requests[0]["prompt"], image=requests[0]["image"]), params)
             return
         outputs = engine.generate([Request(prompt=r["prompt"], image=r["image"]) for r in requests], params,
                                   progress=not as_json and err_console.is_terminal)
     explanations = _write_explanations(explain_dir, opened, requests, outputs) if explain_dir else None
-    note = _calibration_note(opened)
-    if note and not as_json:
-        err_console.print(f"[dim]{note}[/]", highlight=False, soft_wrap=True)
+    if not as_json:
+        _print_note(opened)
     for i, (req, out) in enumerate(zip(requests, outputs)):
         stats = out.stats.to_dict()
         if as_json:
@@ -361,20 +363,78 @@ def generate(
                       highlight=False, soft_wrap=True)
 
 
-def _print_stream(engine, request, params, opened) -> None:
-    """The answer's text as the engine produces it (stop strings held back until they are ruled out), then the
-    summary line, as `generate` prints them at the end."""
+def _print_note(opened) -> None:
     note = _calibration_note(opened)
     if note:
         err_console.print(f"[dim]{note}[/]", highlight=False, soft_wrap=True)
-    started = False
+
+
+def _print_stream(engine, request, params=None):
+    """The answer's text as the engine produces it (stop strings held back until they are ruled out), then the
+    summary line, as `generate` prints them at the end; returns the request's output."""
+    started, output = False, None
     for delta in engine.stream(request, params):
         text = delta.text if started else delta.text.lstrip()  # as the printed answer is stripped
         started = started or bool(text)
         console.print(printable(text), end="", highlight=False, markup=False, soft_wrap=True)
         if delta.finished:
+            output = delta.output
             console.print()
-            console.print(f"[dim]{summary_line(delta.output.stats.to_dict())}[/]", highlight=False, soft_wrap=True)
+            console.print(f"[dim]{summary_line(output.stats.to_dict())}[/]", highlight=False, soft_wrap=True)
+    return output
+
+
+@app.command()
+@handle_errors
+def chat(
+    model: Path = typer.Argument(..., help="Checkpoint directory, export directory (`dynllava export`) or engine "
+                                 "directory (`dynllava build-engine`)."),
+    image: Path | None = typer.Option(None, help="The image the conversation is about."),
+    backend: str = typer.Option("auto", help="torch, onnxruntime, tensorrt or auto (by what MODEL holds)."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Most tokens per answer."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    seed: int | None = typer.Option(None, help="Seed, for reproducible sampling."),
+    prefix_cache_mb: int | None = PREFIX_CACHE_MB,
+    ort_threads: int | None = ORT_THREADS,
+    ort_spinning: bool = ORT_SPINNING,
+) -> None:
+    """Talk with the model in the terminal: each line you type is a user turn and the answer streams back, with a
+    line of what the predictors kept. Every turn sends the whole conversation, as a chat client does; on an ONNX
+    Runtime export the prefix cache runs only the new tokens (the summary line says how many prompt tokens it
+    supplied). /reset starts over with the same image; an empty line or Ctrl-D ends."""
+    from dynllava.runtime.engine import Engine
+    from dynllava.runtime.processor import load_image
+    from dynllava.runtime.sampling import SamplingParams
+    from dynllava.runtime.sequence import Request
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    picture = load_image(image) if image is not None else None  # a bad file fails here, before the model loads
+    with console.status("loading the model"):
+        engine = Engine.from_path(model, backend, threads=ort_threads, spinning=ort_spinning,
+                                  prefix_cache_bytes=_mib(prefix_cache_mb))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err_console.print("[dim]type a message; /reset starts over; an empty line or Ctrl-D ends[/]")
+    messages: list[dict] = []
+    while True:
+        if interactive:
+            console.print("[bold]you>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        try:
+            output = _print_stream(engine, Request(prompt=None, messages=list(messages), image=picture,
+                                                   params=params))
+        except InputError as exc:  # e.g. the conversation outgrew the model's context: say so and go on
+            messages.pop()
+            err_console.print(f"[red]error:[/] {escape(exc.message)}" + (f" ({escape(exc.hint)})" if exc.hint
+                                                                          else ""))
+            continue
+        messages.append({"role": "assistant", "content": output.text})
 
 
 def _write_explanations(out_dir: Path, opened, requests: list[dict], outputs: list) -> list:
