@@ -151,3 +151,19 @@ def test_serve_passes_its_engine_limits_on(official_dir, monkeypatch):
     engine = apps[0].state.engine
     assert engine.scheduler.max_batch == 3 and engine.scheduler.max_prefill_tokens == 100
     assert engine.cache.budget_bytes == 8 * 2**20
+
+
+def test_serve_prefix_cache_flag(official_dir, fast_export_dir, monkeypatch):
+    import dynllava.serve.server as server
+
+    apps = []
+    monkeypatch.setattr(server, "run", lambda app, *args, **kwargs: apps.append(app))
+    for flag, want in (([], 256 * 2**20), (["--prefix-cache-mb", "32"], 32 * 2**20), (["--prefix-cache-mb", "0"], 0)):
+        result = runner.invoke(app, ["serve", str(fast_export_dir), *flag])
+        assert result.exit_code == 0, result.output
+        cache = apps[-1].state.engine.prefix_cache
+        assert (cache.budget_bytes if cache is not None else 0) == want
+    # a checkpoint (torch) cannot extend: on by default is off there, asked for is one clear error
+    assert runner.invoke(app, ["serve", str(official_dir)]).exit_code == 0
+    assert apps[-1].state.engine.prefix_cache is None
+    _one_line_error(runner.invoke(app, ["serve", str(official_dir), "--prefix-cache-mb", "32"]), "extend graph")
