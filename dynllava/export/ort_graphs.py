@@ -265,7 +265,8 @@ def build_extend(model: DynamicLlava, dtype: np.dtype, opset: int) -> onnx.Model
     """input_ids [B, S], position_ids [B, S], {dense,sparse}_seqlens int32 [B] (rows held: the past's length),
     past.{i}.key/value [B, Hkv, rows held, Dh] -> logits [B, V] (the last token's), {dense,sparse}_lengths_out int32
     [B] (seqlens + S), present.{i}.key/value [B, Hkv, rows held + S, Dh]. Prompt text is never dropped, so every new
-    token takes a row in both layer groups. The rows of a batch must all hold the same past lengths."""
+    token takes a row in both layer groups. Batch 1: ONNX Runtime's GroupQueryAttention refuses a larger batch when S
+    > 1 follows a past ("batch_size must be 1 when sequence_length > 1 and past context is given", 1.32)."""
     g = GraphBuilder(dtype)
     w = LlamaWeights(g, model)
     l, i32 = model.sparse_layer, TensorProto.INT32
