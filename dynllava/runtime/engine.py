@@ -347,8 +347,8 @@ class Engine:
         if digests is not None:
             for b, s in enumerate(unique):
                 kv = s.kv  # as write_prefill set it
-                held = [kv.dense_len if layer // 2 < self.info.sparse_layer else kv.sparse_len
-                        for layer in range(len(presents))]
+                held = [kv.dense_len if j // 2 < self.info.sparse_layer else kv.sparse_len  # presents: K, V per layer
+                        for j in range(len(presents))]
                 # a prompt alone in its batch takes its presents as they are (contiguous: no copy); rows of a larger
                 # batch are copied out, so that the entry holds (and counts) its own rows only
                 self.prefix_cache.add(CachedPrompt(
