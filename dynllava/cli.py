@@ -401,7 +401,8 @@ def chat(
     """Talk with the model in the terminal: each line you type is a user turn and the answer streams back, with a
     line of what the predictors kept. Every turn sends the whole conversation, as a chat client does; on an ONNX
     Runtime export the prefix cache runs only the new tokens (the summary line says how many prompt tokens it
-    supplied). /reset starts over with the same image; an empty line or Ctrl-D ends."""
+    supplied). /reset starts over with the same image, /image PATH starts over about another one; an empty line or
+    Ctrl-D ends."""
     from dynllava.runtime.engine import Engine
     from dynllava.runtime.processor import load_image
     from dynllava.runtime.sampling import SamplingParams
@@ -414,7 +415,8 @@ def chat(
                                   prefix_cache_bytes=_mib(prefix_cache_mb))
     interactive = sys.stdin.isatty()
     if interactive:
-        err_console.print("[dim]type a message; /reset starts over; an empty line or Ctrl-D ends[/]")
+        err_console.print("[dim]type a message; /reset starts over, /image PATH about another image; an empty line "
+                          "or Ctrl-D ends[/]")
     messages: list[dict] = []
     while True:
         if interactive:
@@ -424,6 +426,14 @@ def chat(
             break
         if line.strip() == "/reset":
             messages = []
+            continue
+        if line.strip().startswith("/image "):
+            try:
+                picture = load_image(Path(line.strip()[len("/image "):].strip()).expanduser())
+            except InputError as exc:
+                err_console.print(f"[red]error:[/] {escape(exc.message)}")
+                continue
+            messages = []  # a conversation is about one image (LLaVA-1.5 takes one)
             continue
         messages.append({"role": "user", "content": line.strip()})
         try:

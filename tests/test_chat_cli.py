@@ -40,7 +40,7 @@ def test_a_conversation_streams_answers_and_reuses_the_earlier_prompt(fast_expor
     history += [{"role": "assistant", "content": want[0].text}, {"role": "user", "content": "Tell me more."}]
     want.append(engine.generate(Request(prompt=None, messages=history, image=str(image), params=params),
                                 progress=False)[0])
-    assert [first, second] == [w.text for w in want]
+    assert [first.strip(), second.strip()] == [w.text.strip() for w in want]
     assert cached == want[0].stats.prompt_tokens and prompt == want[1].stats.prompt_tokens
 
 
@@ -61,3 +61,21 @@ def test_reset_starts_over_and_errors_leave_the_session_running(fast_export_dir)
 def test_a_missing_image_is_one_line_before_the_model_loads(fast_export_dir, tmp_path):
     result = runner.invoke(app, ["chat", str(fast_export_dir), "--image", str(tmp_path / "none.png")], input="Hi\n")
     assert result.exit_code == 1 and "Traceback" not in result.output and "none.png" in result.output
+
+
+def test_image_command_starts_over_about_another_image(fast_export_dir, official_dir, tmp_path):
+    from PIL import Image
+
+    other = tmp_path / "other.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(other)
+    script = f"What is this?\n/image {tmp_path / 'missing.png'}\n/image {other}\nWhat is this?\n"
+    result = runner.invoke(app, ["chat", str(fast_export_dir), "--image", str(official_dir / "example.png"),
+                                 "--max-new-tokens", "6"], input=script)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("error:") == 1 and "missing.png" in result.output  # a bad path: one line, go on
+    (_, first), (answer, second) = _turns(result.stdout)
+    # the other image, a fresh conversation: nothing cached (another image), the answer a plain run gives
+    assert CACHED.search(second) is None
+    want = Engine.from_path(fast_export_dir).generate(Request(
+        prompt="What is this?", image=str(other), params=SamplingParams(max_new_tokens=6)), progress=False)[0]
+    assert answer.strip() == want.text.strip()  # the printed answer is stripped, as generate prints it
