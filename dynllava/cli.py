@@ -431,7 +431,7 @@ def chat(
             try:
                 picture = load_image(Path(line.strip()[len("/image "):].strip()).expanduser())
             except InputError as exc:
-                err_console.print(f"[red]error:[/] {escape(exc.message)}")
+                err_console.print(f"[red]error:[/] {escape(exc.message)}", soft_wrap=True)
                 continue
             messages = []  # a conversation is about one image (LLaVA-1.5 takes one)
             continue
@@ -442,7 +442,7 @@ def chat(
         except InputError as exc:  # e.g. the conversation outgrew the model's context: say so and go on
             messages.pop()
             err_console.print(f"[red]error:[/] {escape(exc.message)}" + (f" ({escape(exc.hint)})" if exc.hint
-                                                                          else ""))
+                                                                          else ""), soft_wrap=True)
             continue
         messages.append({"role": "assistant", "content": output.text})
 
