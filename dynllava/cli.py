@@ -421,21 +421,21 @@ def chat(
     while True:
         if interactive:
             console.print("[bold]you>[/] ", end="")
-        line = sys.stdin.readline()
-        if not line.strip():
+        text = sys.stdin.readline().strip()
+        if not text:
             break
-        if line.strip() == "/reset":
+        if text == "/reset":
             messages = []
             continue
-        if line.strip().startswith("/image "):
+        if text.startswith("/image "):
             try:
-                picture = load_image(Path(line.strip()[len("/image "):].strip()).expanduser())
+                picture = load_image(Path(text[len("/image "):].strip()).expanduser())
             except InputError as exc:
                 err_console.print(f"[red]error:[/] {escape(exc.message)}", soft_wrap=True)
                 continue
             messages = []  # a conversation is about one image (LLaVA-1.5 takes one)
             continue
-        messages.append({"role": "user", "content": line.strip()})
+        messages.append({"role": "user", "content": text})
         try:
             output = _print_stream(engine, Request(prompt=None, messages=list(messages), image=picture,
                                                    params=params))
@@ -1017,7 +1017,7 @@ def serve(
         engine = Engine.from_path(model, backend, predictors=predictors, vision_tower=vision_tower,
                                   sparse_overrides=_sparse_overrides(vision_keep_rate, None, False),
                                   output_threshold=output_threshold, no_calibration=no_calibration,
-                                  kv_cache_bytes=kv_budget * 2**20, max_batch=max_batch,
+                                  kv_cache_bytes=_mib(kv_budget), max_batch=max_batch,
                                   max_prefill_tokens=max_prefill_tokens, threads=ort_threads,
                                   spinning=ort_spinning, lanes=ort_lanes,
                                   prefix_cache_bytes=_mib(prefix_cache_mb))

@@ -24,7 +24,7 @@ def _entry(ids, image=None, image_tokens=6, kept=2) -> CachedPrompt:
     dense, sparse = len(ids) + extra[0], len(ids) + extra[1]
     rows = [np.broadcast_to(np.arange(n, dtype=np.float32)[None, :, None], (1, n, 8)).copy()
             for n in (dense, dense, sparse, sparse)]
-    return CachedPrompt(tuple(ids), image, rows, dense, sparse, dense, np.zeros(4, np.float32), None)
+    return CachedPrompt(tuple(ids), image, rows, dense, sparse, np.zeros(4, np.float32), None)
 
 
 # ---------------------------------------------------------------------- the cache's rules
@@ -51,7 +51,7 @@ def test_a_cached_prompts_beginning_is_its_first_rows_in_each_layer_group():
     img = IMAGE_PLACEHOLDER
     entry = _entry([1, 2, img, 4, 5, 6], image_tokens=6, kept=2)  # 11 dense rows, 7 sparse
     part = entry.first(4)  # 1, 2, the image, 4
-    assert (part.dense_len, part.sparse_len, part.position) == (9, 5, 9) and part.logits is None
+    assert (part.dense_len, part.sparse_len) == (9, 5) and part.logits is None  # 9: also the next position
     for rows, n in zip(part.rows, (9, 9, 5, 5)):
         assert rows.shape == (1, n, 8) and (rows[0, :, 0] == np.arange(n)).all()
     assert entry.first(6) is entry

@@ -77,17 +77,16 @@ def check_extend(loaded: LoadedModel, executor, scratch_dir: Path, tolerance: fl
     from dynllava.runtime.batch import prompt_feeds
 
     model, tok = loaded.model, loaded.tokenizer
-    image_path = write_example_image(Path(scratch_dir) / ".validation.png")
-    pixels = preprocess_image(loaded.image_processor, load_image(image_path), loaded.image_aspect_ratio)
-    image_path.unlink()
+    pixels = _example_pixels(loaded.image_processor, loaded.image_aspect_ratio, scratch_dir)
     first = [("user", "What is in this picture?")]
     second = [*first, ("assistant", "A small boat."), ("user", "What colour is it?")]
     prefix, full = (tokenize_prompt(tok, chat_prompt(turns, True)) for turns in (first, second))
     if full[:len(prefix)] != prefix:
         raise AssertionError("the chat template's second turn does not start with the first turn's prompt")
     feature = model.encode_images(pixels[None])[0]
-    logits, kept, sparse_lengths, *presents = executor.prefill(prompt_feeds(executor, [prefix], [feature.numpy()]))
-    dense_len, sparse_len = len(prefix) + model.num_image_tokens - 1, int(sparse_lengths[0])
+    feeds = prompt_feeds(executor, [prefix], [feature.numpy()])
+    logits, kept, sparse_lengths, *presents = executor.prefill(feeds)
+    dense_len, sparse_len = int(feeds["lengths"][0]), int(sparse_lengths[0])
     rows = [p[0, :, :dense_len if i // 2 < model.sparse_layer else sparse_len] for i, p in enumerate(presents)]
     new = full[len(prefix):]
     other, _ = executor.extend(np.asarray(new), dense_len + np.arange(len(new)), dense_len, sparse_len, rows)
@@ -95,6 +94,14 @@ def check_extend(loaded: LoadedModel, executor, scratch_dir: Path, tolerance: fl
     same_kept = set(kept[0].tolist()) == set(ref.kept_image_indices[0].tolist())
     return Check("extend", f"second chat turn: {len(new)} new tokens after {dense_len} cached",
                  _diff(ref.logits[0], torch.from_numpy(other)), int(same_kept), 1, tolerance, 1.0)
+
+
+def _example_pixels(image_processor, image_aspect_ratio: str, scratch_dir: Path) -> torch.Tensor:
+    """The example picture as the model sees it [3, H, W]; scratch_dir briefly holds its file."""
+    image_path = write_example_image(Path(scratch_dir) / ".validation.png")
+    pixels = preprocess_image(image_processor, load_image(image_path), image_aspect_ratio)
+    image_path.unlink()
+    return pixels
 
 
 def near_tie(kept: torch.Tensor, margins: torch.Tensor, tie_tolerance: float) -> bool:
@@ -143,9 +150,7 @@ def compare_models(ref, other, tokenizer, image_processor, image_aspect_ratio: s
     near-tie (0: kept sets must be identical)."""
     check = lambda graph, what, diff, agreed=0, decisions=0, share=min_agreement: Check(  # noqa: E731
         graph, what, diff, agreed, decisions, tolerance, share)
-    image_path = write_example_image(Path(scratch_dir) / ".validation.png")
-    real = preprocess_image(image_processor, load_image(image_path), image_aspect_ratio)
-    image_path.unlink()
+    real = _example_pixels(image_processor, image_aspect_ratio, scratch_dir)
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
     pixels = torch.stack([real, noise])
     checks = [check("vision", "real + random image", _diff(ref.encode_images(pixels), other.encode_images(pixels)))]

@@ -302,18 +302,13 @@ class Engine:
         """Seq's rows and logits from a cached prompt that starts it and the extend graph on the rest."""
         new = np.asarray(seq.prompt_ids[len(entry.ids):], np.int64)
         if len(new):
-            logits, rows = self.executor.extend(new, entry.position + np.arange(len(new)), entry.dense_len,
+            logits, rows = self.executor.extend(new, entry.dense_len + np.arange(len(new)), entry.dense_len,
                                                 entry.sparse_len, entry.rows)
             entry = CachedPrompt(tuple(seq.prompt_ids), entry.image, rows, entry.dense_len + len(new),
-                                 entry.sparse_len + len(new), entry.position + len(new), logits,
-                                 entry.kept_image_indices)
+                                 entry.sparse_len + len(new), logits, entry.kept_image_indices)
             self.prefix_cache.add(entry)
-        kv = seq.kv
-        kv.dense_len, kv.sparse_len, kv.position = entry.dense_len, entry.sparse_len, entry.position
-        self.cache.reserve(kv, kv.dense_len + 1, kv.sparse_len + 1)
-        for layer in range(self.cache.num_layers):
-            key, value = entry.rows[2 * layer], entry.rows[2 * layer + 1]
-            self.cache.write_rows(layer, kv, key.swapaxes(0, 1), value.swapaxes(0, 1))
+        # the rows as a batch of one prompt's presents
+        write_prefill(self.cache, [seq.kv], [entry.dense_len], [entry.sparse_len], [r[None] for r in entry.rows])
         seq.stats.cached_tokens = seq.stats.prompt_tokens - len(new)
         self._set_kept_image(seq, entry.kept_image_indices)
         return entry.logits
@@ -355,7 +350,7 @@ class Engine:
                     tuple(s.prompt_ids), digests[runs[b]],
                     [p[0] if p.shape[0] == 1 and p.shape[2] == n else p[b, :, :n].copy()
                      for p, n in zip(presents, held)],
-                    kv.dense_len, kv.sparse_len, kv.position, logits[b].copy(), s.kept_image_indices))
+                    kv.dense_len, kv.sparse_len, logits[b].copy(), s.kept_image_indices))
         return logits[rows]
 
     def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], np.ndarray]:

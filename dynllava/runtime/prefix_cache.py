@@ -29,9 +29,8 @@ class CachedPrompt:
     ids: tuple[int, ...]  # the prompt's ids, the image as IMAGE_PLACEHOLDER
     image: bytes | None  # digest of the image's pixels
     rows: list[np.ndarray]  # per layer: K, V [Hkv, rows held, Dh] (dense layers: every token; sparse: kept ones)
-    dense_len: int
+    dense_len: int  # also the RoPE position of the next token: the dense layers hold every prompt token
     sparse_len: int
-    position: int  # RoPE position of the next token: the prompt's length with the image expanded
     logits: np.ndarray | None  # [V] after the prompt's last token (None: a prefix, `first`)
     kept_image_indices: list[int] | None
 
@@ -46,7 +45,7 @@ class CachedPrompt:
         # rows beyond the ids: the image's expansion (N - 1 in the dense layers, k - 1 in the sparse ones)
         dense, sparse = m + self.dense_len - len(self.ids), m + self.sparse_len - len(self.ids)
         rows = [r[:, :dense if r.shape[1] == self.dense_len else sparse] for r in self.rows]
-        return CachedPrompt(self.ids[:m], self.image, rows, dense, sparse, dense, None, self.kept_image_indices)
+        return CachedPrompt(self.ids[:m], self.image, rows, dense, sparse, None, self.kept_image_indices)
 
 
 def image_digest(pixels: np.ndarray | None) -> bytes | None:

@@ -85,6 +85,11 @@ def lane_rows(batch: int, lanes: int) -> list[slice]:
     return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def _graph_file_bytes(file: Path) -> int:
+    """A graph's bytes on disk, its external weights (FILE.data) included."""
+    return sum(f.stat().st_size for f in file.parent.glob(file.name + "*"))
+
+
 def _affordable_copies(graph_bytes: int, memory_bytes: int) -> int:
     """Decode sessions (copies of the graph's weights) whose extra copies stay within an eighth of memory."""
     return 1 + (memory_bytes // 8) // max(graph_bytes, 1)
@@ -151,7 +156,7 @@ class OrtExecutor:
         options = session_options(threads, spinning)
         decode = self.manifest.graphs["decode"]
         decode_file = self.path / decode.file
-        graph_bytes = sum(f.stat().st_size for f in decode_file.parent.glob(decode_file.name + "*"))  # + its data
+        graph_bytes = _graph_file_bytes(decode_file)
         self.lanes = self._lane_count(lanes, threads, graph_bytes)
         self._options = options
         # extend (prefix caching) is loaded only where it is used (load_extend): its session is one more copy of
@@ -235,8 +240,7 @@ class OrtExecutor:
         an eighth of memory (the rule of the decode sessions' copies)."""
         if not self.can_extend:
             return False
-        file = self.path / self.manifest.graphs[EXTEND].file
-        graph_bytes = sum(f.stat().st_size for f in file.parent.glob(file.name + "*"))  # + its data
+        graph_bytes = _graph_file_bytes(self.path / self.manifest.graphs[EXTEND].file)
         return _affordable_copies(graph_bytes, physical_memory_bytes()) >= 2
 
     def load_extend(self) -> None:
