@@ -64,9 +64,8 @@ class Engine:
         """expected_keep_rate: share of generated tokens the output predictor is assumed to keep when admitting
         (default: the trained rate, then what finished requests showed). block_size: KV rows per block (default
         16, or the one a TensorRT engine was built for). prefix_cache_bytes: host memory for recent prompts' KV rows
-        (runtime/prefix_cache.py; ONNX Runtime exports with the extend graph, whose session is one more copy of the
-        language model's weights): 0 = off, None = 256 MiB where the model can extend and that copy stays within an
-        eighth of memory, else off."""
+        (runtime/prefix_cache.py; ONNX Runtime exports with the extend graph): 0 = off, None = 256 MiB where the
+        model can extend, else off."""
         if kv_cache_bytes is not None and kv_memory_fraction is not None:
             raise ConfigError("give kv_cache_bytes or kv_memory_fraction, not both")
         if kv_memory_fraction is not None:
@@ -83,7 +82,7 @@ class Engine:
         if max_batch < 1 or max_prefill_tokens < 1 or block_size < 1:
             raise ConfigError("max_batch, max_prefill_tokens and block_size must be >= 1")
         if prefix_cache_bytes is None:
-            prefix_cache_bytes = DEFAULT_PREFIX_CACHE_BYTES if executor.extend_by_default else 0
+            prefix_cache_bytes = DEFAULT_PREFIX_CACHE_BYTES if executor.can_extend else 0
         if prefix_cache_bytes < 0:
             raise ConfigError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
         if prefix_cache_bytes and not executor.can_extend:

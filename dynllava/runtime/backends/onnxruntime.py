@@ -40,6 +40,7 @@ import numpy as np
 
 from dynllava.errors import CheckpointError, ConfigError
 from dynllava.export.manifest import EXTEND, Manifest
+from dynllava.runtime.backends.shared_weights import SharedWeights
 from dynllava.runtime.kv_cache import PagedKVCache, paged_decode_feeds
 from dynllava.runtime.kv_ledger import KVLedger, SeqKV
 from dynllava.runtime.kv_quant import KVQuantization
@@ -158,11 +159,12 @@ class OrtExecutor:
         decode_file = self.path / decode.file
         graph_bytes = _graph_file_bytes(decode_file)
         self.lanes = self._lane_count(lanes, threads, graph_bytes)
-        self._options = options
-        # extend (prefix caching) is loaded only where it is used (load_extend): its session is one more copy of
-        # the language model's weights
-        self.sessions = {name: self._load(self.path / spec.file, options)
-                         for name, spec in self.manifest.graphs.items() if name not in ("decode", EXTEND)}
+        self._threads, self._spinning = threads, spinning
+        # prefill, nocache and extend hold one copy of the weights between them (shared_weights.py); nocache (Eq. 12
+        # mode) and extend (prefix caching) are loaded when first used
+        self._weights = SharedWeights()
+        self.sessions = {"vision": self._load(self.path / self.manifest.graphs["vision"].file, options)}
+        self._session("prefill")
         lane_threads = max(1, threads // self.lanes)
         lane_options = session_options(lane_threads, spinning)
         loaded = [self._load(decode_file, lane_options) for _ in range(lane_sessions(self.lanes, lane_threads))]
@@ -189,10 +191,15 @@ class OrtExecutor:
                               hint="each lane needs at least one thread; raise threads or lower lanes")
         return lanes
 
-    def _load(self, file: Path, options):
+    def _load(self, file: Path, options=None):
+        """A session of `file` with `options`; without, one with every thread that takes the weights the shared
+        store holds (and adds its own to it)."""
         import onnxruntime as ort
 
         try:
+            if options is None:
+                options = session_options(self._threads, self._spinning)
+                self._weights.add_to(file, options)
             return ort.InferenceSession(str(file), options, providers=self.providers)
         except Exception as exc:  # ONNX Runtime raises its own types for a corrupt or truncated file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -227,35 +234,30 @@ class OrtExecutor:
         return self.sessions["prefill"].run(None, feeds)
 
     def nocache(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions["nocache"].run(None, feeds)
+        return self._session("nocache").run(None, feeds)
+
+    def _session(self, name: str):
+        """A language-model graph's session, loaded on first use (sharing the weights held already)."""
+        if name not in self.sessions:
+            self.sessions[name] = self._load(self.path / self.manifest.graphs[name].file)
+        return self.sessions[name]
 
     @property
     def can_extend(self) -> bool:
         """Whether the export has the extend graph (prefix caching; not with an int8 KV cache)."""
         return EXTEND in self.manifest.graphs
 
-    @property
-    def extend_by_default(self) -> bool:
-        """Whether prefix caching is on unless asked otherwise: where the extend graph's weight copy stays within
-        an eighth of memory (the rule of the decode sessions' copies)."""
-        if not self.can_extend:
-            return False
-        graph_bytes = _graph_file_bytes(self.path / self.manifest.graphs[EXTEND].file)
-        return _affordable_copies(graph_bytes, physical_memory_bytes()) >= 2
-
     def load_extend(self) -> None:
-        if EXTEND not in self.sessions:
-            self.sessions[EXTEND] = self._load(self.path / self.manifest.graphs[EXTEND].file, self._options)
+        self._session(EXTEND)
 
     def extend(self, input_ids: np.ndarray, position_ids: np.ndarray, dense_len: int, sparse_len: int,
                rows: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """S more prompt tokens (input_ids / position_ids [S]) after held rows (per layer K, V [Hkv, rows, Dh]):
         (logits [V] after the last one, the rows with theirs appended)."""
-        self.load_extend()
         feeds = {"input_ids": input_ids[None].astype(np.int64), "position_ids": position_ids[None].astype(np.int64),
                  "dense_seqlens": np.array([dense_len], np.int32), "sparse_seqlens": np.array([sparse_len], np.int32),
                  **{name: r[None] for name, r in zip(self._past, rows)}}
-        logits, _, _, *presents = self.sessions[EXTEND].run(None, feeds)
+        logits, _, _, *presents = self._session(EXTEND).run(None, feeds)
         return logits[0], [p[0] for p in presents]
 
     def decode(self, tokens: np.ndarray, seqs: list[SeqKV], cache: KVLedger) -> list[np.ndarray]:

@@ -30,7 +30,7 @@ from dynllava.runtime.model_info import ModelInfo
 
 class TensorRTExecutor:
     name = "tensorrt"
-    can_extend = extend_by_default = False  # no extend graph: prefix caching is for ONNX Runtime exports
+    can_extend = False  # no extend graph: prefix caching is for ONNX Runtime exports
 
     def __init__(self, path: str | Path):
         import torch

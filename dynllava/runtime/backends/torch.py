@@ -15,7 +15,7 @@ from dynllava.runtime.model_info import ModelInfo
 
 class TorchExecutor:
     name = "torch"
-    can_extend = extend_by_default = False  # no extend graph: prefix caching is for ONNX Runtime exports
+    can_extend = False  # no extend graph: prefix caching is for ONNX Runtime exports
 
     def __init__(self, model: DynamicLlava):
         self.model = model.eval()
