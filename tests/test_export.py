@@ -348,12 +348,13 @@ def test_export_limits_are_enforced(loaded, tmp_path):
 
 def test_large_graphs_keep_weights_as_external_data(loaded, tmp_path, monkeypatch):
     from dynllava.config import ExportConfig
-    from dynllava.export import exporter
+    from dynllava.export import exporter, weights_file
 
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)  # treat every graph as large
+    monkeypatch.setattr(weights_file, "EXTERNAL_DATA_BYTES", 0)  # treat every graph as large while it is written
     out = tmp_path / "ext"
     exporter.export_model(loaded, out, ExportConfig())
-    assert (out / "decode.onnx.data").stat().st_size > (out / "decode.onnx").stat().st_size
+    assert list(out.glob("*.onnx.data")) == [out / weights_file.WEIGHTS_FILE]  # no graph keeps a file of its own
+    assert (out / weights_file.WEIGHTS_FILE).stat().st_size > (out / "decode.onnx").stat().st_size
     prompts, pixels = _batch(loaded.tokenizer)
     assert [g.token_ids for g in greedy_generate(OnnxRuntimeModel(out), prompts[:2], pixels[:2], 8)] == \
         [g.token_ids for g in greedy_generate(loaded.model, prompts[:2], pixels[:2], 8)]

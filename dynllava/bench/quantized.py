@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dynllava.bench.traffic import bytes_ratio
 from dynllava.calib.quantize import QUANTIZED_GRAPHS, QuantizeConfig, quantize_export
+from dynllava.export import weights_file
 from dynllava.export.manifest import Manifest
 
 # name -> (weights, KV cache); the int8 KV scales are calibrated on the built-in calibration requests
@@ -22,8 +23,7 @@ VARIANTS = {"int8": ("int8", "none"), "int4": ("int4", "none"), "fp32-kv8": ("fp
 def graph_bytes(path: Path) -> int:
     """Bytes of the graphs `dynllava quantize` rewrites (prefill, decode, nocache; external data included)."""
     manifest = Manifest.read(path)
-    files = [path / manifest.graphs[g].file for g in QUANTIZED_GRAPHS]
-    return sum(f.stat().st_size for f in files + [f.with_name(f.name + ".data") for f in files] if f.is_file())
+    return sum(weights_file.graph_bytes(path / manifest.graphs[g].file) for g in QUANTIZED_GRAPHS)
 
 
 def dir_bytes(path: Path) -> int:

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from dynllava.errors import DynLlavaError
 from dynllava.export.manifest import Manifest
+from dynllava.export.weights_file import save_graph
 from dynllava.runtime.kv_quant import KV_DTYPE, QMAX
 
 KV_CACHE_MODES = ("none", "int8")
@@ -65,7 +66,6 @@ def scales_from_ranges(amax: np.ndarray, scheme: str) -> np.ndarray:
 
 def quantize_decode_kv(path: Path, scales: np.ndarray, scheme: str) -> None:
     """Rewrite the decode graph at `path` for an int8 cache."""
-    external = path.with_name(path.name + ".data").is_file()
     model = onnx.load(str(path))
     graph = model.graph
     changed = 0
@@ -92,8 +92,7 @@ def quantize_decode_kv(path: Path, scales: np.ndarray, scheme: str) -> None:
     for value in (*graph.input, *graph.output):
         if value.name.startswith(("past.", "present.")):
             value.type.tensor_type.elem_type = onnx.TensorProto.INT8
-    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-              location=path.name + ".data")
+    save_graph(model, path)
 
 
 def record_int8_cache(manifest: Manifest, out: Path, scales: np.ndarray, scheme: str, samples: int,

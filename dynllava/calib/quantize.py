@@ -39,6 +39,7 @@ import onnx
 from dynllava.calib.kv_cache import KV_CACHE_MODES, KV_SCHEMES, quantize_kv_cache
 from dynllava.errors import ConfigError, DynLlavaError
 from dynllava.export.manifest import EXTEND, Manifest
+from dynllava.export.weights_file import copy_graph, graph_bytes, is_large, share_weights
 
 MODES = ("int8", "int4", "fp8", "fp32")  # fp32: the weights unchanged (with --kv-cache int8: the cache alone)
 INT8_METHODS = ("dynamic", "static", "nbits")
@@ -191,11 +192,6 @@ def typed(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _graph_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
 def _quiet_quantizer_logs() -> None:
     for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -212,7 +208,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
     if not lm:
         raise DynLlavaError(f"{src.name}: no language-model MatMul found to quantize",
                             hint="is this a dynllava export? re-export it with this version")
-    external = src.with_name(src.name + ".data").is_file()
+    external = is_large(src)
     # ONNX's shape inference cannot type the outputs of ONNX Runtime's contrib ops (GroupQueryAttention,
     # SkipSimplifiedLayerNormalization) the built graphs use: every untyped tensor there is float
     common = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
@@ -226,9 +222,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
     elif cfg.mode == "fp32":
-        for path in (src, src.with_name(src.name + ".data")):
-            if path.is_file():
-                shutil.copy2(path, dst.with_name(path.name))
+        copy_graph(src, dst)
         lm, others = [], lm + others
     elif cfg.mode == "fp8":
         from dynllava.calib.modelopt_fp8 import quantize_fp8
@@ -262,7 +256,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
     counted = Counter(n.op_type for n in result.graph.node)
     ops = {op: counted[op] for op in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
                                       "DequantizeLinear") if counted[op]}
-    return GraphReport(src.stem, len(lm), len(others), ops, _graph_bytes(src), _graph_bytes(dst))
+    return GraphReport(src.stem, len(lm), len(others), ops, graph_bytes(src), graph_bytes(dst))
 
 
 def _copy_unquantized(src: Path, out: Path, manifest: Manifest) -> None:
@@ -270,9 +264,7 @@ def _copy_unquantized(src: Path, out: Path, manifest: Manifest) -> None:
         shutil.copytree(src / manifest.tokenizer[key], out / manifest.tokenizer[key], dirs_exist_ok=True)
     for name, spec in manifest.graphs.items():
         if name not in (*QUANTIZED_GRAPHS, EXTEND):
-            for path in (src / spec.file, src / (spec.file + ".data")):
-                if path.is_file():
-                    shutil.copy2(path, out / path.name)
+            copy_graph(src / spec.file, out / spec.file)
 
 
 def graphs_to_quantize(manifest: Manifest, cfg: QuantizeConfig) -> list[str]:
@@ -334,6 +326,7 @@ def quantize_export(src: Path, out: Path, cfg: QuantizeConfig, calibration: list
             on_graph(reports[name])
     if cfg.kv_cache != "none":
         quantize_kv_cache(src, out, manifest, calibration, cfg.calib_steps, cfg.kv_scales)
+    share_weights(out, [spec.file for spec in manifest.graphs.values()])
     manifest.quantization = {
         "mode": cfg.mode, "method": cfg.method, "format": _FORMATS[cfg.method].format(
             bits=4 if cfg.mode == "int4" else 8, symmetric=", symmetric" if manifest.target == "tensorrt" else ""),

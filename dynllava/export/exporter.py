@@ -27,10 +27,10 @@ from dynllava.export.graphs import DecodeGraph, PrefillGraph, VisionGraph
 from dynllava.export.manifest import GRAPHS, GraphSpec, Manifest, TensorSpec
 from dynllava.export.ops import attach_functions
 from dynllava.export.ort_graphs import build_decode, build_extend, build_prefill
+from dynllava.export.weights_file import save_graph, share_weights
 from dynllava.model.checkpoint import LoadedModel
 from dynllava.model.sparse_llama import DynamicLlava
 
-EXTERNAL_DATA_BYTES = 1 << 30  # graphs above 1 GiB keep their weights in NAME.onnx.data (protobuf caps at 2 GiB)
 _NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
               torch.bool: "bool"}
 
@@ -117,9 +117,7 @@ def export_graph(plan: GraphPlan, path: Path, opset: int) -> GraphSpec:
     graph_inputs = [i.name for i in proto.graph.input]
     if graph_inputs != module.input_names:  # a dropped or merged input would silently change the contract
         raise DynLlavaError(f"{plan.name}: exported inputs {graph_inputs} differ from {module.input_names}")
-    large = proto.ByteSize() > EXTERNAL_DATA_BYTES
-    onnx.save(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-              location=path.name + ".data")
+    save_graph(proto, path)
     onnx.checker.check_model(str(path), full_check=True)
     return GraphSpec(path.name, inputs, outs)
 
@@ -134,9 +132,7 @@ def save_built_graph(proto: onnx.ModelProto, path: Path) -> GraphSpec:
     """A graph built from the weights (export/ort_graphs.py): functions attached, saved."""
     opset = next(o.version for o in proto.opset_import if o.domain == "")
     attach_functions(proto, opset)
-    large = proto.ByteSize() > EXTERNAL_DATA_BYTES
-    onnx.save(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-              location=path.name + ".data")
+    save_graph(proto, path)
     # no onnx.checker here: it rejects ONNX Runtime's contrib ops in the default domain (SimplifiedLayerNormalization);
     # export validation loads and runs the graph in ONNX Runtime instead
     return GraphSpec(path.name, [_value_spec(v) for v in proto.graph.input],
@@ -174,6 +170,7 @@ def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
         if on_graph:
             on_graph("extend", time.perf_counter() - start)
     assert set(GRAPHS) <= set(specs)
+    share_weights(out, [spec.file for spec in specs.values()])  # one copy of each weight for all the graphs
     loaded.tokenizer.save_pretrained(out / "tokenizer")
     loaded.image_processor.save_pretrained(out / "processor")
     text, vision = model.config.text_config, model.config.vision_config

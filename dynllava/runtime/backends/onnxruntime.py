@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from dynllava.errors import CheckpointError, ConfigError
+from dynllava.export import weights_file
 from dynllava.export.manifest import EXTEND, Manifest
 from dynllava.runtime.backends.shared_weights import SharedWeights
 from dynllava.runtime.kv_cache import PagedKVCache, paged_decode_feeds
@@ -84,11 +85,6 @@ def lane_rows(batch: int, lanes: int) -> list[slice]:
     size, extra = divmod(batch, used)
     bounds = np.cumsum([0] + [size + (i < extra) for i in range(used)])
     return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def _graph_file_bytes(file: Path) -> int:
-    """A graph's bytes on disk, its external weights (FILE.data) included."""
-    return sum(f.stat().st_size for f in file.parent.glob(file.name + "*"))
 
 
 def _affordable_copies(graph_bytes: int, memory_bytes: int) -> int:
@@ -157,7 +153,7 @@ class OrtExecutor:
         options = session_options(threads, spinning)
         decode = self.manifest.graphs["decode"]
         decode_file = self.path / decode.file
-        graph_bytes = _graph_file_bytes(decode_file)
+        graph_bytes = weights_file.graph_bytes(decode_file)
         self.lanes = self._lane_count(lanes, threads, graph_bytes)
         self._threads, self._spinning = threads, spinning
         # prefill, nocache and extend hold one copy of the weights between them (shared_weights.py); nocache (Eq. 12

@@ -12,8 +12,9 @@ them on each run, which costs little against many rows. Measured on the 7B-shape
 * decode: 33% slower unpacked. Decode sessions therefore load their graph file and keep a packed copy of their own.
 Quantized graphs share nothing (PREPACKED_OPS).
 
-Weights in external data (`NAME.onnx.data`, graphs over 1 GiB) are memory-mapped read-only instead of read. Their
-pages then come from the page cache, which the kernel shares with every other process serving the same export.
+Weights in external data (an export's `weights.onnx.data`, export/weights_file.py) are memory-mapped read-only
+instead of read. Their pages then come from the page cache, which the kernel shares with every other process serving
+the same export; two weights at one place of that file are equal without reading them.
 """
 
 from __future__ import annotations
@@ -58,13 +59,21 @@ class SharedWeights:
             if held is None:
                 held = self._arrays[tensor.name] = array
                 self._values[tensor.name] = ort.OrtValue.ortvalue_from_numpy(held)
-            elif held.dtype != array.dtype or held.shape != array.shape or not np.array_equal(held, array):
+            elif not _same(held, array):
                 continue  # another weight under the same name: the session loads its own
             options.add_initializer(tensor.name, self._values[tensor.name])
             shared += 1
         if shared:
             options.add_session_config_entry("session.disable_prepacking", "1")
         return shared
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if isinstance(a, np.memmap) and isinstance(b, np.memmap) and (a.filename, a.offset) == (b.filename, b.offset):
+        return True  # one place in one weights file (export/weights_file.py)
+    return bool(np.array_equal(a, b))
 
 
 def _array(tensor, folder: Path) -> np.ndarray | None:
