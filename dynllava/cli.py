@@ -661,9 +661,10 @@ def export(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dynllava.config import ExportConfig
-    from dynllava.export.exporter import export_model
+    from dynllava.export.exporter import WEIGHTS_STEP, export_model
     from dynllava.export.manifest import EXTEND, GRAPHS
     from dynllava.export.validate import validate_export
+    from dynllava.export.weights_file import WEIGHTS_FILE
     from dynllava.model.checkpoint import load_model
 
     cfg = ExportConfig(dtype=dtype, opset=opset, max_batch=max_batch, max_seq_len=max_seq_len, atol=atol,
@@ -679,12 +680,14 @@ def export(
     try:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
-            graphs = [*GRAPHS, *([EXTEND] if target == "onnxruntime" else [])]
-            tasks = {name: progress.add_task(f"{name}.onnx", start=False) for name in graphs}
+            graphs = [*GRAPHS, *([EXTEND] if target == "onnxruntime" else []), WEIGHTS_STEP]
+            files = {name: WEIGHTS_FILE if name == WEIGHTS_STEP else f"{name}.onnx" for name in graphs}
+            tasks = {name: progress.add_task(files[name], start=False) for name in graphs}
             progress.start_task(tasks[graphs[0]])
 
             def done(name: str, seconds: float) -> None:
-                progress.update(tasks[name], description=f"{name}.onnx [green]written[/] ({seconds:.1f}s)")
+                what = "[green]written[/], each weight once" if name == WEIGHTS_STEP else "[green]written[/]"
+                progress.update(tasks[name], description=f"{files[name]} {what} ({seconds:.1f}s)")
                 progress.stop_task(tasks[name])
                 nxt = graphs.index(name) + 1
                 if nxt < len(graphs):

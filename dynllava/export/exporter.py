@@ -31,6 +31,7 @@ from dynllava.export.weights_file import save_graph, share_weights
 from dynllava.model.checkpoint import LoadedModel
 from dynllava.model.sparse_llama import DynamicLlava
 
+WEIGHTS_STEP = "weights"  # on_graph's name for the last step: the graphs' weights pooled into one file
 _NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
               torch.bool: "bool"}
 
@@ -170,7 +171,10 @@ def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
         if on_graph:
             on_graph("extend", time.perf_counter() - start)
     assert set(GRAPHS) <= set(specs)
+    start = time.perf_counter()
     share_weights(out, [spec.file for spec in specs.values()])  # one copy of each weight for all the graphs
+    if on_graph:
+        on_graph(WEIGHTS_STEP, time.perf_counter() - start)
     loaded.tokenizer.save_pretrained(out / "tokenizer")
     loaded.image_processor.save_pretrained(out / "processor")
     text, vision = model.config.text_config, model.config.vision_config
