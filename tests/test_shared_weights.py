@@ -106,3 +106,18 @@ def test_the_fast_export_shares_prefill_weights_with_extend_and_loads_nocache_on
             feeds[spec.name] = np.array([[3]], np.int64) if spec.name == "input_ids" else np.array([[5]], np.int64)
     np.testing.assert_allclose(executor.sessions["extend"].run(None, feeds)[0], alone.run(None, feeds)[0],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_one_place_of_a_weights_file_is_held_once_under_any_name(tmp_path):
+    from dynllava.export.weights_file import share_weights
+
+    weight = np.random.default_rng(3).standard_normal((64, 32)).astype(np.float32)
+    _matmul_graph(tmp_path / "a.onnx", weight, name="built.w")
+    _matmul_graph(tmp_path / "b.onnx", weight.copy(), name="traced.w")
+    share_weights(tmp_path, ["a.onnx", "b.onnx"])  # one copy of the bytes in weights.onnx.data
+    store = SharedWeights()
+    opts_a, opts_b = session_options(1), session_options(1)
+    assert store.add_to(tmp_path / "a.onnx", opts_a) == 1 and store.add_to(tmp_path / "b.onnx", opts_b) == 1
+    assert store.nbytes == weight.nbytes  # one array for both names
+    x = np.arange(64, dtype=np.float32)[None]
+    np.testing.assert_allclose(_run(tmp_path / "b.onnx", opts_b), x @ weight, rtol=1e-5)

@@ -33,12 +33,14 @@ PREPACKED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMu
 
 class SharedWeights:
     def __init__(self) -> None:
-        self._arrays: dict[str, np.ndarray] = {}
-        self._values: dict[str, Any] = {}  # name -> OrtValue over the array (kept alive as long as the sessions)
+        self._arrays: dict[str, np.ndarray] = {}  # by initializer name
+        self._places: dict[tuple, np.ndarray] = {}  # one array per place in a weights file, whatever the names
+        self._values: dict[int, Any] = {}  # id(array) -> OrtValue over it (kept alive as long as the sessions)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays.values())
+        """Bytes of the distinct arrays held."""
+        return sum(a.nbytes for a in {id(a): a for a in self._arrays.values()}.values())
 
     def add_to(self, file: Path, options) -> int:
         """Give `options` (for a session of `file`) every weight of the graph's that is held already (equal name,
@@ -57,11 +59,14 @@ class SharedWeights:
                 continue
             held = self._arrays.get(tensor.name)
             if held is None:
+                if isinstance(array, np.memmap):  # e.g. the traced nocache graph's names for the built graphs' bytes
+                    array = self._places.setdefault((array.filename, array.offset, array.shape, array.dtype.str), array)
                 held = self._arrays[tensor.name] = array
-                self._values[tensor.name] = ort.OrtValue.ortvalue_from_numpy(held)
+                if id(held) not in self._values:
+                    self._values[id(held)] = ort.OrtValue.ortvalue_from_numpy(held)
             elif not _same(held, array):
                 continue  # another weight under the same name: the session loads its own
-            options.add_initializer(tensor.name, self._values[tensor.name])
+            options.add_initializer(tensor.name, self._values[id(held)])
             shared += 1
         if shared:
             options.add_session_config_entry("session.disable_prepacking", "1")
