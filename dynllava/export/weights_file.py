@@ -65,9 +65,9 @@ def share_weights(folder: Path, files: list[str]) -> int:
     with open(temporary, "wb") as data:
         for name in files:
             path = folder / name
-            model = onnx.load(str(path))  # every tensor inline in memory, wherever it was stored
+            model = onnx.load(str(path), load_external_data=False)  # external tensors are read one at a time
             for tensor in _tensors(model):
-                raw = tensor.raw_data
+                raw = _tensor_bytes(tensor, folder)
                 if len(raw) < MIN_SHARED_BYTES:
                     continue  # typed fields or small: stays in the graph
                 key = hashlib.blake2b(raw, digest_size=20).digest()
@@ -76,6 +76,8 @@ def share_weights(folder: Path, files: list[str]) -> int:
                     written[key] = (data.tell(), len(raw))
                     data.write(raw)
                 offset, length = written[key]
+                del tensor.external_data[:]
+                tensor.raw_data = raw  # set_external_data checks for it; cleared below
                 set_external_data(tensor, WEIGHTS_FILE, offset, length)
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 tensor.ClearField("raw_data")
@@ -84,6 +86,16 @@ def share_weights(folder: Path, files: list[str]) -> int:
         size = data.tell()
     temporary.replace(target)
     return size
+
+
+def _tensor_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
+    """A tensor's raw bytes, read from its external data file where it has one (b"" for typed fields)."""
+    if not uses_external_data(tensor):
+        return tensor.raw_data
+    info = ExternalDataInfo(tensor)
+    with open(folder / info.location, "rb") as file:
+        file.seek(info.offset or 0)
+        return file.read(info.length) if info.length else file.read()
 
 
 def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
