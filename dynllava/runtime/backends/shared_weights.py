@@ -1,9 +1,10 @@
 """One copy of the language model's weights for the graphs of an export that run them unpacked.
 
 The prefill and extend graphs that `dynllava export --target onnxruntime` builds hold the same weights under the same
-names. Loaded as files, each ONNX Runtime session keeps its own copy. Here each weight is read once and given to
-every session that holds an equal one (`SessionOptions.add_initializer`: ONNX Runtime uses the array as it is). So
-prefix caching's extend session costs no second copy of the model.
+names (the traced nocache graph holds most of them too, under other names). Loaded as files, each ONNX Runtime session
+keeps its own copy. Here each weight is read once and given to every session that holds an equal one
+(`SessionOptions.add_initializer`: ONNX Runtime uses the array as it is). So prefix caching's extend session costs no
+second copy of the model.
 
 Such a session must not prepack its MatMul weights: prepacking makes a packed copy per session. Unpacked, MLAS packs
 them on each run, which costs little against many rows. Measured on the 7B-shaped preset (fp32, batch 1):
@@ -14,7 +15,7 @@ Quantized graphs share nothing (PREPACKED_OPS).
 
 Weights in external data (an export's `weights.onnx.data`, export/weights_file.py) are memory-mapped read-only
 instead of read. Their pages then come from the page cache, which the kernel shares with every other process serving
-the same export; two weights at one place of that file are equal without reading them.
+the same export. One place of that file is one array, under any name, and equal to itself without being read.
 """
 
 from __future__ import annotations
