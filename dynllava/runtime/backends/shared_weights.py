@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 # smaller initializers (shapes, norms' scales, rotary tables) are left to each session: sharing them saves little
-MIN_SHARED_BYTES = 4096
+MIN_HELD_BYTES = 4096
 # quantized products whose kernels run from prepacked weights: a graph with them shares nothing and prepacks (int4
 # MatMulNBits prefill, 7B-shaped preset, batch 1: 52 ms prepacked, 62 unpacked)
 PREPACKED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"})
@@ -56,7 +56,7 @@ class SharedWeights:
         shared = 0
         for tensor in model.graph.initializer:
             array = _array(tensor, file.parent)
-            if array is None or array.nbytes < MIN_SHARED_BYTES:
+            if array is None or array.nbytes < MIN_HELD_BYTES:
                 continue
             held = self._arrays.get(tensor.name)
             if held is None:
