@@ -661,8 +661,7 @@ def export(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dynllava.config import ExportConfig
-    from dynllava.export.exporter import WEIGHTS_STEP, export_model
-    from dynllava.export.manifest import EXTEND, GRAPHS
+    from dynllava.export.exporter import WEIGHTS_STEP, export_model, export_steps
     from dynllava.export.validate import validate_export
     from dynllava.export.weights_file import WEIGHTS_FILE
     from dynllava.model.checkpoint import load_model
@@ -680,7 +679,7 @@ def export(
     try:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
-            graphs = [*GRAPHS, *([EXTEND] if target == "onnxruntime" else []), WEIGHTS_STEP]
+            graphs = export_steps(target)
             files = {name: WEIGHTS_FILE if name == WEIGHTS_STEP else f"{name}.onnx" for name in graphs}
             tasks = {name: progress.add_task(files[name], start=False) for name in graphs}
             progress.start_task(tasks[graphs[0]])

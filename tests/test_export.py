@@ -331,13 +331,15 @@ def test_hf_layout_exports_with_its_loading_flags(hf_dir, tmp_path):
     assert pre.kept_image_indices[0].shape == (32,)  # floor(0.5 * 64)
 
 
-def test_export_limits_are_enforced(loaded, tmp_path):
+def test_export_reports_its_steps_and_enforces_limits(loaded, tmp_path):
     from dynllava.config import ExportConfig
     from dynllava.errors import InputError
     from dynllava.export import exporter
 
-    out = tmp_path / "small"
-    exporter.export_model(loaded, out, ExportConfig(max_batch=2, max_seq_len=128))
+    out, steps = tmp_path / "small", []
+    exporter.export_model(loaded, out, ExportConfig(max_batch=2, max_seq_len=128),
+                          on_graph=lambda name, seconds: steps.append(name))
+    assert steps == exporter.export_steps("onnxruntime")  # the order `dynllava export`'s progress lines show
     model = OnnxRuntimeModel(out)
     ids = prompt_ids(loaded.tokenizer, "hi", False)
     with pytest.raises(InputError, match="max_batch 2"):

@@ -98,9 +98,11 @@ def kv8_dir(fast_export_dir, calibration, tmp_path_factory):
 
 def test_the_decode_graph_reads_an_int8_cache_with_the_recorded_scales(kv8_dir, fast_export_dir, loaded):
     manifest = Manifest.read(kv8_dir)
-    # no extend graph over an int8 cache (prefix caching is off there): not listed, not copied
-    assert "extend" in Manifest.read(fast_export_dir).graphs
-    assert "extend" not in manifest.graphs and not (kv8_dir / "extend.onnx").exists()
+    # the extend graph (prefix caching) is quantized like prefill and, like prefill, keeps a float KV side: its past
+    # is the prefix cache's rows (prefill's fp32 presents)
+    extend = {t.name: t.dtype for t in manifest.graphs["extend"].inputs if t.name.startswith("past.")}
+    assert len(extend) == 2 * loaded.model.num_layers and set(extend.values()) == {"float32"}
+    assert any(n.op_type == "DynamicQuantizeLinear" for n in onnx.load(str(kv8_dir / "extend.onnx")).graph.node)
     m = loaded.model
     scales = np.load(kv8_dir / SCALES_FILE)
     assert scales.shape == (m.num_layers, 2, m.kv_heads, m.head_dim) and (scales > 0).all()
@@ -199,6 +201,32 @@ def test_continuous_batching_and_preemption_on_an_int8_cache_equal_each_request_
     got = tight.generate([Request(prompt=p, image=i, params=params) for p, i in requests], progress=False)
     assert tight.scheduler.preemptions > 0
     assert [o.token_ids for o in got] == expected
+
+
+def test_prefix_caching_over_an_int8_cache_gives_the_tokens_of_a_fresh_prefill(kv8_only_dir, official_dir):
+    """A chat's next turn and a new question about a seen image run only their new tokens (extend, after the cached
+    fp32 rows, then quantized into the slots as a prefill's rows are): the same tokens as without the cache."""
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    image = str(official_dir / "example.png")
+
+    def chat(engine: Engine) -> list:
+        messages, outs = [], []
+        for question in ("What is in the picture?", "Tell me more.", None, "And the colours?"):
+            if question is None:  # a new conversation about the same image
+                messages = []
+                continue
+            messages.append({"role": "user", "content": question})
+            out = engine.generate(Request(prompt=None, messages=list(messages), image=image, params=params),
+                                  progress=False)[0]
+            outs.append(out)
+            messages.append({"role": "assistant", "content": out.text})
+        return outs
+
+    cached = chat(Engine.from_path(kv8_only_dir, "onnxruntime", prefix_cache_bytes=None))  # serve's default size
+    fresh = chat(Engine.from_path(kv8_only_dir, "onnxruntime", prefix_cache_bytes=0))
+    assert [o.token_ids for o in cached] == [o.token_ids for o in fresh]
+    assert cached[0].stats.cached_tokens == 0 and all(o.stats.cached_tokens > 0 for o in cached[1:])
+    assert all(o.stats.cached_tokens == 0 for o in fresh)
 
 
 def test_a_float_cache_takes_no_scales_and_an_int8_cache_needs_them(tmp_path):

@@ -39,7 +39,7 @@ import onnx
 from dynllava.calib.kv_cache import KV_CACHE_MODES, KV_SCHEMES, quantize_kv_cache
 from dynllava.errors import ConfigError, DynLlavaError
 from dynllava.export.manifest import EXTEND, Manifest
-from dynllava.export.weights_file import copy_graph, graph_bytes, is_large, share_weights
+from dynllava.export.weights_file import EXTERNAL_DATA_BYTES, copy_graph, graph_bytes, share_weights
 
 MODES = ("int8", "int4", "fp8", "fp32")  # fp32: the weights unchanged (with --kv-cache int8: the cache alone)
 INT8_METHODS = ("dynamic", "static", "nbits")
@@ -208,7 +208,8 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
     if not lm:
         raise DynLlavaError(f"{src.name}: no language-model MatMul found to quantize",
                             hint="is this a dynllava export? re-export it with this version")
-    external = is_large(src)
+    src_bytes = graph_bytes(src)
+    external = src_bytes > EXTERNAL_DATA_BYTES  # then the rewritten graph keeps its weights outside its file too
     # ONNX's shape inference cannot type the outputs of ONNX Runtime's contrib ops (GroupQueryAttention,
     # SkipSimplifiedLayerNormalization) the built graphs use: every untyped tensor there is float
     common = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
@@ -256,7 +257,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantizeConfig, target: str,
     counted = Counter(n.op_type for n in result.graph.node)
     ops = {op: counted[op] for op in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
                                       "DequantizeLinear") if counted[op]}
-    return GraphReport(src.stem, len(lm), len(others), ops, graph_bytes(src), graph_bytes(dst))
+    return GraphReport(src.stem, len(lm), len(others), ops, src_bytes, graph_bytes(dst, result))
 
 
 def _copy_unquantized(src: Path, out: Path, manifest: Manifest) -> None:
@@ -268,10 +269,11 @@ def _copy_unquantized(src: Path, out: Path, manifest: Manifest) -> None:
 
 
 def graphs_to_quantize(manifest: Manifest, cfg: QuantizeConfig) -> list[str]:
-    """QUANTIZED_GRAPHS, and the extend graph (prefix caching) where the export has one, the weights are quantized
-    without calibration samples (no reader feeds it) and the KV cache stays float (its past is the cache's rows);
-    otherwise the quantized export goes without it (and without prefix caching)."""
-    extend = EXTEND in manifest.graphs and not cfg.calibrated and cfg.kv_cache == "none"
+    """QUANTIZED_GRAPHS, and the extend graph (prefix caching) where the export has one and the weights are
+    quantized without calibration samples (no reader feeds it); otherwise the quantized export goes without it (and
+    without prefix caching). With an int8 KV cache the extend graph stays float on its KV side, as prefill does: its
+    past is the prefix cache's rows, which are prefill's fp32 presents, and the slot cache quantizes what it stores."""
+    extend = EXTEND in manifest.graphs and not cfg.calibrated
     return [*QUANTIZED_GRAPHS, *([EXTEND] if extend else [])]
 
 

@@ -24,7 +24,7 @@ from dynllava import __version__
 from dynllava.config import ExportConfig
 from dynllava.errors import DynLlavaError
 from dynllava.export.graphs import DecodeGraph, PrefillGraph, VisionGraph
-from dynllava.export.manifest import GRAPHS, GraphSpec, Manifest, TensorSpec
+from dynllava.export.manifest import EXTEND, GRAPHS, GraphSpec, Manifest, TensorSpec
 from dynllava.export.ops import attach_functions
 from dynllava.export.ort_graphs import build_decode, build_extend, build_prefill
 from dynllava.export.weights_file import save_graph, share_weights
@@ -32,6 +32,11 @@ from dynllava.model.checkpoint import LoadedModel
 from dynllava.model.sparse_llama import DynamicLlava
 
 WEIGHTS_STEP = "weights"  # on_graph's name for the last step: the graphs' weights pooled into one file
+
+
+def export_steps(target: str) -> list[str]:
+    """The names export_model reports to on_graph, in its order: each graph it writes, then WEIGHTS_STEP."""
+    return [*GRAPHS, *([EXTEND] if target == "onnxruntime" else []), WEIGHTS_STEP]
 _NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
               torch.bool: "bool"}
 
@@ -167,9 +172,9 @@ def export_model(loaded: LoadedModel, out: Path, cfg: ExportConfig,
     if cfg.target == "onnxruntime":
         start = time.perf_counter()
         proto = build_extend(model, np.dtype(_NP_DTYPES[cfg.torch_dtype]), max(cfg.opset, 18))
-        specs["extend"] = save_built_graph(proto, out / "extend.onnx")
+        specs[EXTEND] = save_built_graph(proto, out / f"{EXTEND}.onnx")
         if on_graph:
-            on_graph("extend", time.perf_counter() - start)
+            on_graph(EXTEND, time.perf_counter() - start)
     assert set(GRAPHS) <= set(specs)
     start = time.perf_counter()
     share_weights(out, [spec.file for spec in specs.values()])  # one copy of each weight for all the graphs

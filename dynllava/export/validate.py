@@ -74,7 +74,7 @@ def check_extend(loaded: LoadedModel, executor, scratch_dir: Path, tolerance: fl
     """The extend graph (prefix caching): a chat's second turn run as the first turn's prompt rows (this export's
     prefill) + the new tokens (extend) against the reference's prefill of the whole second prompt: logits, and the
     image tokens the first prompt kept against those the whole prompt keeps."""
-    from dynllava.runtime.batch import prompt_feeds
+    from dynllava.runtime.batch import held_rows, prompt_feeds
 
     model, tok = loaded.model, loaded.tokenizer
     pixels = _example_pixels(loaded.image_processor, loaded.image_aspect_ratio, scratch_dir)
@@ -87,7 +87,7 @@ def check_extend(loaded: LoadedModel, executor, scratch_dir: Path, tolerance: fl
     feeds = prompt_feeds(executor, [prefix], [feature.numpy()])
     logits, kept, sparse_lengths, *presents = executor.prefill(feeds)
     dense_len, sparse_len = int(feeds["lengths"][0]), int(sparse_lengths[0])
-    rows = [p[0, :, :dense_len if i // 2 < model.sparse_layer else sparse_len] for i, p in enumerate(presents)]
+    rows = held_rows(presents, 0, dense_len, sparse_len, model.sparse_layer)
     new = full[len(prefix):]
     other, _ = executor.extend(np.asarray(new), dense_len + np.arange(len(new)), dense_len, sparse_len, rows)
     ref = model.prefill([full], [feature], len(full) + model.num_image_tokens)

@@ -40,20 +40,16 @@ def copy_graph(src: Path, dst: Path) -> None:
     save_graph(onnx.load(str(src)), dst)
 
 
-def graph_bytes(path: Path) -> int:
+def graph_bytes(path: Path, model: onnx.ModelProto | None = None) -> int:
     """A graph's bytes on disk: its file and the external data its tensors refer to (of a shared weights file, only
-    the tensors this graph uses)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError for a truncated or corrupt file
-        raise CheckpointError(f"cannot load graph {path}: {str(exc).strip().splitlines()[0]}",
-                              hint="the file may be truncated or corrupt; re-export the model") from exc
+    the tensors this graph uses). `model`: the file's proto when already loaded (without its external data)."""
+    if model is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError for a truncated or corrupt file
+            raise CheckpointError(f"cannot load graph {path}: {str(exc).strip().splitlines()[0]}",
+                                  hint="the file may be truncated or corrupt; re-export the model") from exc
     return path.stat().st_size + sum(ExternalDataInfo(t).length or 0 for t in _tensors(model) if uses_external_data(t))
-
-
-def is_large(path: Path) -> bool:
-    """Whether a graph must keep its weights outside its file when rewritten."""
-    return graph_bytes(path) > EXTERNAL_DATA_BYTES
 
 
 def share_weights(folder: Path, files: list[str]) -> int:

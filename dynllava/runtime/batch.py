@@ -57,6 +57,12 @@ def run_decode(executor, cache: KVLedger, seqs: list[SeqKV], tokens: np.ndarray)
     return logits, keep
 
 
+def held_rows(presents: list, b: int, dense_len: int, sparse_len: int, sparse_layer: int) -> list:
+    """Batch row b's cached rows of each prompt present (K, V per layer; [B, Hkv, S, Dh] -> [Hkv, held, Dh]): layers
+    below sparse_layer hold dense_len rows, the others sparse_len."""
+    return [p[b, :, :dense_len if i // 2 < sparse_layer else sparse_len] for i, p in enumerate(presents)]
+
+
 def write_prefill(cache: KVLedger, seqs: list[SeqKV], lengths: np.ndarray, sparse_lengths: np.ndarray,
                   presents: list[np.ndarray], rows: list[int] | None = None) -> None:
     """Copy each sequence's prompt K/V (presents [B, Hkv, S, Dh]) into its blocks; sequence i takes batch row
@@ -64,9 +70,9 @@ def write_prefill(cache: KVLedger, seqs: list[SeqKV], lengths: np.ndarray, spars
     for seq, b in zip(seqs, rows or range(len(seqs))):
         seq.dense_len, seq.sparse_len, seq.position = int(lengths[b]), int(sparse_lengths[b]), int(lengths[b])
         cache.reserve(seq, seq.dense_len + 1, seq.sparse_len + 1)
+        held = held_rows(presents, b, seq.dense_len, seq.sparse_len, cache.sparse_layer)
         for layer in range(cache.num_layers):
-            held = seq.dense_len if layer < cache.sparse_layer else seq.sparse_len
-            key, value = presents[2 * layer][b, :, :held], presents[2 * layer + 1][b, :, :held]
+            key, value = held[2 * layer], held[2 * layer + 1]
             # numpy arrays, or torch tensors on the pools' device (TensorRT): both have swapaxes
             cache.write_rows(layer, seq, key.swapaxes(0, 1), value.swapaxes(0, 1))
 

@@ -21,7 +21,7 @@ import torch
 
 from dynllava.errors import ConfigError, InputError
 from dynllava.flops import kv_bytes
-from dynllava.runtime.batch import executor_shape, prompt_feeds, run_decode, write_prefill
+from dynllava.runtime.batch import executor_shape, held_rows, prompt_feeds, run_decode, write_prefill
 from dynllava.runtime.prefix_cache import CachedPrompt, PrefixCache, image_digest
 from dynllava.runtime.processor import chat_prompt, load_image, preprocess_image, to_rgb, tokenize_prompt
 from dynllava.runtime.sampling import Sampler, SamplingParams
@@ -88,7 +88,7 @@ class Engine:
         if prefix_cache_bytes and not executor.can_extend:
             raise ConfigError(f"prefix caching needs an ONNX Runtime export with the extend graph; this "
                               f"{executor.name} model has none", hint="export with `dynllava export` (target "
-                              "onnxruntime; not quantized with an int8 KV cache), or turn prefix caching off")
+                              "onnxruntime; not int8 static-quantized), or turn prefix caching off")
         self.executor, self.tokenizer, self.image_processor = executor, tokenizer, image_processor
         self.eos_token_id = tokenizer.eos_token_id  # read once: the tokenizer looks it up by name on every access
         self.image_aspect_ratio = image_aspect_ratio
@@ -341,14 +341,12 @@ class Engine:
         if digests is not None:
             for b, s in enumerate(unique):
                 kv = s.kv  # as write_prefill set it
-                held = [kv.dense_len if j // 2 < self.info.sparse_layer else kv.sparse_len  # presents: K, V per layer
-                        for j in range(len(presents))]
-                # a prompt alone in its batch takes its presents as they are (contiguous: no copy); rows of a larger
-                # batch are copied out, so that the entry holds (and counts) its own rows only
+                held = held_rows(presents, b, kv.dense_len, kv.sparse_len, self.info.sparse_layer)
+                # a prompt alone in its batch keeps its presents' memory when it holds every row (no copy); rows of
+                # a larger batch are copied out, so that the entry holds (and counts) its own rows only
                 self.prefix_cache.add(CachedPrompt(
                     tuple(s.prompt_ids), digests[runs[b]],
-                    [p[0] if p.shape[0] == 1 and p.shape[2] == n else p[b, :, :n].copy()
-                     for p, n in zip(presents, held)],
+                    [r if p.shape[0] == 1 and r.shape[1] == p.shape[2] else r.copy() for p, r in zip(presents, held)],
                     kv.dense_len, kv.sparse_len, logits[b].copy(), s.kept_image_indices))
         return logits[rows]
 

@@ -240,7 +240,7 @@ class OrtExecutor:
 
     @property
     def can_extend(self) -> bool:
-        """Whether the export has the extend graph (prefix caching; not with an int8 KV cache)."""
+        """Whether the export has the extend graph (prefix caching)."""
         return EXTEND in self.manifest.graphs
 
     def load_extend(self) -> None:
