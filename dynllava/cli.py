@@ -223,8 +223,9 @@ ORT_LANES = typer.Option(None, min=1, help="ONNX Runtime decode lanes: runs of t
 PREFIX_CACHE_MB = typer.Option(None, min=0, help="Host memory in MiB for recent prompts' KV rows (prefix caching, as "
                                "vLLM's --enable-prefix-caching): a prompt sharing its beginning with a cached one, "
                                "image included (a chat's next turn, another question about the same image), runs only "
-                               "the rest, through the extend graph (unquantized, it shares the prefill graph's weights: "
-                               "no second copy). Default 256 on an ONNX Runtime export that has it, off elsewhere; 0 = off.")
+                               "the rest, through the extend graph (unquantized, it shares the prefill graph's "
+                               "weights: no second copy). Default 256 on an ONNX Runtime export that has it, off "
+                               "elsewhere; 0 = off.")
 
 
 def _mib(value: int | None) -> int | None:

@@ -271,6 +271,10 @@ def test_bench_only_quantized_reports_sizes_and_ratios_against_fp32(tmp_path):
         assert row["ttft_speedup"] == rows["fp32"]["ttft_s"] / row["ttft_s"]
         for b in ("1", "4"):
             assert row["decode_tok_s"][b] > 0
+            # each variant at its best thread count (one, and every CPU), as the peers are shown
+            by_threads, counts = row["decode_tok_s_by_threads"][b], data["quantized"]["threads"]
+            assert set(by_threads) == {str(t) for t in counts} and 1 in counts
+            assert row["decode_tok_s"][b] == max(by_threads.values()) == by_threads[str(row["decode_threads"][b])]
             assert row["decode_speedup"][b] == row["decode_tok_s"][b] / rows["fp32"]["decode_tok_s"][b]
             cpu = row["decode_tok_per_cpu_s"][b]
             assert cpu > 0 and row["decode_cpu_speedup"][b] == cpu / rows["fp32"]["decode_tok_per_cpu_s"][b]
