@@ -206,6 +206,15 @@ def test_validation_passes_the_int8_export_and_catches_a_corrupted_weight(fast_e
     assert good.ok and token(good).share >= 0.8
     assert not broken.ok and not token(broken).ok and token(broken).share < 0.5
     assert token(broken).total == token(good).total == 4 * 9  # 4 requests, the first token and 8 steps
+    # the extend graph (prefix caching) is checked too: a prompt's tail after its cached rows, against the fp32
+    # prefill of the whole prompt; a corrupted extend graph fails it alone
+    extend = lambda a: next(m for m in a.metrics if m.name.startswith("prefix cache"))  # noqa: E731
+    assert extend(good).ok and extend(good).total == 4
+    broken_extend_dir = tmp_path / "broken-extend"
+    shutil.copytree(int8_dir, broken_extend_dir)
+    _corrupt_lm_head(broken_extend_dir / "extend.onnx")
+    broken_extend = compare_exports(fast_export_dir, broken_extend_dir, val, steps=8, min_next_token=0.8)
+    assert token(broken_extend).ok and not extend(broken_extend).ok and not broken_extend.ok
 
 
 def test_cli_quantize_validates_and_fails_on_a_corrupted_graph(fast_export_dir, tmp_path, monkeypatch):

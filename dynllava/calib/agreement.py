@@ -5,7 +5,10 @@ are fed the fp32 export's greedy tokens, so every step compares the two models o
 * text keep decisions: the output-text predictor's keep/drop of each generated token, per (sequence, step);
 * next-token agreement: argmax of the quantized logits = argmax of the fp32 logits, per (sequence, step), the first
   token (prefill) included;
-* Eq. 12 (nocache) next token: the same on the no-cache graph's logits after the generated tokens.
+* Eq. 12 (nocache) next token: the same on the no-cache graph's logits after the generated tokens;
+* prefix cache (extend) next token, where the quantized export has the extend graph: its first token when the
+  prompt's last EXTEND_TAIL tokens run through extend after the rows its prefill cached for the rest (a prefix-cache
+  hit), against the fp32 export's prefill of the whole prompt.
 
 A sequence is compared up to the step where the fp32 export ends it (its greedy token is eos), as generation does.
 
@@ -16,14 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dynllava.calib.feeds import Sample, batches, features
+from dynllava.model.sparse_llama import IMAGE_PLACEHOLDER
 
 # defaults: the issue's bar for next-token agreement; decisions may flip near a tie of the predictors' margins
 MIN_NEXT_TOKEN = 0.95
 MIN_IMAGE_OVERLAP = 0.90
 MIN_TEXT_KEEP = 0.90
+EXTEND_TAIL = 4  # prompt tokens the extend check runs after a cached prefix (the chat template's "ASSISTANT:")
 
 
 @dataclass
@@ -75,7 +81,7 @@ def compare_runners(reference, candidate, samples: list[Sample], steps: int, min
 
     A row is compared until the reference's greedy token is eos_id (that step included): generation stops there, and
     past it the logits of a trained model are near-ties that say nothing about the quantization."""
-    image, keep, token, nocache = Counts(), Counts(), Counts(), Counts()
+    image, keep, token, nocache, extend = Counts(), Counts(), Counts(), Counts(), Counts()
     worst = 0.0
     for chunk in batches(samples, batch_size):
         prompts = [s.ids for s in chunk]
@@ -86,6 +92,10 @@ def compare_runners(reference, candidate, samples: list[Sample], steps: int, min
             if a is not None:
                 image.agreed += len(set(a.tolist()) & set(b.tolist()))
                 image.total += len(a)
+        for b, (sample, feat) in enumerate(zip(chunk, feats)):
+            extended = _extend_logits(candidate, sample.ids, feat)
+            if extended is not None:
+                extend.add(extended.argmax(-1) == ref.logits[b].argmax(-1))
         ref_logits, cand_logits, generated = ref.logits, cand.logits, []
         live = torch.ones(len(chunk), dtype=torch.bool)  # [B] rows the reference has not ended
         for _ in range(steps):
@@ -112,7 +122,29 @@ def compare_runners(reference, candidate, samples: list[Sample], steps: int, min
                Metric("image top-k overlap", image.agreed, image.total, min_image_overlap),
                Metric("text keep decisions", keep.agreed, keep.total, min_text_keep),
                Metric("Eq. 12 (nocache) next token", nocache.agreed, nocache.total, min_next_token)]
+    if extend.total:
+        metrics.append(Metric("prefix cache (extend) next token", extend.agreed, extend.total, min_next_token))
     return Agreement(metrics, worst)
+
+
+def _extend_logits(runner, ids: list[int], feature: torch.Tensor | None) -> torch.Tensor | None:
+    """The runner's logits [V] after the prompt when its last EXTEND_TAIL tokens run through the extend graph after
+    the rows its prefill graph cached for the rest (as a prefix-cache hit runs them); None without an extend graph
+    or where the cut would fall before the image (a cached prefix holds the whole image)."""
+    from dynllava.runtime.batch import held_rows, prompt_feeds
+
+    executor = getattr(runner, "executor", None)
+    cut = len(ids) - EXTEND_TAIL
+    image_at = ids.index(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in ids else -1
+    if executor is None or not executor.can_extend or cut <= image_at + 1:
+        return None
+    feeds = prompt_feeds(executor, [ids[:cut]], [None if feature is None else feature.numpy()])
+    _, _, sparse_lengths, *presents = executor.prefill(feeds)
+    dense_len, sparse_len = int(feeds["lengths"][0]), int(sparse_lengths[0])
+    rows = held_rows(presents, 0, dense_len, sparse_len, executor.info.sparse_layer)
+    new = np.asarray(ids[cut:])
+    logits, _ = executor.extend(new, dense_len + np.arange(len(new)), dense_len, sparse_len, rows)
+    return torch.from_numpy(logits)
 
 
 def _until(eos_id: int | None, tokens: list[int]) -> list[int]:
