@@ -209,7 +209,7 @@ def test_validation_passes_the_int8_export_and_catches_a_corrupted_weight(fast_e
     # the extend graph (prefix caching) is checked too: a prompt's tail after its cached rows, against the fp32
     # prefill of the whole prompt; a corrupted extend graph fails it alone
     extend = lambda a: next(m for m in a.metrics if m.name.startswith("prefix cache"))  # noqa: E731
-    assert extend(good).ok and extend(good).total == 4
+    assert extend(good).ok and extend(good).total == 4 and extend(good).threshold == 0.75
     broken_extend_dir = tmp_path / "broken-extend"
     shutil.copytree(int8_dir, broken_extend_dir)
     _corrupt_lm_head(broken_extend_dir / "extend.onnx")

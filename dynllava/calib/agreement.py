@@ -8,7 +8,9 @@ are fed the fp32 export's greedy tokens, so every step compares the two models o
 * Eq. 12 (nocache) next token: the same on the no-cache graph's logits after the generated tokens;
 * prefix cache (extend) next token, where the quantized export has the extend graph: its first token when the
   prompt's last EXTEND_TAIL tokens run through extend after the rows its prefill cached for the rest (a prefix-cache
-  hit), against the fp32 export's prefill of the whole prompt.
+  hit), against the fp32 export's prefill of the whole prompt. One comparison per request, so its bar is lower
+  (MIN_EXTEND): a near-tie that flips the first token counts once among a few; a broken extend graph agrees on
+  almost none.
 
 A sequence is compared up to the step where the fp32 export ends it (its greedy token is eos), as generation does.
 
@@ -29,6 +31,7 @@ from dynllava.model.sparse_llama import IMAGE_PLACEHOLDER
 MIN_NEXT_TOKEN = 0.95
 MIN_IMAGE_OVERLAP = 0.90
 MIN_TEXT_KEEP = 0.90
+MIN_EXTEND = 0.75  # or min_next_token where a caller lowers that below it
 EXTEND_TAIL = 4  # prompt tokens the extend check runs after a cached prefix (the chat template's "ASSISTANT:")
 
 
@@ -95,7 +98,7 @@ def compare_runners(reference, candidate, samples: list[Sample], steps: int, min
         for b, (sample, feat) in enumerate(zip(chunk, feats)):
             extended = _extend_logits(candidate, sample.ids, feat)
             if extended is not None:
-                extend.add(extended.argmax(-1) == ref.logits[b].argmax(-1))
+                extend.add(torch.tensor(int(extended.argmax()) == int(ref.logits[b].argmax())))
         ref_logits, cand_logits, generated = ref.logits, cand.logits, []
         live = torch.ones(len(chunk), dtype=torch.bool)  # [B] rows the reference has not ended
         for _ in range(steps):
@@ -123,14 +126,15 @@ def compare_runners(reference, candidate, samples: list[Sample], steps: int, min
                Metric("text keep decisions", keep.agreed, keep.total, min_text_keep),
                Metric("Eq. 12 (nocache) next token", nocache.agreed, nocache.total, min_next_token)]
     if extend.total:
-        metrics.append(Metric("prefix cache (extend) next token", extend.agreed, extend.total, min_next_token))
+        metrics.append(Metric("prefix cache (extend) next token", extend.agreed, extend.total,
+                              min(MIN_EXTEND, min_next_token)))
     return Agreement(metrics, worst)
 
 
-def _extend_logits(runner, ids: list[int], feature: torch.Tensor | None) -> torch.Tensor | None:
+def _extend_logits(runner, ids: list[int], feature: torch.Tensor | None) -> np.ndarray | None:
     """The runner's logits [V] after the prompt when its last EXTEND_TAIL tokens run through the extend graph after
     the rows its prefill graph cached for the rest (as a prefix-cache hit runs them); None without an extend graph
-    or where the cut would fall before the image (a cached prefix holds the whole image)."""
+    or where the cut would fall before the image (a cached prefix holds the image)."""
     from dynllava.runtime.batch import held_rows, prompt_feeds
 
     executor = getattr(runner, "executor", None)
@@ -144,7 +148,7 @@ def _extend_logits(runner, ids: list[int], feature: torch.Tensor | None) -> torc
     rows = held_rows(presents, 0, dense_len, sparse_len, executor.info.sparse_layer)
     new = np.asarray(ids[cut:])
     logits, _ = executor.extend(new, dense_len + np.arange(len(new)), dense_len, sparse_len, rows)
-    return torch.from_numpy(logits)
+    return logits
 
 
 def _until(eos_id: int | None, tokens: list[int]) -> list[int]:
