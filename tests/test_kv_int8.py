@@ -23,6 +23,7 @@ from dynllava.calib.quantize import QuantizeConfig, quantize_export
 from dynllava.cli import app
 from dynllava.errors import CheckpointError, ConfigError
 from dynllava.export.manifest import Manifest
+from dynllava.runtime.conversation import run_chat
 from dynllava.runtime.engine import Engine
 from dynllava.runtime.kv_quant import KVQuantization
 from dynllava.runtime.kv_slots import SlotKVCache
@@ -209,18 +210,9 @@ def test_prefix_caching_over_an_int8_cache_gives_the_tokens_of_a_fresh_prefill(k
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     image = str(official_dir / "example.png")
 
-    def chat(engine: Engine) -> list:
-        messages, outs = [], []
-        for question in ("What is in the picture?", "Tell me more.", None, "And the colours?"):
-            if question is None:  # a new conversation about the same image
-                messages = []
-                continue
-            messages.append({"role": "user", "content": question})
-            out = engine.generate(Request(prompt=None, messages=list(messages), image=image, params=params),
-                                  progress=False)[0]
-            outs.append(out)
-            messages.append({"role": "assistant", "content": out.text})
-        return outs
+    def chat(engine: Engine) -> list:  # two turns, then a new conversation about the same image
+        return (run_chat(engine, image, ["What is in the picture?", "Tell me more."], params)
+                + run_chat(engine, image, ["And the colours?"], params))
 
     cached = chat(Engine.from_path(kv8_only_dir, "onnxruntime", prefix_cache_bytes=None))  # serve's default size
     fresh = chat(Engine.from_path(kv8_only_dir, "onnxruntime", prefix_cache_bytes=0))

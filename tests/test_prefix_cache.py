@@ -11,6 +11,7 @@ import pytest
 
 from dynllava.errors import ConfigError
 from dynllava.model.sparse_llama import IMAGE_PLACEHOLDER
+from dynllava.runtime.conversation import run_chat
 from dynllava.runtime.engine import Engine
 from dynllava.runtime.prefix_cache import CachedPrompt, PrefixCache
 from dynllava.runtime.sampling import SamplingParams
@@ -75,15 +76,7 @@ def test_the_least_recently_used_prompts_leave_first_and_the_bytes_stay_within_t
 # ---------------------------------------------------------------------- on the tiny model
 def _turns(engine: Engine, image, questions: list[str], tokens: int = 10):
     """A chat: each turn sends the whole history (as an OpenAI client does); returns each turn's output."""
-    messages, outputs = [], []
-    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    for question in questions:
-        messages.append({"role": "user", "content": question})
-        out = engine.generate(Request(prompt=None, messages=list(messages), image=image, params=params),
-                              progress=False)[0]
-        outputs.append(out)
-        messages.append({"role": "assistant", "content": out.text})
-    return outputs
+    return run_chat(engine, image, questions, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
 
 
 def test_chat_turns_and_questions_from_cached_rows_give_the_reference_tokens(fast_export_dir, loaded, official_dir):

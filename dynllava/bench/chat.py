@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from dynllava.errors import ConfigError
+from dynllava.runtime.conversation import run_chat
 from dynllava.runtime.engine import Engine
 from dynllava.runtime.sampling import SamplingParams
-from dynllava.runtime.sequence import Request
 
 CACHE_BYTES = 1 << 30
 FOLLOW_UPS = ("Tell me more about it.", "What colours do you see?", "Is there anything unusual?")
@@ -30,16 +30,10 @@ class ChatConfig:
 
 def conversation(engine: Engine, image: Image.Image, first: str, cfg: ChatConfig) -> list[dict]:
     """One chat of cfg.turns turns: per turn the TTFT (s), prompt tokens and prompt tokens from the cache."""
-    params = SamplingParams(max_new_tokens=cfg.answer_tokens, ignore_eos=True)
-    messages, turns = [{"role": "user", "content": first}], []
-    for turn in range(cfg.turns):
-        out = engine.generate(Request(prompt=None, messages=list(messages), image=image, params=params),
-                              progress=False)[0]
-        turns.append({"ttft_s": out.stats.ttft_s, "prompt_tokens": out.stats.prompt_tokens,
-                      "cached_tokens": out.stats.cached_tokens})
-        messages += [{"role": "assistant", "content": out.text},
-                     {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
-    return turns
+    questions = [first, *(FOLLOW_UPS[t % len(FOLLOW_UPS)] for t in range(cfg.turns - 1))]
+    outputs = run_chat(engine, image, questions, SamplingParams(max_new_tokens=cfg.answer_tokens, ignore_eos=True))
+    return [{"ttft_s": out.stats.ttft_s, "prompt_tokens": out.stats.prompt_tokens,
+             "cached_tokens": out.stats.cached_tokens} for out in outputs]
 
 
 def measure(make: Callable[..., Engine], cache_bytes: int, images: Callable[[int], Image.Image],
