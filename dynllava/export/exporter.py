@@ -32,13 +32,13 @@ from dynllava.model.checkpoint import LoadedModel
 from dynllava.model.sparse_llama import DynamicLlava
 
 WEIGHTS_STEP = "weights"  # on_graph's name for the last step: the graphs' weights pooled into one file
+_NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
+              torch.bool: "bool"}
 
 
 def export_steps(target: str) -> list[str]:
     """The names export_model reports to on_graph, in its order: each graph it writes, then WEIGHTS_STEP."""
     return [*GRAPHS, *([EXTEND] if target == "onnxruntime" else []), WEIGHTS_STEP]
-_NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
-              torch.bool: "bool"}
 
 
 @dataclass
