@@ -18,7 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
-from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
+from onnx.external_data_helper import (
+    ExternalDataInfo,
+    load_external_data_for_tensor,
+    set_external_data,
+    uses_external_data,
+)
 
 from dynllava.errors import CheckpointError
 
@@ -63,7 +68,9 @@ def share_weights(folder: Path, files: list[str]) -> int:
             path = folder / name
             model = onnx.load(str(path), load_external_data=False)  # external tensors are read one at a time
             for tensor in _tensors(model):
-                raw = _tensor_bytes(tensor, folder)
+                if uses_external_data(tensor):
+                    load_external_data_for_tensor(tensor, str(folder))  # now inline: one tensor in memory at a time
+                raw = tensor.raw_data
                 if len(raw) < MIN_SHARED_BYTES:
                     continue  # typed fields or small: stays in the graph
                 key = hashlib.blake2b(raw, digest_size=20).digest()
@@ -72,26 +79,13 @@ def share_weights(folder: Path, files: list[str]) -> int:
                     written[key] = (data.tell(), len(raw))
                     data.write(raw)
                 offset, length = written[key]
-                del tensor.external_data[:]
-                tensor.raw_data = raw  # set_external_data checks for it; cleared below
                 set_external_data(tensor, WEIGHTS_FILE, offset, length)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
                 tensor.ClearField("raw_data")
             onnx.save(model, str(path))
             path.with_name(path.name + ".data").unlink(missing_ok=True)
         size = data.tell()
     temporary.replace(target)
     return size
-
-
-def _tensor_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
-    """A tensor's raw bytes, read from its external data file where it has one (b"" for typed fields)."""
-    if not uses_external_data(tensor):
-        return tensor.raw_data
-    info = ExternalDataInfo(tensor)
-    with open(folder / info.location, "rb") as file:
-        file.seek(info.offset or 0)
-        return file.read(info.length) if info.length else file.read()
 
 
 def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
