@@ -135,20 +135,14 @@ def _extend_logits(runner, ids: list[int], feature: torch.Tensor | None) -> np.n
     """The runner's logits [V] after the prompt when its last EXTEND_TAIL tokens run through the extend graph after
     the rows its prefill graph cached for the rest (as a prefix-cache hit runs them); None without an extend graph
     or where the cut would fall before the image (a cached prefix holds the image)."""
-    from dynllava.runtime.batch import held_rows, prompt_feeds
+    from dynllava.runtime.batch import prefill_then_extend
 
     executor = getattr(runner, "executor", None)
     cut = len(ids) - EXTEND_TAIL
     image_at = ids.index(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in ids else -1
     if executor is None or not executor.can_extend or cut <= image_at + 1:
         return None
-    feeds = prompt_feeds(executor, [ids[:cut]], [None if feature is None else feature.numpy()])
-    _, _, sparse_lengths, *presents = executor.prefill(feeds)
-    dense_len, sparse_len = int(feeds["lengths"][0]), int(sparse_lengths[0])
-    rows = held_rows(presents, 0, dense_len, sparse_len, executor.info.sparse_layer)
-    new = np.asarray(ids[cut:])
-    logits, _ = executor.extend(new, dense_len + np.arange(len(new)), dense_len, sparse_len, rows)
-    return logits
+    return prefill_then_extend(executor, ids[:cut], ids[cut:], None if feature is None else feature.numpy())[0]
 
 
 def _until(eos_id: int | None, tokens: list[int]) -> list[int]:

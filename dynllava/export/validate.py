@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dynllava.model.checkpoint import LoadedModel
@@ -74,7 +73,7 @@ def check_extend(loaded: LoadedModel, executor, scratch_dir: Path, tolerance: fl
     """The extend graph (prefix caching): a chat's second turn run as the first turn's prompt rows (this export's
     prefill) + the new tokens (extend) against the reference's prefill of the whole second prompt: logits, and the
     image tokens the first prompt kept against those the whole prompt keeps."""
-    from dynllava.runtime.batch import held_rows, prompt_feeds
+    from dynllava.runtime.batch import prefill_then_extend
 
     model, tok = loaded.model, loaded.tokenizer
     pixels = _example_pixels(loaded.image_processor, loaded.image_aspect_ratio, scratch_dir)
@@ -84,14 +83,10 @@ def check_extend(loaded: LoadedModel, executor, scratch_dir: Path, tolerance: fl
     if full[:len(prefix)] != prefix:
         raise AssertionError("the chat template's second turn does not start with the first turn's prompt")
     feature = model.encode_images(pixels[None])[0]
-    feeds = prompt_feeds(executor, [prefix], [feature.numpy()])
-    logits, kept, sparse_lengths, *presents = executor.prefill(feeds)
-    dense_len, sparse_len = int(feeds["lengths"][0]), int(sparse_lengths[0])
-    rows = held_rows(presents, 0, dense_len, sparse_len, model.sparse_layer)
     new = full[len(prefix):]
-    other, _ = executor.extend(np.asarray(new), dense_len + np.arange(len(new)), dense_len, sparse_len, rows)
+    other, kept, dense_len = prefill_then_extend(executor, prefix, new, feature.numpy())
     ref = model.prefill([full], [feature], len(full) + model.num_image_tokens)
-    same_kept = set(kept[0].tolist()) == set(ref.kept_image_indices[0].tolist())
+    same_kept = set(kept.tolist()) == set(ref.kept_image_indices[0].tolist())
     return Check("extend", f"second chat turn: {len(new)} new tokens after {dense_len} cached",
                  _diff(ref.logits[0], torch.from_numpy(other)), int(same_kept), 1, tolerance, 1.0)
 

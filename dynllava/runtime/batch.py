@@ -63,6 +63,18 @@ def held_rows(presents: list, b: int, dense_len: int, sparse_len: int, sparse_la
     return [p[b, :, :dense_len if i // 2 < sparse_layer else sparse_len] for i, p in enumerate(presents)]
 
 
+def prefill_then_extend(executor, prefix: list[int], new: list[int], feature: np.ndarray | None):
+    """As a prefix-cache hit runs a prompt: the prefill graph on `prefix` (one prompt), then the extend graph on `new`
+    after the rows it cached. Returns (logits [V] after the last new token, the image tokens the prefix's prefill
+    kept, the rows the dense layers held before the new tokens)."""
+    feeds = prompt_feeds(executor, [prefix], [feature])
+    _, kept, sparse_lengths, *presents = executor.prefill(feeds)
+    dense_len, sparse_len = int(feeds["lengths"][0]), int(sparse_lengths[0])
+    rows = held_rows(presents, 0, dense_len, sparse_len, executor.info.sparse_layer)
+    logits, _ = executor.extend(np.asarray(new), dense_len + np.arange(len(new)), dense_len, sparse_len, rows)
+    return logits, kept[0], dense_len
+
+
 def write_prefill(cache: KVLedger, seqs: list[SeqKV], lengths: np.ndarray, sparse_lengths: np.ndarray,
                   presents: list[np.ndarray], rows: list[int] | None = None) -> None:
     """Copy each sequence's prompt K/V (presents [B, Hkv, S, Dh]) into its blocks; sequence i takes batch row
